@@ -1,0 +1,109 @@
+"""Pydantic models for config files and the one loader that turns YAML + overrides into them.
+
+Every model forbids unknown keys, so a typo is an error naming the field, not a silently ignored setting.
+Later modules add their own config classes on top of ``StrictModel``; ``load_config`` handles them all.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from layerexit.errors import ConfigError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class StrictModel(BaseModel):
+    """Base for every config: unknown keys are errors; values are validated on assignment too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class LiteLossConfig(StrictModel):
+    """How the LITE loss combines exits (paper section 3 and Appendix C)."""
+
+    exit_layers: list[int] = Field(
+        default_factory=list,
+        description="Intermediate layers (1-based, excluding the final layer) that get a loss term.",
+    )
+    weights: str | list[float] = Field(
+        "uniform",
+        description="'uniform' (paper), 'increasing' (Appendix C), 'final_only' (standard IT), or one weight per "
+        "exit layer followed by the final layer's.",
+    )
+    chunk_size: int | None = Field(
+        128, ge=1, description="Sequence positions per LM-head chunk; bounds peak logits memory. null = unchunked."
+    )
+    distill_weight: float = Field(
+        0.0, ge=0.0, description="Weight of KL(final || exit) self-distillation per exit; 0 disables it."
+    )
+
+    @field_validator("weights")
+    @classmethod
+    def _known_scheme(cls, value: str | list[float]) -> str | list[float]:
+        if isinstance(value, str) and value not in ("uniform", "increasing", "final_only"):
+            raise ValueError("must be 'uniform', 'increasing', 'final_only' or a list of numbers")
+        return value
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Split ``a.b.c=value`` into a key path and a YAML-parsed value."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not key=value", "write overrides like train.lr=1e-4")
+    key, raw = item.split("=", 1)
+    if not key:
+        raise ConfigError(f"override {item!r} has an empty key", "write overrides like train.lr=1e-4")
+    return key.split("."), yaml.safe_load(raw) if raw != "" else ""
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply dotted ``key=value`` overrides onto a nested dict (in place) and return it."""
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section", "override a leaf value")
+            node = nxt
+        node[path[-1]] = value
+    return data
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """One readable line per problem: ``field.path: message``."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see the config class for allowed keys)"
+        lines.append(f"{loc}: {msg}")
+    return f"invalid config {source}: " + "; ".join(lines)
+
+
+def validate_config(model: type[M], data: dict[str, Any], source: str = "<dict>") -> M:
+    """Validate a dict against a config class, raising ConfigError with every bad field named."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+
+
+def load_config(model: type[M], path: str | Path, overrides: list[str] | None = None) -> M:
+    """Load a YAML file into ``model``, applying ``key=value`` overrides first."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}", "check the --config path")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping at the top level")
+    apply_overrides(data, overrides or [])
+    return validate_config(model, data, str(path))

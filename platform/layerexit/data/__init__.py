@@ -1,0 +1,1 @@
+"""Datasets and prompts: JSONL prompt files, chat/Alpaca templates, response masking."""

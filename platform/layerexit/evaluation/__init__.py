@@ -1,0 +1,1 @@
+"""Quality metrics, alignment/confidence analyses, plots and reports."""

