@@ -1,0 +1,400 @@
+"""The early-exit decode loop over token ids: batched, streaming, with exact FLOPs per token.
+
+Per step, every active sequence asks its exit policy where to stop. A batch shares one pass through the
+layers, so the batch runs to the deepest layer any of its sequences needs (the *batch rule*); each sequence
+still takes its token from its own exit layer. The extra layers a shallow sequence rides along for are
+counted in its FLOPs, and they are not wasted with ``recompute``: its cache for those layers is then exact.
+
+KV strategies for the layers a token skipped (see ``ExitKVCache``):
+- ``none``: no cache at all; every step recomputes the whole prefix (the LITE paper's setting).
+- ``recompute``: positions left behind are carried through the deeper layers together with the next token
+  that goes deeper, in the same pass (exact: the cache ends equal to the full model's).
+- ``propagate``: after an exit at layer e, only K/V projections of layers e+1..L are computed from h_e and
+  cached (CALM; approximate, cheap).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from layerexit.engine.cache import ExitKVCache
+from layerexit.engine.flops import FlopsModel
+from layerexit.engine.options import ExitConfig, SamplingParams
+from layerexit.engine.policies import ExitPolicy
+from layerexit.engine.reference import pad_left
+from layerexit.errors import ConfigError
+from layerexit.models.exits import decoder_parts
+
+
+@dataclass
+class TokenEvent:
+    """One generated token of one sequence, as the stream yields it."""
+
+    index: int  # position of the sequence in the caller's prompt list
+    token_id: int
+    exit_layer: int
+    confidence: float
+    flops: int  # FLOPs spent producing this token
+    flops_full: int  # what the same token costs at full depth (same KV strategy)
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" (EOS / stop id) or "length"
+
+
+@dataclass
+class SequenceResult:
+    """Everything about one generated sequence."""
+
+    token_ids: list[int] = field(default_factory=list)
+    exit_layers: list[int] = field(default_factory=list)
+    confidences: list[float] = field(default_factory=list)
+    flops: int = 0
+    flops_full: int = 0
+    prefill_flops: int = 0
+    seconds: float = 0.0
+    finish_reason: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class _Decision:
+    tokens: torch.Tensor  # (n,)
+    layers: torch.Tensor  # (n,)
+    confidence: torch.Tensor  # (n,)
+    heads: torch.Tensor  # (n,) LM-head evaluations per row
+    depth: int  # layers the batch ran
+
+
+class _RowSampler:
+    """Greedy or temperature/top-p sampling per row, each row with its own seeded generator."""
+
+    def __init__(self, params: Sequence[SamplingParams]) -> None:
+        self.params = list(params)
+        self.generators = []
+        for p in self.params:
+            g = torch.Generator()
+            g.manual_seed(p.seed if p.seed is not None else torch.seed() % (2**63))
+            self.generators.append(g)
+
+    def select(self, rows: torch.Tensor) -> None:
+        keep = rows.tolist()
+        self.params = [self.params[i] for i in keep]
+        self.generators = [self.generators[i] for i in keep]
+
+    def pick(self, rows: torch.Tensor, logits: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        # Shape: logits, probs (n, V) for batch rows ``rows`` -> tokens (n,)
+        out = probs.argmax(dim=-1)
+        for j, r in enumerate(rows.tolist()):
+            p = self.params[r]
+            if p.temperature <= 0:
+                continue
+            dist = torch.softmax(logits[j] / p.temperature, dim=-1)
+            if p.top_p < 1.0:
+                sorted_p, idx = dist.sort(descending=True)
+                cut = sorted_p.cumsum(0) - sorted_p > p.top_p
+                sorted_p[cut] = 0.0
+                dist = torch.zeros_like(dist).scatter_(0, idx, sorted_p)
+            out[j] = torch.multinomial(dist / dist.sum(), 1, generator=self.generators[r])[0]
+        return out
+
+
+class EarlyExitEngine:
+    """Early-exit generation for a LLaMA-family ``*ForCausalLM`` on token ids."""
+
+    def __init__(self, model, eos_token_ids: set[int] | Sequence[int], pad_token_id: int) -> None:
+        self.model = model
+        self.parts = decoder_parts(model)
+        self.L = self.parts.num_layers
+        self.flops = FlopsModel.from_config(model.config)
+        self.eos = set(int(e) for e in eos_token_ids)
+        self.pad = int(pad_token_id)
+        cfg = model.config
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        self.eager = getattr(cfg, "_attn_implementation", "sdpa") == "eager"
+        self.dtype = next(model.parameters()).dtype
+        self.device = next(model.parameters()).device
+
+    # ----------------------------------------------------------------------------------------- public API
+    def generate(self, prompts: Sequence[Sequence[int]], exit_config: ExitConfig | None = None,
+                 sampling: SamplingParams | Sequence[SamplingParams] | None = None) -> list[SequenceResult]:
+        """Run ``stream`` to the end and collect one result per prompt."""
+        results = [SequenceResult() for _ in prompts]
+        t0 = time.perf_counter()
+        for events in self.stream(prompts, exit_config, sampling, results=results):
+            now = time.perf_counter() - t0
+            for ev in events:
+                r = results[ev.index]
+                r.token_ids.append(ev.token_id)
+                r.exit_layers.append(ev.exit_layer)
+                r.confidences.append(ev.confidence)
+                r.flops += ev.flops
+                r.flops_full += ev.flops_full
+                r.seconds = now
+                if ev.finished:
+                    r.finish_reason = ev.finish_reason
+        return results
+
+    def stream(self, prompts: Sequence[Sequence[int]], exit_config: ExitConfig | None = None,
+               sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+               results: list[SequenceResult] | None = None) -> Iterator[list[TokenEvent]]:
+        """Yield, step by step, the tokens produced for every still-active sequence."""
+        exit_config = exit_config or ExitConfig()
+        params = self._sampling_list(sampling, len(prompts))
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ConfigError("every prompt needs at least one token", "pass non-empty prompts")
+        policy = exit_config.build_policy(self.L)
+        with torch.inference_mode():
+            if exit_config.policy == "self-speculative":
+                if any(p.temperature > 0 for p in params):
+                    raise ConfigError("self-speculative decoding is lossless only for greedy decoding",
+                                      "use temperature 0 with policy self-speculative")
+                from layerexit.engine.speculative import stream_self_speculative
+
+                yield from stream_self_speculative(self, prompts, policy.exit_layers[0] if policy.exit_layers
+                                                   else self.L, exit_config.num_draft, params, results)
+                return
+            yield from self._stream_layers(prompts, policy, exit_config.kv, params, results)
+
+    # ------------------------------------------------------------------------------------- building blocks
+    def _sampling_list(self, sampling, n: int) -> list[SamplingParams]:
+        if sampling is None:
+            sampling = SamplingParams()
+        params = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling] * n
+        if len(params) != n:
+            raise ConfigError(f"{len(params)} sampling settings for {n} prompts", "pass one per prompt or one for all")
+        return [p.validate() for p in params]
+
+    def attention_mask(self, valid: torch.Tensor, q_start: int, n: int) -> torch.Tensor:
+        """(B, 1, n, kv) mask for queries at positions q_start.. over keys 0..q_start+n-1."""
+        kv = q_start + n
+        q_pos = torch.arange(q_start, kv, device=valid.device)[:, None]
+        k_pos = torch.arange(kv, device=valid.device)[None, :]
+        mask = valid[:, None, None, :kv] & (k_pos <= q_pos)[None, None]
+        mask = mask | (k_pos == q_pos)[None, None]  # a padded query sees itself: no all-masked row, no NaN
+        if self.eager:
+            return torch.zeros(mask.shape, dtype=self.dtype).masked_fill(~mask, torch.finfo(self.dtype).min)
+        return mask
+
+    def positions(self, pad_off: torch.Tensor, q_start: int, n: int) -> torch.Tensor:
+        pos = torch.arange(q_start, q_start + n, device=pad_off.device)[None, :] - pad_off[:, None]
+        return pos.clamp(min=0)
+
+    def run_layer(self, k: int, h: torch.Tensor, mask, pos: torch.Tensor, rope, cache) -> torch.Tensor:
+        """Decoder layer k (1-based) on h (B, n, H)."""
+        out = self.parts.layers[k - 1](
+            h, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=cache is not None,
+            position_embeddings=rope,
+        )
+        return out[0] if isinstance(out, tuple) else out
+
+    def rope(self, h: torch.Tensor, pos: torch.Tensor):
+        return self.parts.rotary(h, position_ids=pos) if self.parts.rotary is not None else None
+
+    def propagate_kv(self, k: int, h: torch.Tensor, pos: torch.Tensor, rope, cache: ExitKVCache) -> None:
+        """CALM: K/V of layer k computed from a lower layer's hidden state h (B, n, H), appended to the cache."""
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        layer = self.parts.layers[k - 1]
+        attn = layer.self_attn
+        x = layer.input_layernorm(h)
+        shape = (*x.shape[:-1], -1, self.head_dim)
+        key = attn.k_proj(x).view(shape).transpose(1, 2)
+        value = attn.v_proj(x).view(shape).transpose(1, 2)
+        if getattr(attn, "k_norm", None) is not None:
+            key = attn.k_norm(key)
+        if rope is not None:
+            cos, sin = rope
+            key, _ = apply_rotary_pos_emb(key, key, cos, sin)
+        cache.update(key, value, k - 1)
+
+    def head_probs(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.parts.head(self.parts.norm(h)).float()  # Shape: (n, V)
+        return logits, logits.softmax(dim=-1)
+
+    def decide(self, policy: ExitPolicy, step: int, n: int, hidden_at: Callable[[int], torch.Tensor],
+               sampler: _RowSampler, generator: torch.Generator) -> _Decision:
+        """Ask the policy for each of n rows; ``hidden_at(k)`` returns last-position hidden (n, H) at layer k,
+        running layers as needed (monotonically)."""
+        L = self.L
+        tokens = torch.zeros(n, dtype=torch.long)
+        layers = torch.full((n,), L, dtype=torch.long)
+        conf = torch.zeros(n)
+        heads = torch.zeros(n, dtype=torch.long)
+        if not policy.uses_logits:
+            target = policy.choose_layers(n, step, generator)
+            for k in sorted(set(target.tolist())):
+                rows = (target == k).nonzero().squeeze(1)
+                logits, probs = self.head_probs(hidden_at(k)[rows])
+                heads[rows] += 1
+                tokens[rows] = sampler.pick(rows, logits, probs)
+                conf[rows] = probs.max(dim=-1).values
+                layers[rows] = k
+            return _Decision(tokens, layers, conf, heads, int(target.max()))
+        undecided = torch.ones(n, dtype=torch.bool)
+        for k in [*policy.exit_layers, L]:
+            rows = undecided.nonzero().squeeze(1)
+            logits, probs = self.head_probs(hidden_at(k)[rows])
+            heads[rows] += 1
+            ex = torch.ones(len(rows), dtype=torch.bool) if k == L else policy.should_exit(k, probs)
+            if ex.any():
+                sel = rows[ex]
+                tokens[sel] = sampler.pick(sel, logits[ex], probs[ex])
+                conf[sel] = probs[ex].max(dim=-1).values
+                layers[sel] = k
+                undecided[sel] = False
+            if not undecided.any():
+                return _Decision(tokens, layers, conf, heads, k)
+        raise AssertionError("unreachable: the final layer always decides")
+
+    # ------------------------------------------------------------------------------------------ the loop
+    def _stream_layers(self, prompts, policy: ExitPolicy, kv: str, params: list[SamplingParams],
+                       results: list[SequenceResult] | None) -> Iterator[list[TokenEvent]]:
+        B = len(prompts)
+        ids, mask = pad_left(prompts, self.pad)
+        P = ids.shape[1]
+        max_new = max(p.max_new_tokens for p in params)
+        T_max = P + max_new
+        valid = torch.zeros((B, T_max), dtype=torch.bool)
+        valid[:, :P] = mask.bool()
+        tokens = torch.full((B, T_max), self.pad, dtype=torch.long)
+        tokens[:, :P] = ids
+        pad_off = (mask == 0).sum(dim=1)
+        rows_idx = torch.arange(B)  # caller's index of each batch row
+        counts = torch.zeros(B, dtype=torch.long)
+        sampler = _RowSampler(params)
+        generator = torch.Generator()
+        generator.manual_seed(params[0].seed if params[0].seed is not None else 0)
+        F = self.flops
+        H = self.model.config.hidden_size
+        cache = None
+        deep_h = None
+        if kv != "none":
+            cache = ExitKVCache(self.L, B, T_max, self.kv_heads, self.head_dim, self.dtype, self.device)
+            deep_h = torch.zeros((B, T_max, H), dtype=self.dtype)
+
+        # Prefill: every layer on the prompt (identical for every policy), capturing the last position.
+        h = self.parts.embed(ids)
+        pos = self.positions(pad_off, 0, P)
+        rope = self.rope(h, pos)
+        am = self.attention_mask(valid, 0, P)
+        captured: dict[int, torch.Tensor] = {}
+        for k in range(1, self.L + 1):
+            h = self.run_layer(k, h, am, pos, rope, cache)
+            captured[k] = h[:, -1]
+        prefill = self.L * F.layer(P, P)
+        if results is not None:
+            for r in range(B):
+                results[r].prefill_flops = prefill
+        t = P  # next position to fill
+        dec = self.decide(policy, 0, B, lambda k: captured[k], sampler, generator)
+        layer_flops = torch.zeros(B, dtype=torch.long)  # the prefill already ran every layer
+        full_cost = F.head(1)
+        if kv == "none":
+            full_cost += self.L * F.layer(P, P)
+            layer_flops += dec.depth * F.layer(P, P)  # without a cache, the first token is a full pass too
+        step = 0
+        while True:
+            flops = layer_flops + dec.heads * F.head(1)
+            counts += 1
+            events = []
+            finished = torch.zeros(len(rows_idx), dtype=torch.bool)
+            for j in range(len(rows_idx)):
+                tok = int(dec.tokens[j])
+                p = sampler.params[j]
+                reason = None
+                if tok in self.eos or tok in p.stop_token_ids:
+                    reason = "stop"
+                elif counts[j] >= p.max_new_tokens:
+                    reason = "length"
+                finished[j] = reason is not None
+                events.append(TokenEvent(int(rows_idx[j]), tok, int(dec.layers[j]), float(dec.confidence[j]),
+                                         int(flops[j]), int(full_cost), reason is not None, reason))
+            yield events
+            if finished.all():
+                return
+            x = dec.tokens
+            if finished.any():
+                keep = (~finished).nonzero().squeeze(1)
+                rows_idx, counts, x = rows_idx[keep], counts[keep], x[keep]
+                valid, tokens, pad_off = valid[keep], tokens[keep], pad_off[keep]
+                sampler.select(keep)
+                if cache is not None:
+                    cache.select_rows(keep)
+                    deep_h = deep_h[keep]
+            n = len(rows_idx)
+            tokens[:, t] = x
+            valid[:, t] = True
+            step += 1
+            if kv == "none":
+                dec, layer_flops, full_cost = self._step_nocache(policy, step, tokens, valid, pad_off, t, sampler,
+                                                                 generator)
+            else:
+                dec, layer_flops, full_cost = self._step_cached(policy, step, x, valid, pad_off, t, cache, deep_h,
+                                                                kv, sampler, generator)
+            t += 1
+
+    def _step_nocache(self, policy, step, tokens, valid, pad_off, t, sampler, generator):
+        """The paper's setting: the whole prefix 0..t through the layers again, no cache."""
+        T = t + 1
+        F = self.flops
+        h = self.parts.embed(tokens[:, :T])
+        pos = self.positions(pad_off, 0, T)
+        rope = self.rope(h, pos)
+        am = self.attention_mask(valid, 0, T)
+        state = {"depth": 0, "h": h}
+
+        def hidden_at(k: int) -> torch.Tensor:
+            while state["depth"] < k:
+                state["depth"] += 1
+                state["h"] = self.run_layer(state["depth"], state["h"], am, pos, rope, None)
+            return state["h"][:, -1]
+
+        dec = self.decide(policy, step, tokens.shape[0], hidden_at, sampler, generator)
+        layer_flops = torch.full((tokens.shape[0],), state["depth"] * F.layer(T, T), dtype=torch.long)
+        return dec, layer_flops, self.L * F.layer(T, T) + F.head(1)
+
+    def _step_cached(self, policy, step, x, valid, pad_off, t, cache: ExitKVCache, deep_h, kv, sampler, generator):
+        """One decode step for the token x at position t, with catch-up (recompute) or K/V propagation."""
+        F = self.flops
+        n_rows = x.shape[0]
+        state = {"depth": 0, "h": self.parts.embed(x[:, None]), "start": t, "flops": 0}
+        ropes: dict[int, tuple] = {}
+
+        def hidden_at(k: int) -> torch.Tensor:
+            while state["depth"] < k:
+                layer = state["depth"] + 1
+                c = cache.lengths[layer - 1]
+                if c < state["start"]:
+                    # Positions this layer has not seen join the pass with their stored hidden (depth layer-1).
+                    state["h"] = torch.cat([deep_h[:, c : state["start"]], state["h"]], dim=1)
+                    state["start"] = c
+                start, n = state["start"], t + 1 - state["start"]
+                if start not in ropes:
+                    pos = self.positions(pad_off, start, n)
+                    ropes[start] = (pos, self.rope(state["h"], pos), self.attention_mask(valid, start, n))
+                pos, rope, am = ropes[start]
+                state["h"] = self.run_layer(layer, state["h"], am, pos, rope, cache)
+                state["flops"] += F.layer(n, t + 1)
+                state["depth"] = layer
+            return state["h"][:, -1]
+
+        dec = self.decide(policy, step, n_rows, hidden_at, sampler, generator)
+        e = state["depth"]
+        if e < self.L:
+            if kv == "recompute":
+                deep_h[:, state["start"] : t + 1] = state["h"]
+            else:  # propagate: only the current position is missing from layers e+1..L
+                h_last = state["h"][:, -1:]
+                pos = self.positions(pad_off, t, 1)
+                rope = self.rope(h_last, pos)
+                for k in range(e + 1, self.L + 1):
+                    self.propagate_kv(k, h_last, pos, rope, cache)
+                state["flops"] += (self.L - e) * F.kv_projection(1)
+        layer_flops = torch.full((n_rows,), state["flops"], dtype=torch.long)
+        return dec, layer_flops, self.L * F.layer(1, t + 1) + F.head(1)

@@ -1,0 +1,150 @@
+"""What a caller asks the engine for: how to exit (ExitConfig) and how to sample (SamplingParams)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import Field, field_validator, model_validator
+
+from layerexit.config import StrictModel
+from layerexit.engine.policies import (
+    POLICY_NAMES,
+    ClassifierPolicy,
+    ConfidencePolicy,
+    ExitPolicy,
+    FinalPolicy,
+    FixedPolicy,
+    RandomPolicy,
+    SequentialPolicy,
+)
+from layerexit.engine.thresholds import PRESETS, LinearClassifier, load_thresholds_file, map_preset
+from layerexit.errors import ConfigError
+
+KV_STRATEGIES = ("none", "propagate", "recompute")
+DEFAULT_PRESET = "paper-7b"
+
+
+class ExitConfig(StrictModel):
+    """Exit policy + thresholds + KV strategy, validated; ``build_policy`` checks it against a model."""
+
+    policy: str = Field("final", description=f"One of {', '.join(POLICY_NAMES)}.")
+    thresholds: str | dict[int, float] | None = Field(
+        None, description=f"A preset ({', '.join(PRESETS)}), a thresholds file path, or {{layer: threshold}}."
+    )
+    exit_layers: list[int] | None = Field(
+        None, description="Checkpoint layers for random/random-uniform/sequential (default: the thresholds' layers)."
+    )
+    layer: int | None = Field(None, ge=1, description="Exit layer for `fixed`; draft layer for `self-speculative`.")
+    kv: str = Field("recompute", description="KV strategy for skipped layers: none, propagate, recompute.")
+    num_draft: int = Field(4, ge=1, le=32, description="Draft tokens per verification (self-speculative).")
+    classifier: LinearClassifier | None = Field(None, description="AdaInfer classifier (policy=classifier).")
+
+    @field_validator("policy")
+    @classmethod
+    def _known_policy(cls, value: str) -> str:
+        if value not in POLICY_NAMES:
+            raise ValueError(f"unknown policy {value!r}; use one of {', '.join(POLICY_NAMES)}")
+        return value
+
+    @field_validator("kv")
+    @classmethod
+    def _known_kv(cls, value: str) -> str:
+        if value not in KV_STRATEGIES:
+            raise ValueError(f"unknown KV strategy {value!r}; use one of {', '.join(KV_STRATEGIES)}")
+        return value
+
+    @field_validator("thresholds")
+    @classmethod
+    def _unit_range(cls, value):
+        if isinstance(value, dict):
+            bad = {k: v for k, v in value.items() if not 0.0 <= float(v) <= 1.0}
+            if bad:
+                raise ValueError(f"thresholds must be in [0, 1], got {bad}")
+        return value
+
+    @model_validator(mode="after")
+    def _policy_needs(self):
+        if self.policy == "fixed" and self.layer is None:
+            raise ValueError("policy 'fixed' needs `layer`")
+        return self
+
+    def resolved_thresholds(self, num_layers: int) -> tuple[dict[int, float], LinearClassifier | None]:
+        """Turn the thresholds field into {layer: threshold} (+ classifier from a file) for this model."""
+        value = self.thresholds
+        classifier = self.classifier
+        if value is None:
+            value = DEFAULT_PRESET
+        if isinstance(value, str):
+            if value in PRESETS:
+                table = map_preset(value, num_layers)
+            elif Path(value).suffix in (".yaml", ".yml", ".json") or Path(value).exists():
+                tf = load_thresholds_file(value)
+                tf.check_model(num_layers)
+                table = dict(tf.thresholds)
+                classifier = classifier or tf.classifier
+            else:
+                raise ConfigError(
+                    f"thresholds {value!r} is neither a preset nor a file",
+                    f"use one of {', '.join(PRESETS)} or a path to a thresholds YAML/JSON",
+                )
+        else:
+            table = {int(k): float(v) for k, v in value.items()}
+        bad = [l for l in table if not 1 <= l < num_layers]
+        if bad:
+            raise ConfigError(
+                f"thresholds name layers {bad} that are not intermediate layers of this {num_layers}-layer model",
+                f"use layers 1..{num_layers - 1}",
+            )
+        return table, classifier
+
+    def build_policy(self, num_layers: int) -> ExitPolicy:
+        """The policy object for a model with ``num_layers`` layers (raises ConfigError on mismatch)."""
+        if self.layer is not None and self.layer > num_layers:
+            raise ConfigError(f"layer {self.layer} does not exist: the model has layers 1..{num_layers}",
+                              f"choose a layer between 1 and {num_layers}")
+        if self.policy == "final":
+            return FinalPolicy(num_layers)
+        if self.policy == "fixed":
+            return FixedPolicy(self.layer, num_layers)
+        if self.policy == "self-speculative":
+            return FixedPolicy(self.layer or max(1, num_layers // 2), num_layers)
+        table, classifier = self.resolved_thresholds(num_layers)
+        if self.exit_layers is not None:
+            bad = [l for l in self.exit_layers if not 1 <= l < num_layers]
+            if bad:
+                raise ConfigError(f"exit_layers {bad} are not intermediate layers of this {num_layers}-layer model",
+                                  f"use layers 1..{num_layers - 1}")
+        layers = self.exit_layers or sorted(table)
+        if self.policy == "confidence":
+            return ConfidencePolicy(table, num_layers)
+        if self.policy == "classifier":
+            if classifier is None:
+                raise ConfigError("policy 'classifier' needs a classifier",
+                                  "train one with `layerexit train-classifier` and pass its thresholds file")
+            return ClassifierPolicy(classifier, num_layers)
+        if self.policy in ("random", "random-uniform"):
+            return RandomPolicy(layers, num_layers, uniform=self.policy == "random-uniform")
+        if self.policy == "sequential":
+            return SequentialPolicy(layers, num_layers)
+        raise ConfigError(f"unknown policy {self.policy!r}")
+
+
+@dataclass
+class SamplingParams:
+    """Decoding settings. ``temperature == 0`` is greedy."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_token_ids: set[int] = field(default_factory=set)
+
+    def validate(self) -> "SamplingParams":
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}", "ask for at least one token")
+        if self.temperature < 0:
+            raise ConfigError(f"temperature must be >= 0, got {self.temperature}", "use 0 for greedy decoding")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}", "use 1.0 to disable nucleus sampling")
+        return self
