@@ -277,27 +277,29 @@ class EarlyExitEngine:
         if kv != "none":
             cache = ExitKVCache(self.L, B, T_max, self.kv_heads, self.head_dim, self.dtype, self.device)
             deep_h = torch.zeros((B, T_max, H), dtype=self.dtype)
+        self.last_cache = cache  # kept for inspection (tests, debugging); replaced by the next generation
 
-        # Prefill: every layer on the prompt (identical for every policy), capturing the last position.
-        h = self.parts.embed(ids)
-        pos = self.positions(pad_off, 0, P)
-        rope = self.rope(h, pos)
-        am = self.attention_mask(valid, 0, P)
-        captured: dict[int, torch.Tensor] = {}
-        for k in range(1, self.L + 1):
-            h = self.run_layer(k, h, am, pos, rope, cache)
-            captured[k] = h[:, -1]
-        prefill = self.L * F.layer(P, P)
-        if results is not None:
-            for r in range(B):
-                results[r].prefill_flops = prefill
         t = P  # next position to fill
-        dec = self.decide(policy, 0, B, lambda k: captured[k], sampler, generator)
-        layer_flops = torch.zeros(B, dtype=torch.long)  # the prefill already ran every layer
-        full_cost = F.head(1)
         if kv == "none":
-            full_cost += self.L * F.layer(P, P)
-            layer_flops += dec.depth * F.layer(P, P)  # without a cache, the first token is a full pass too
+            # No cache: the first token is one pass over the prompt, up to its exit layer, like every other.
+            dec, layer_flops, full_cost = self._step_nocache(policy, 0, tokens, valid, pad_off, P - 1, sampler,
+                                                             generator)
+        else:
+            # Prefill: every layer on the prompt (identical for every policy), capturing the last position.
+            h = self.parts.embed(ids)
+            pos = self.positions(pad_off, 0, P)
+            rope = self.rope(h, pos)
+            am = self.attention_mask(valid, 0, P)
+            captured: dict[int, torch.Tensor] = {}
+            for k in range(1, self.L + 1):
+                h = self.run_layer(k, h, am, pos, rope, cache)
+                captured[k] = h[:, -1]
+            if results is not None:
+                for r in range(B):
+                    results[r].prefill_flops = self.L * F.layer(P, P)
+            dec = self.decide(policy, 0, B, lambda k: captured[k], sampler, generator)
+            layer_flops = torch.zeros(B, dtype=torch.long)  # the prefill already ran every layer
+            full_cost = F.head(1)
         step = 0
         while True:
             flops = layer_flops + dec.heads * F.head(1)
