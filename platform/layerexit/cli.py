@@ -71,6 +71,136 @@ def alignment(
             typer.echo(f"plot written to {plot}")
 
 
+PolicyOpt = Annotated[str, typer.Option(help="final, fixed, confidence, classifier, random, random-uniform, "
+                                            "sequential, self-speculative.")]
+ThresholdsOpt = Annotated[Optional[str], typer.Option(
+    help="Preset (paper-7b, paper-7b-aggressive, paper-13b), a thresholds YAML/JSON, or 8:0.9,12:0.8.")]
+KvOpt = Annotated[str, typer.Option(help="KV strategy for skipped layers: none, propagate, recompute.")]
+
+
+def _prompt_texts(prompt: Optional[str], prompts: Optional[Path], limit: Optional[int] = None) -> list:
+    from layerexit.data.prompts import Prompt, read_prompts
+
+    if (prompt is None) == (prompts is None):
+        raise LayerexitError("give exactly one of --prompt TEXT or --prompts FILE.jsonl")
+    return [Prompt(prompt)] if prompt is not None else read_prompts(prompts, limit=limit)
+
+
+@app.command("generate")
+def generate(
+    model: ModelOpt,
+    prompt: Annotated[Optional[str], typer.Option(help="One instruction (chat template applied).")] = None,
+    prompts: Annotated[Optional[Path], typer.Option(help="JSONL file with a 'prompt' field per line.")] = None,
+    policy: PolicyOpt = "final",
+    thresholds: ThresholdsOpt = None,
+    kv: KvOpt = "recompute",
+    layer: Annotated[Optional[int], typer.Option(help="Exit layer (fixed) or draft layer (self-speculative).")] = None,
+    exit_layers: Annotated[Optional[str], typer.Option(help="Checkpoints for random/sequential, e.g. 8,12,16.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate per prompt.")] = 64,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
+    seed: Annotated[Optional[int], typer.Option(help="Sampling / random-policy seed.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Prompts decoded together.")] = 1,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per prompt.")] = False,
+) -> None:
+    """Generate with early exit; report exit layers and FLOPs per token."""
+    from layerexit.data.prompts import format_prompt
+    from layerexit.engine.cli_support import exit_config_from_options
+    from layerexit.engine.decode import EarlyExitEngine
+    from layerexit.engine.options import SamplingParams
+    from layerexit.engine.reference import eos_ids
+    from layerexit.models.loading import load_model_and_tokenizer
+
+    cfg = exit_config_from_options(policy, thresholds, kv, layer, exit_layers)
+    sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed).validate()
+    items = _prompt_texts(prompt, prompts)
+    m, tok = load_model_and_tokenizer(model)
+    cfg.build_policy(m.config.num_hidden_layers)  # fail on layer/threshold mismatch before generating
+    engine = EarlyExitEngine(m, eos_ids(m, tok), tok.pad_token_id)
+    ids = [format_prompt(tok, p.prompt) for p in items]
+    for start in range(0, len(ids), batch_size):
+        batch = ids[start : start + batch_size]
+        if len(items) == 1 and not as_json:  # stream a single answer to the terminal
+            results = [None]
+            shown = []
+            from layerexit.engine.decode import SequenceResult
+
+            results = [SequenceResult()]
+            import time as _time
+
+            t0 = _time.perf_counter()
+            for events in engine.stream(batch, cfg, sampling):
+                for ev in events:
+                    r = results[0]
+                    r.token_ids.append(ev.token_id)
+                    r.exit_layers.append(ev.exit_layer)
+                    r.flops += ev.flops
+                    r.flops_full += ev.flops_full
+                    text = tok.decode(r.token_ids, skip_special_tokens=True)
+                    typer.echo(text[len("".join(shown)):], nl=False)
+                    shown = [text]
+            results[0].seconds = _time.perf_counter() - t0
+            typer.echo("")
+        else:
+            results = engine.generate(batch, cfg, sampling)
+        for item, r in zip(items[start : start + batch_size], results, strict=True):
+            text = tok.decode(r.token_ids, skip_special_tokens=True)
+            if as_json:
+                typer.echo(json.dumps({"prompt": item.prompt, "text": text, **r.to_dict()}))
+                continue
+            if len(items) > 1:
+                typer.echo(f"### {item.prompt}\n{text}")
+            saved = 1 - r.flops / r.flops_full if r.flops_full else 0.0
+            mean_layer = sum(r.exit_layers) / max(1, len(r.exit_layers))
+            typer.echo(f"[{len(r.token_ids)} tokens, mean exit layer {mean_layer:.1f}/{m.config.num_hidden_layers}, "
+                       f"FLOPs {r.flops / 1e9:.2f} G vs {r.flops_full / 1e9:.2f} G at full depth "
+                       f"({100 * saved:+.1f}% saved), {r.seconds:.2f} s]")
+
+
+@app.command("bench")
+def bench(
+    model: ModelOpt,
+    prompts: Annotated[Path, typer.Option(help="JSONL prompt file.")],
+    policies: Annotated[str, typer.Option(help="Comma-separated policies to run besides the HF baseline.")] =
+        "final,confidence,self-speculative",
+    thresholds: ThresholdsOpt = "paper-7b",
+    kv: Annotated[str, typer.Option(help="Comma-separated KV strategies for lossy policies.")] = "recompute",
+    layer: Annotated[Optional[int], typer.Option(help="Exit layer for fixed / draft layer for self-speculative.")] = None,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Use the first N prompts.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
+    batch_size: Annotated[int, typer.Option(min=1)] = 1,
+    as_json: Annotated[bool, typer.Option("--json", help="Print rows as JSON.")] = False,
+    markdown: Annotated[Optional[Path], typer.Option(help="Also write the Markdown table here.")] = None,
+) -> None:
+    """Tokens/s and FLOPs/token of each configuration vs transformers generate (KV cache, greedy)."""
+    from layerexit.data.prompts import format_prompt
+    from layerexit.engine.bench import bench_markdown, run_bench
+    from layerexit.engine.cli_support import exit_config_from_options
+    from layerexit.engine.reference import eos_ids
+    from layerexit.models.loading import load_model_and_tokenizer
+
+    configs = {}
+    for pol in [p.strip() for p in policies.split(",") if p.strip()]:
+        lossless = pol in ("final", "self-speculative")
+        for strategy in (["recompute"] if lossless else [k.strip() for k in kv.split(",")]):
+            name = pol if lossless else f"{pol}/{strategy}"
+            configs[name] = exit_config_from_options(pol, thresholds, strategy, layer)
+    items = _prompt_texts(None, prompts, limit)
+    m, tok = load_model_and_tokenizer(model)
+    for cfg in configs.values():
+        cfg.build_policy(m.config.num_hidden_layers)
+    ids = [format_prompt(tok, p.prompt) for p in items]
+    rows, _ = run_bench(m, ids, configs, eos_ids(m, tok), tok.pad_token_id, max_new_tokens, batch_size,
+                        show_progress=not as_json)
+    table = bench_markdown(rows)
+    if markdown is not None:
+        markdown.write_text(table + "\n")
+    if as_json:
+        typer.echo(json.dumps([r.to_dict() for r in rows]))
+    else:
+        typer.echo(table)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, turning user errors into one line on stderr and exit code 2."""
     try:

@@ -11,10 +11,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
-from layerexit.models.exits import collect_hidden_states, decoder_parts, exit_logits
+from layerexit.engine.traces import layer_predictions
+from layerexit.models.exits import decoder_parts
 
 DEFAULT_BINS = 10
 
@@ -57,29 +57,6 @@ class _Accumulator:
     bin_matches: list[int] | None = None
 
 
-def layer_predictions(model, sequence: Sequence[int], prompt_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-1 tokens and confidences of every layer at the positions that predict the response tokens.
-
-    Returns (top1, confidence), each shaped (L, G) where G = len(sequence) - prompt_len.
-    """
-    parts = decoder_parts(model)
-    L = parts.num_layers
-    ids = torch.tensor([list(sequence)], dtype=torch.long)
-    with torch.inference_mode():
-        hidden = collect_hidden_states(model, ids, range(1, L + 1))
-        # Shape: positions prompt_len-1 .. T-2 predict tokens prompt_len .. T-1 -> (G, H) per layer
-        sl = slice(prompt_len - 1, len(sequence) - 1)
-        top1 = torch.empty((L, sl.stop - sl.start), dtype=torch.long)
-        conf = torch.empty((L, sl.stop - sl.start), dtype=torch.float32)
-        for layer in range(1, L + 1):
-            logits = exit_logits(parts, hidden[layer][0, sl]).float()  # Shape: (G, V)
-            probs = logits.softmax(-1)
-            c, t = probs.max(-1)
-            top1[layer - 1] = t
-            conf[layer - 1] = c
-    return top1, conf
-
-
 def alignment_from_generations(
     model,
     prompts: Sequence[Sequence[int]],
@@ -95,7 +72,7 @@ def alignment_from_generations(
     for prompt, response in tqdm(list(zip(prompts, responses, strict=True)), desc="alignment", disable=not show_progress):
         if not response:
             continue
-        top1, conf = layer_predictions(model, [*prompt, *response], len(prompt))
+        top1, conf, _ = layer_predictions(model, [*prompt, *response], len(prompt))
         final = top1[L - 1]
         total_tokens += final.numel()
         bin_idx = (conf * bins).long().clamp(max=bins - 1)

@@ -1,0 +1,118 @@
+"""The project's own instruction set (``resources/instructions.jsonl``) and its fixed 80/20 train/held-out split.
+
+Each line is ``{"id", "category", "prompt"[, "input"]}``. The split is decided per instruction by a hash of its
+id, so it never depends on file order and adding instructions does not move existing ones across the split.
+The held-out 20% are the default evaluation prompts (alignment, quality) and are never trained on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from layerexit.data.prompts import builtin_prompts_path
+from layerexit.errors import InputFileError
+
+HELDOUT_FRACTION = 0.2
+_SPLIT_SALT = "layerexit-heldout-v1"
+
+
+@dataclass(frozen=True)
+class Instruction:
+    """One instruction; ``text`` is what the user turn holds (prompt plus its input, if any)."""
+
+    id: str
+    category: str
+    prompt: str
+    input: str | None = None
+
+    @property
+    def text(self) -> str:
+        return f"{self.prompt}\n\n{self.input}" if self.input else self.prompt
+
+
+def instructions_path() -> Path:
+    """The instruction set shipped inside the package."""
+    return builtin_prompts_path("instructions.jsonl")
+
+
+def load_instructions(path: str | Path | None = None) -> list[Instruction]:
+    """Read an instruction JSONL file (default: the built-in set); errors name the line."""
+    path = Path(path) if path is not None else instructions_path()
+    if not path.is_file():
+        raise InputFileError(f"instruction file not found: {path}",
+                             'pass a JSONL file with one {"id", "category", "prompt"} object per line')
+    items: list[Instruction] = []
+    seen: set[str] = set()
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise InputFileError(f"{path}:{lineno}: malformed JSON ({err.msg})", "fix or remove that line") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
+                raise InputFileError(f"{path}:{lineno}: no non-empty string field 'prompt'",
+                                     'each line must look like {"id": ..., "category": ..., "prompt": "..."}')
+            ident = str(obj.get("id", f"line-{lineno}"))
+            if ident in seen:
+                raise InputFileError(f"{path}:{lineno}: duplicate id {ident!r}", "give every instruction its own id")
+            seen.add(ident)
+            extra = obj.get("input")
+            items.append(Instruction(ident, str(obj.get("category", "general")), obj["prompt"].strip(),
+                                     extra.strip() if isinstance(extra, str) and extra.strip() else None))
+    if not items:
+        raise InputFileError(f"instruction file {path} holds no instructions", 'add lines like {"id": 1, "prompt": "..."}')
+    return items
+
+
+def is_heldout(ident: str, fraction: float = HELDOUT_FRACTION) -> bool:
+    """Whether the instruction with this id belongs to the held-out split (stable, order-independent)."""
+    digest = hashlib.sha1(f"{_SPLIT_SALT}:{ident}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def split_instructions(
+    items: Sequence[Instruction], fraction: float = HELDOUT_FRACTION
+) -> tuple[list[Instruction], list[Instruction]]:
+    """(train, held-out) by id hash."""
+    train = [i for i in items if not is_heldout(i.id, fraction)]
+    held = [i for i in items if is_heldout(i.id, fraction)]
+    return train, held
+
+
+def train_instructions(path: str | Path | None = None) -> list[Instruction]:
+    """The ~80% of the instruction set used for training."""
+    return split_instructions(load_instructions(path))[0]
+
+
+def heldout_instructions(path: str | Path | None = None) -> list[Instruction]:
+    """The ~20% kept out of training: the default evaluation prompts."""
+    return split_instructions(load_instructions(path))[1]
+
+
+def write_prompt_file(items: Iterable[Instruction], path: str | Path) -> Path:
+    """Write instructions as a prompt file (``{"prompt", "id", "category"}`` per line), atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            for item in items:
+                fh.write(json.dumps({"prompt": item.text, "id": item.id, "category": item.category}) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_heldout_prompts(path: str | Path, source: str | Path | None = None) -> Path:
+    """Write the held-out instructions as a JSONL prompt file usable by ``layerexit alignment --prompts``."""
+    return write_prompt_file(heldout_instructions(source), path)

@@ -1,0 +1,37 @@
+"""Turning command-line strings into engine configs (shared by `layerexit generate`, `bench`, jobs)."""
+
+from __future__ import annotations
+
+from layerexit.config import validate_config
+from layerexit.engine.options import ExitConfig
+from layerexit.errors import ConfigError
+
+
+def parse_thresholds(value: str | None):
+    """``paper-7b`` / ``path.yaml`` stay strings; ``8:0.9,12:0.8`` becomes {8: 0.9, 12: 0.8}."""
+    if value is None or ":" not in value or value.endswith((".yaml", ".yml", ".json")):
+        return value
+    table = {}
+    for item in value.split(","):
+        try:
+            layer, thr = item.split(":")
+            table[int(layer)] = float(thr)
+        except ValueError:
+            raise ConfigError(f"cannot read threshold {item!r}", "write thresholds like 8:0.9,12:0.8") from None
+    return table
+
+
+def exit_config_from_options(policy: str, thresholds: str | None = None, kv: str = "recompute",
+                             layer: int | None = None, exit_layers: str | None = None,
+                             num_draft: int = 4) -> ExitConfig:
+    data = {"policy": policy, "kv": kv, "num_draft": num_draft}
+    if thresholds is not None:
+        data["thresholds"] = parse_thresholds(thresholds)
+    if layer is not None:
+        data["layer"] = layer
+    if exit_layers:
+        try:
+            data["exit_layers"] = [int(x) for x in exit_layers.split(",")]
+        except ValueError:
+            raise ConfigError(f"cannot read exit layers {exit_layers!r}", "write them like 8,12,16") from None
+    return validate_config(ExitConfig, data, "(command line)")

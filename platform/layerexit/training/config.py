@@ -1,0 +1,301 @@
+"""The training job's config (``jobs/configs/*.yaml``) and its validation, all done before any worker starts.
+
+``load_train_config(path, overrides)`` = YAML + ``key=value`` overrides -> ``TrainConfig`` -> checks against the
+model (exit layers within its depth) and the data (path exists) -> the same config, or a one-line ``ConfigError``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from layerexit.config import LiteLossConfig, StrictModel, load_config
+from layerexit.errors import ConfigError, LayerexitError
+
+
+class ModelSection(StrictModel):
+    """Which model to fine-tune."""
+
+    spec: str = Field(..., description="smollm2, a local Hugging Face directory, a .gguf file, or a hub id.")
+    num_layers: int | None = Field(
+        None, ge=1,
+        description="Expected decoder depth. Used to check exit layers when the model's config cannot be read "
+        "offline (hub ids not yet downloaded); when it can be read, the two must agree.",
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute decoder activations in backward (saves memory).")
+
+
+class DataSection(StrictModel):
+    """Training data. ``instructions``: the built-in instruction set with the base model's own greedy answers
+    (self-distillation, offline); ``alpaca``/``chat``: a hub id or a local JSON/JSONL file."""
+
+    source: Literal["instructions", "alpaca", "chat"] = Field("instructions", description="Kind of dataset.")
+    path: str | None = Field(
+        None, description="alpaca/chat: hub id (tatsu-lab/alpaca) or local .json/.jsonl; instructions: optional "
+        "instruction JSONL replacing the built-in set.",
+    )
+    template: Literal["chat", "alpaca"] = Field("chat", description="Prompt template: the model's chat template or Alpaca's.")
+    max_length: int = Field(512, ge=8, description="Sequences are truncated to this many tokens.")
+    eval_fraction: float = Field(
+        0.05, gt=0.0, lt=1.0,
+        description="alpaca/chat: share of records held out for evaluation (instructions: fixed 20% by id).",
+    )
+    max_train_examples: int | None = Field(None, ge=1, description="Use at most this many training examples.")
+    max_eval_examples: int | None = Field(64, ge=1, description="Use at most this many held-out examples for eval loss.")
+    distill_max_new_tokens: int = Field(64, ge=1, description="instructions: length of the self-distilled answers.")
+    distill_batch_size: int = Field(8, ge=1, description="instructions: prompts per generate() batch.")
+    seed: int = Field(0, description="Seed for the held-out split of alpaca/chat data.")
+
+    @model_validator(mode="after")
+    def _path_needed(self) -> DataSection:
+        if self.source in ("alpaca", "chat") and not self.path:
+            raise ValueError(f"data.path is required for source={self.source!r} (a hub id or a local .json/.jsonl)")
+        return self
+
+
+class LiteSection(LiteLossConfig):
+    """LITE loss settings plus an optional anchor that keeps the final layer close to the original model."""
+
+    anchor_weight: float = Field(
+        0.0, ge=0.0,
+        description="Weight of KL(original model's final layer || current final layer) on response tokens, "
+        "computed with a frozen copy of the starting model; 0 disables it (and the copy).",
+    )
+
+
+class OptimSection(StrictModel):
+    """AdamW with linear warmup and a cosine (or constant/linear) decay, per optimizer step."""
+
+    lr: float = Field(2e-5, gt=0.0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay (not applied to norms and biases).")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="Warmup as a share of total steps (if larger).")
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="Final learning rate as a share of lr.")
+    grad_clip: float = Field(1.0, ge=0.0, description="Gradient norm clip (0 disables).")
+    micro_batch_size: int = Field(4, ge=1, description="Sequences per worker per forward pass.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
+    global_batch_size: int | None = Field(
+        None, ge=1, description="Optional check: must equal micro_batch_size * grad_accum * scaling.num_workers.")
+    epochs: int = Field(1, ge=1, description="Passes over the training data.")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (caps epochs).")
+    seed: int = Field(0, description="Seed for data order and initialisation of randomness.")
+
+
+class DeepSpeedSection(StrictModel):
+    """DeepSpeed engine settings."""
+
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="ZeRO stage: 1 optimizer, 2 +gradients, 3 +parameters.")
+    precision: Literal["auto", "fp32", "bf16", "autocast_bf16"] = Field(
+        "auto",
+        description="auto: bf16 on GPU, fp32 on CPU. bf16: DeepSpeed bf16 weights with fp32 optimizer state. "
+        "autocast_bf16: fp32 weights, torch.autocast bf16 compute (fast on CPUs with AMX).",
+    )
+    offload_optimizer: bool = Field(False, description="ZeRO-Offload optimizer state to CPU (GPU runs only).")
+    extra: dict[str, Any] = Field(default_factory=dict, description="Raw DeepSpeed config entries merged last.")
+
+
+class ScalingSection(StrictModel):
+    """Ray Train ScalingConfig."""
+
+    num_workers: int = Field(2, ge=1, description="Training workers (one per GPU on GPU clusters).")
+    use_gpu: bool = Field(False, description="One GPU per worker, NCCL; otherwise CPU workers and gloo.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker (also its torch thread count).")
+
+
+class CheckpointSection(StrictModel):
+    """Where checkpoints go and how failures are handled."""
+
+    storage_path: str = Field("~/ray_results/layerexit",
+                              description="Ray Train storage; the same name + storage resumes from the latest checkpoint.")
+    every_steps: int | None = Field(None, ge=1, description="Checkpoint every N optimizer steps (always at the end).")
+    num_to_keep: int | None = Field(2, ge=1, description="Keep only the newest N checkpoints (null keeps all).")
+    max_failures: int = Field(2, ge=-1, description="Restart from the latest checkpoint after this many worker failures.")
+
+
+class MlflowSection(StrictModel):
+    """MLflow tracking (rank 0 logs). Tracking URI: this value, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+    in the driver's working directory."""
+
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI.")
+    experiment: str = Field("layerexit-train", description="Experiment name.")
+    register: bool = Field(True, description="Log the final model and register it as layerexit-<name>.")
+    registered_name: str | None = Field(None, description="Registered model name (default layerexit-<name>).")
+    alias: str = Field("trained", description="Alias set on the new version ('latest' is reserved by MLflow; "
+                                              "models:/<name>/latest always means the newest version).")
+    log_system_metrics: bool = Field(True, description="CPU/GPU/memory metrics of the driver's node.")
+    log_every_steps: int = Field(1, ge=1, description="Training metrics every N optimizer steps.")
+
+    @field_validator("alias")
+    @classmethod
+    def _not_reserved(cls, value: str) -> str:
+        if value.lower() == "latest" or (value[:1] in "vV" and value[1:].isdigit()):
+            raise ValueError("'latest' and 'v<N>' are reserved alias names in MLflow; choose another (e.g. trained)")
+        return value
+
+
+class EvalSection(StrictModel):
+    """Held-out evaluation: loss at every exit and alignment of every exit with the final layer (paper Fig. 5)."""
+
+    every_steps: int | None = Field(None, ge=1, description="Evaluate every N optimizer steps (always at the end).")
+    at_start: bool = Field(True, description="Evaluate before the first step (the 'before' point).")
+    alignment_prompts: int = Field(20, ge=0, description="Held-out prompts for alignment (0 disables alignment).")
+    alignment_max_new_tokens: int = Field(48, ge=1, description="Tokens generated per alignment prompt.")
+    layers: list[int] | None = Field(None, description="Layers to report eval loss/alignment for "
+                                                       "(default: lite.exit_layers plus the final layer).")
+
+
+class TrainConfig(StrictModel):
+    """A LITE fine-tuning job."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+                      description="Run name: Ray Train run directory and MLflow run/registered model name.")
+    model: ModelSection
+    data: DataSection = Field(default_factory=DataSection)
+    lite: LiteSection = Field(default_factory=LiteSection)
+    optim: OptimSection = Field(default_factory=OptimSection)
+    deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
+    scaling: ScalingSection = Field(default_factory=ScalingSection)
+    checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    mlflow: MlflowSection = Field(default_factory=MlflowSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+
+    @model_validator(mode="after")
+    def _batch_sizes(self) -> TrainConfig:
+        per_step = self.optim.micro_batch_size * self.optim.grad_accum * self.scaling.num_workers
+        if self.optim.global_batch_size is not None and self.optim.global_batch_size != per_step:
+            raise ValueError(
+                f"optim.global_batch_size={self.optim.global_batch_size} but DeepSpeed needs train_batch_size = "
+                f"micro_batch_size ({self.optim.micro_batch_size}) * grad_accum ({self.optim.grad_accum}) * "
+                f"scaling.num_workers ({self.scaling.num_workers}) = {per_step}"
+            )
+        if self.deepspeed.offload_optimizer and not self.scaling.use_gpu:
+            raise ValueError("deepspeed.offload_optimizer needs scaling.use_gpu=true (the optimizer is on CPU already)")
+        return self
+
+    # ----------------------------------------------------------------------------------- derived values
+
+    @property
+    def train_batch_size(self) -> int:
+        """Sequences per optimizer step across all workers (DeepSpeed's train_batch_size)."""
+        return self.optim.micro_batch_size * self.optim.grad_accum * self.scaling.num_workers
+
+    @property
+    def registered_model_name(self) -> str:
+        return self.mlflow.registered_name or f"layerexit-{self.name}"
+
+    @property
+    def precision(self) -> str:
+        """Resolved precision: fp32 | bf16 | autocast_bf16."""
+        if self.deepspeed.precision == "auto":
+            return "bf16" if self.scaling.use_gpu else "fp32"
+        return self.deepspeed.precision
+
+    def storage_dir(self) -> Path:
+        return Path(os.path.expanduser(self.checkpoint.storage_path)).resolve()
+
+    def flat_params(self) -> dict[str, str]:
+        """Every setting as ``section.key -> str`` (for MLflow params)."""
+        out: dict[str, str] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    walk(f"{prefix}.{k}" if prefix else k, v)
+            else:
+                out[prefix] = str(value)
+
+        walk("", self.model_dump(mode="json"))
+        return out
+
+
+# --------------------------------------------------------------------------------------- validation at load
+
+
+def model_depth(cfg: TrainConfig) -> int:
+    """The model's number of decoder layers, read from its config (cache only for hub ids), else model.num_layers."""
+    from layerexit.models.loading import resolve_model
+
+    spec = cfg.model.spec
+    depth = None
+    try:
+        resolved = resolve_model(spec)
+    except LayerexitError as err:
+        raise ConfigError(f"model.spec: {err}") from None
+    config_file: str | None = None
+    if resolved.source == "hub":
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(resolved.location, "config.json")
+            config_file = found if isinstance(found, str) else None
+        except Exception:  # noqa: BLE001 - no cache, no problem: fall back to num_layers
+            config_file = None
+    else:
+        config_file = str(Path(resolved.location) / "config.json")
+    if config_file and Path(config_file).is_file():
+        import json
+
+        data = json.loads(Path(config_file).read_text())
+        data = data.get("text_config", data)
+        depth = data.get("num_hidden_layers") or data.get("n_layer") or data.get("num_layers")
+    if depth is not None and cfg.model.num_layers is not None and depth != cfg.model.num_layers:
+        raise ConfigError(f"model.num_layers={cfg.model.num_layers} but {spec} has {depth} layers",
+                          "fix model.num_layers or remove it")
+    depth = depth or cfg.model.num_layers
+    if depth is None:
+        raise ConfigError(f"model.spec: cannot read the depth of {spec!r} offline",
+                          "download the model first or set model.num_layers")
+    return int(depth)
+
+
+def validate_against_model(cfg: TrainConfig, depth: int) -> None:
+    from layerexit.losses import exit_weights
+
+    bad = [l for l in cfg.lite.exit_layers if not 1 <= l < depth]
+    if bad:
+        raise ConfigError(f"lite.exit_layers: {bad} are beyond the model's intermediate layers 1..{depth - 1}",
+                          f"{cfg.model.spec} has {depth} layers and the final layer {depth} is always included")
+    try:
+        exit_weights(cfg.lite.exit_layers, depth, cfg.lite.weights)
+    except ConfigError as err:
+        raise ConfigError(f"lite.weights: {err}") from None
+    if cfg.eval.layers is not None:
+        bad = [l for l in cfg.eval.layers if not 1 <= l <= depth]
+        if bad:
+            raise ConfigError(f"eval.layers: {bad} do not exist (the model has layers 1..{depth})")
+
+
+def validate_data(cfg: TrainConfig) -> None:
+    from layerexit.data.datasets import check_data_path
+
+    if cfg.data.path is None:
+        return
+    try:
+        if cfg.data.source == "instructions":
+            if not Path(cfg.data.path).expanduser().is_file():
+                raise LayerexitError(f"instruction file not found: {cfg.data.path}")
+        else:
+            check_data_path(cfg.data.path)
+    except LayerexitError as err:
+        raise ConfigError(f"data.path: {err}") from None
+
+
+def validate_train_config(cfg: TrainConfig) -> int:
+    """Every check that needs the model or the filesystem; returns the model depth."""
+    validate_data(cfg)
+    depth = model_depth(cfg)
+    validate_against_model(cfg, depth)
+    return depth
+
+
+def load_train_config(path: str | Path, overrides: list[str] | None = None, check: bool = True) -> TrainConfig:
+    """Load and validate a training config (``check=False`` skips the model/data checks)."""
+    cfg = load_config(TrainConfig, path, overrides)
+    if check:
+        validate_train_config(cfg)
+    return cfg
