@@ -201,6 +201,43 @@ def bench(
         typer.echo(table)
 
 
+@app.command("train-classifier")
+def train_classifier(
+    model: ModelOpt,
+    prompts: Annotated[Path, typer.Option(help="JSONL prompts whose final-layer responses become the traces.")],
+    out: Annotated[Path, typer.Option(help="Thresholds file to write (.yaml or .json).")],
+    exit_layers: Annotated[str, typer.Option(help="Exit layers, e.g. 8,12,16,20,24,28.")] = "8,12,16,20,24,28",
+    min_precision: Annotated[float, typer.Option(min=0.0, max=1.0,
+                                                 help="Exits taken must agree with the final layer this often.")] = 0.9,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
+    limit: Annotated[Optional[int], typer.Option(min=1)] = None,
+) -> None:
+    """Train AdaInfer's per-layer SVM exit classifier on traces and save it with a thresholds file."""
+    from layerexit.data.prompts import format_prompt
+    from layerexit.engine.classifier import train_exit_classifier
+    from layerexit.engine.cli_support import exit_config_from_options
+    from layerexit.engine.reference import eos_ids, hf_greedy_generate_batched
+    from layerexit.engine.thresholds import ThresholdsFile
+    from layerexit.engine.traces import record_traces
+    from layerexit.models.loading import load_model_and_tokenizer
+
+    layers = exit_config_from_options("random", None, exit_layers=exit_layers).exit_layers
+    items = _prompt_texts(None, prompts, limit)
+    m, tok = load_model_and_tokenizer(model)
+    L = m.config.num_hidden_layers
+    bad = [l for l in layers if not 1 <= l < L]
+    if bad:
+        raise LayerexitError(f"exit layers {bad} are not intermediate layers of this {L}-layer model",
+                             f"use layers 1..{L - 1}")
+    ids = [format_prompt(tok, p.prompt) for p in items]
+    responses = hf_greedy_generate_batched(m, ids, max_new_tokens, tok.pad_token_id, eos=eos_ids(m, tok))
+    traces = record_traces(m, ids, responses, layers)
+    clf = train_exit_classifier(traces, min_precision=min_precision)
+    ThresholdsFile(model=getattr(m.config, "name_or_path", model) or model, num_layers=L, exit_layers=layers,
+                   policy="classifier", classifier=clf, source=f"train-classifier on {prompts}").save(out)
+    typer.echo(f"classifier for layers {layers} written to {out}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, turning user errors into one line on stderr and exit code 2."""
     try:

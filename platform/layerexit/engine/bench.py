@@ -71,8 +71,11 @@ def run_bench(model, prompt_ids: Sequence[Sequence[int]], configs: dict[str, Exi
         hf_out.extend(hf_greedy_generate(model, batch, max_new_tokens, pad_id, eos))
     hf_seconds = time.perf_counter() - t0
     hf_tokens = sum(len(o) for o in hf_out)
+    # Same convention as the engine: the prompt's prefill is not a generated token's cost; token i > 0 is one
+    # full-depth step of token i-1 at context len(prompt) + i, plus the LM head.
     hf_flops = sum(
-        fm.num_layers * fm.layer(1, len(p) + i + 1) + fm.head(1) for p, o in zip(prompt_ids, hf_out) for i in range(len(o))
+        (fm.num_layers * fm.layer(1, len(p) + i) if i else 0) + fm.head(1)
+        for p, o in zip(prompt_ids, hf_out) for i in range(len(o))
     )
     base = BenchRow(BASELINE, hf_tokens, hf_seconds, hf_tokens / hf_seconds, hf_flops / max(1, hf_tokens))
     rows.append(base)
