@@ -211,16 +211,20 @@ def train_classifier(
                                                  help="Exits taken must agree with the final layer this often.")] = 0.9,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
     limit: Annotated[Optional[int], typer.Option(min=1)] = None,
+    kind: Annotated[str, typer.Option(help="svm (AdaInfer: top prob + gap) or probe (linear probe on the hidden "
+                                           "state; head evaluated only at the exit).")] = "svm",
 ) -> None:
-    """Train AdaInfer's per-layer SVM exit classifier on traces and save it with a thresholds file."""
+    """Train an exit classifier on traces (AdaInfer SVM or hidden-state probe) and save a thresholds file."""
     from layerexit.data.prompts import format_prompt
-    from layerexit.engine.classifier import train_exit_classifier
+    from layerexit.engine.classifier import train_exit_classifier, train_exit_probe
     from layerexit.engine.cli_support import exit_config_from_options
     from layerexit.engine.reference import eos_ids, hf_greedy_generate_batched
     from layerexit.engine.thresholds import ThresholdsFile
     from layerexit.engine.traces import record_traces
     from layerexit.models.loading import load_model_and_tokenizer
 
+    if kind not in ("svm", "probe"):
+        raise LayerexitError(f"unknown classifier kind {kind!r}", "use --kind svm or --kind probe")
     layers = exit_config_from_options("random", None, exit_layers=exit_layers).exit_layers
     items = _prompt_texts(None, prompts, limit)
     m, tok = load_model_and_tokenizer(model)
@@ -231,11 +235,18 @@ def train_classifier(
                              f"use layers 1..{L - 1}")
     ids = [format_prompt(tok, p.prompt) for p in items]
     responses = hf_greedy_generate_batched(m, ids, max_new_tokens, tok.pad_token_id, eos=eos_ids(m, tok))
-    traces = record_traces(m, ids, responses, layers)
-    clf = train_exit_classifier(traces, min_precision=min_precision)
-    ThresholdsFile(model=getattr(m.config, "name_or_path", model) or model, num_layers=L, exit_layers=layers,
-                   policy="classifier", classifier=clf, source=f"train-classifier on {prompts}").save(out)
-    typer.echo(f"classifier for layers {layers} written to {out}")
+    traces = record_traces(m, ids, responses, layers, keep_hidden=kind == "probe")
+    name = getattr(m.config, "name_or_path", model) or model
+    if kind == "probe":
+        probe, table = train_exit_probe(traces, min_precision=min_precision)
+        tf = ThresholdsFile(model=name, num_layers=L, exit_layers=layers, policy="probe", thresholds=table,
+                            probe=probe, source=f"train-classifier --kind probe on {prompts}")
+    else:
+        clf = train_exit_classifier(traces, min_precision=min_precision)
+        tf = ThresholdsFile(model=name, num_layers=L, exit_layers=layers, policy="classifier", classifier=clf,
+                            source=f"train-classifier on {prompts}")
+    tf.save(out)
+    typer.echo(f"{kind} for layers {layers} written to {out}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -103,3 +103,36 @@ def test_train_classifier_cli(tiny_dir, prompts_file, tmp_path, capsys):
     assert tf.policy == "classifier" and tf.num_layers == 4 and set(tf.classifier.coef) == {1, 2, 3}
     assert main(["train-classifier", "--model", str(tiny_dir), "--prompts", str(prompts_file), "--out", str(out),
                  "--exit-layers", "1,9"]) == 2
+
+
+def test_probe_policy_checks_cost_a_dot_product_not_a_head(tiny_model, tmp_path):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from layerexit.engine.classifier import train_exit_probe
+    from layerexit.models.tiny import build_tiny_llama
+
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 512, (6,), generator=g).tolist() for _ in range(10)]
+    responses = hf_greedy_generate(tiny_model, prompts, 8, 0, set())
+    traces = record_traces(tiny_model, prompts, responses, [1, 2, 3], show_progress=False, keep_hidden=True)
+    assert traces.hidden.shape == (80, 4, 64)
+    probe, table = train_exit_probe(traces, min_precision=0.5)
+    path = ThresholdsFile(model="tiny", num_layers=4, exit_layers=[1, 2, 3], policy="probe", thresholds=table,
+                          probe=probe).save(tmp_path / "probe.yaml")
+    model = build_tiny_llama(num_layers=4)
+    model.config._attn_implementation = "eager"
+    engine = EarlyExitEngine(model, set(), 0)
+    cfg = ExitConfig(policy="probe", thresholds=str(path))
+    with FlopCounterMode(display=False) as counter:
+        out = engine.generate(prompts[:3], cfg, SamplingParams(max_new_tokens=6))
+    assert abs(sum(r.flops + r.prefill_flops for r in out) - counter.get_total_flops()) / counter.get_total_flops() < 0.01
+    never = {l: 1.0 for l in (1, 2, 3)}
+    ref = engine.generate(prompts[:3], ExitConfig(policy="probe", probe=probe, thresholds=never),
+                          SamplingParams(max_new_tokens=6))
+    final = engine.generate(prompts[:3], ExitConfig(), SamplingParams(max_new_tokens=6))
+    assert [r.token_ids for r in ref] == [r.token_ids for r in final]
+    # Checks that never exit cost only probes: 3 * 2H per token more than the final layer, not 3 heads.
+    from layerexit.engine.flops import FlopsModel
+
+    fm = FlopsModel.from_config(model.config)
+    assert ref[0].flops - final[0].flops == 6 * 3 * fm.probe(1)

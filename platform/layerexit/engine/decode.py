@@ -68,6 +68,7 @@ class _Decision:
     confidence: torch.Tensor  # (n,)
     heads: torch.Tensor  # (n,) LM-head evaluations per row
     depth: int  # layers the batch ran
+    probes: torch.Tensor | None = None  # (n,) probe evaluations per row (probe policy)
 
 
 class _RowSampler:
@@ -226,7 +227,7 @@ class EarlyExitEngine:
         layers = torch.full((n,), L, dtype=torch.long)
         conf = torch.zeros(n)
         heads = torch.zeros(n, dtype=torch.long)
-        if not policy.uses_logits:
+        if not policy.uses_logits and not policy.uses_hidden:
             target = policy.choose_layers(n, step, generator)
             for k in sorted(set(target.tolist())):
                 rows = (target == k).nonzero().squeeze(1)
@@ -237,6 +238,29 @@ class EarlyExitEngine:
                 layers[rows] = k
             return _Decision(tokens, layers, conf, heads, int(target.max()))
         undecided = torch.ones(n, dtype=torch.bool)
+        if policy.uses_hidden:
+            probes = torch.zeros(n, dtype=torch.long)
+            for k in policy.exit_layers:
+                rows = undecided.nonzero().squeeze(1)
+                h = hidden_at(k)[rows]
+                ex, _score = policy.should_exit_hidden(k, self.parts.norm(h))
+                probes[rows] += 1
+                if ex.any():
+                    sel = rows[ex]
+                    logits, probs = self.head_probs(h[ex])
+                    heads[sel] += 1
+                    tokens[sel] = sampler.pick(sel, logits, probs)
+                    conf[sel] = probs.max(dim=-1).values
+                    layers[sel] = k
+                    undecided[sel] = False
+                if not undecided.any():
+                    return _Decision(tokens, layers, conf, heads, k, probes)
+            rows = undecided.nonzero().squeeze(1)
+            logits, probs = self.head_probs(hidden_at(L)[rows])
+            heads[rows] += 1
+            tokens[rows] = sampler.pick(rows, logits, probs)
+            conf[rows] = probs.max(dim=-1).values
+            return _Decision(tokens, layers, conf, heads, L, probes)
         for k in [*policy.exit_layers, L]:
             rows = undecided.nonzero().squeeze(1)
             logits, probs = self.head_probs(hidden_at(k)[rows])
@@ -303,6 +327,8 @@ class EarlyExitEngine:
         step = 0
         while True:
             flops = layer_flops + dec.heads * F.head(1)
+            if dec.probes is not None:
+                flops = flops + dec.probes * F.probe(1)
             counts += 1
             events = []
             finished = torch.zeros(len(rows_idx), dtype=torch.bool)

@@ -48,6 +48,10 @@ class FlopsModel:
         """LM-head evaluations (final norm not counted)."""
         return 2 * self.hidden * self.vocab * positions
 
+    def probe(self, positions: int = 1) -> int:
+        """A linear probe on the hidden state (the ``probe`` policy's exit check)."""
+        return 2 * self.hidden * positions
+
     def kv_projection(self, positions: int = 1) -> int:
         """K and V projections only (CALM-style propagation to a skipped layer)."""
         return 4 * self.hidden * self.kv_dim * positions

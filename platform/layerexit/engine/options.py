@@ -14,11 +14,12 @@ from layerexit.engine.policies import (
     ConfidencePolicy,
     ExitPolicy,
     FinalPolicy,
+    ProbePolicy,
     FixedPolicy,
     RandomPolicy,
     SequentialPolicy,
 )
-from layerexit.engine.thresholds import PRESETS, LinearClassifier, load_thresholds_file, map_preset
+from layerexit.engine.thresholds import PRESETS, LinearClassifier, LinearProbe, load_thresholds_file, map_preset
 from layerexit.errors import ConfigError
 
 KV_STRATEGIES = ("none", "propagate", "recompute")
@@ -39,6 +40,7 @@ class ExitConfig(StrictModel):
     kv: str = Field("recompute", description="KV strategy for skipped layers: none, propagate, recompute.")
     num_draft: int = Field(4, ge=1, le=32, description="Draft tokens per verification (self-speculative).")
     classifier: LinearClassifier | None = Field(None, description="AdaInfer classifier (policy=classifier).")
+    probe: LinearProbe | None = Field(None, description="Hidden-state probe (policy=probe).")
 
     @field_validator("policy")
     @classmethod
@@ -69,10 +71,12 @@ class ExitConfig(StrictModel):
             raise ValueError("policy 'fixed' needs `layer`")
         return self
 
-    def resolved_thresholds(self, num_layers: int) -> tuple[dict[int, float], LinearClassifier | None]:
-        """Turn the thresholds field into {layer: threshold} (+ classifier from a file) for this model."""
+    def resolved_thresholds(self, num_layers: int):
+        """Turn the thresholds field into ({layer: threshold}, classifier, probe) for this model; classifier
+        and probe come from the config or from the thresholds file."""
         value = self.thresholds
         classifier = self.classifier
+        probe = self.probe
         if value is None:
             value = DEFAULT_PRESET
         if isinstance(value, str):
@@ -83,6 +87,7 @@ class ExitConfig(StrictModel):
                 tf.check_model(num_layers)
                 table = dict(tf.thresholds)
                 classifier = classifier or tf.classifier
+                probe = probe or tf.probe
             else:
                 raise ConfigError(
                     f"thresholds {value!r} is neither a preset nor a file",
@@ -96,7 +101,7 @@ class ExitConfig(StrictModel):
                 f"thresholds name layers {bad} that are not intermediate layers of this {num_layers}-layer model",
                 f"use layers 1..{num_layers - 1}",
             )
-        return table, classifier
+        return table, classifier, probe
 
     def build_policy(self, num_layers: int) -> ExitPolicy:
         """The policy object for a model with ``num_layers`` layers (raises ConfigError on mismatch)."""
@@ -109,7 +114,7 @@ class ExitConfig(StrictModel):
             return FixedPolicy(self.layer, num_layers)
         if self.policy == "self-speculative":
             return FixedPolicy(self.layer or max(1, num_layers // 2), num_layers)
-        table, classifier = self.resolved_thresholds(num_layers)
+        table, classifier, probe = self.resolved_thresholds(num_layers)
         if self.exit_layers is not None:
             bad = [l for l in self.exit_layers if not 1 <= l < num_layers]
             if bad:
@@ -123,6 +128,11 @@ class ExitConfig(StrictModel):
                 raise ConfigError("policy 'classifier' needs a classifier",
                                   "train one with `layerexit train-classifier` and pass its thresholds file")
             return ClassifierPolicy(classifier, num_layers)
+        if self.policy == "probe":
+            if probe is None:
+                raise ConfigError("policy 'probe' needs a probe",
+                                  "train one with `layerexit train-classifier --kind probe` and pass its thresholds file")
+            return ProbePolicy(probe, table, num_layers)
         if self.policy in ("random", "random-uniform"):
             return RandomPolicy(layers, num_layers, uniform=self.policy == "random-uniform")
         if self.policy == "sequential":

@@ -1,8 +1,10 @@
 """Exit policies: per generated token, at which layer to stop. One interface, chosen by name.
 
-Two kinds: policies that look at the exit layer's prediction (``confidence``, ``classifier``) are asked at
-each exit layer in order and cost one LM-head evaluation per check; the others (``final``, ``fixed``,
-``random``, ``random-uniform``, ``sequential``) pick the exit layer up front and evaluate the head once.
+Three kinds: policies that look at the exit layer's prediction (``confidence``, ``classifier``) are asked at
+each exit layer in order and cost one LM-head evaluation per check; ``probe`` looks at the hidden state
+through a learned linear probe (2*H FLOPs per check) and evaluates the head once, at the exit; the others
+(``final``, ``fixed``, ``random``, ``random-uniform``, ``sequential``) pick the exit layer up front and
+evaluate the head once.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ from collections.abc import Sequence
 
 import torch
 
-from layerexit.engine.thresholds import LinearClassifier
+from layerexit.engine.thresholds import LinearClassifier, LinearProbe
 
-POLICY_NAMES = ("final", "fixed", "confidence", "classifier", "random", "random-uniform", "sequential", "self-speculative")
+POLICY_NAMES = (
+    "final", "fixed", "confidence", "classifier", "probe", "random", "random-uniform", "sequential", "self-speculative",
+)
 
 
 def top2_features(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,6 +32,7 @@ class ExitPolicy(ABC):
 
     name: str = ""
     uses_logits: bool = False
+    uses_hidden: bool = False
 
     def __init__(self, exit_layers: Sequence[int], num_layers: int) -> None:
         self.exit_layers = sorted(set(exit_layers))
@@ -44,6 +49,14 @@ class ExitPolicy(ABC):
 
     def should_exit(self, layer: int, probs: torch.Tensor) -> torch.Tensor:
         """Logits policies: whether each row (probs (n, V) at ``layer``) exits here."""
+        raise NotImplementedError
+
+    def exit_scores(self, layer: int, normed: torch.Tensor) -> torch.Tensor:
+        """Hidden-state policies: a score in [0, 1] per row from the final-normed hidden state (n, H)."""
+        raise NotImplementedError
+
+    def should_exit_hidden(self, layer: int, normed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden-state policies: (exit?, score) per row."""
         raise NotImplementedError
 
 
@@ -129,3 +142,27 @@ class ClassifierPolicy(ExitPolicy):
         scale = torch.tensor(c.scale[layer])
         w = torch.tensor(c.coef[layer])
         return ((x - mean) / scale) @ w + c.intercept[layer] > 0
+
+
+class ProbePolicy(ExitPolicy):
+    """A linear probe per exit layer on the final-normed hidden state predicts "this layer's top-1 equals the
+    final layer's" (CALM's cheap classifier signal). Exit when its probability >= the layer's threshold; the
+    LM head then runs once, at the exit layer, instead of at every check."""
+
+    name = "probe"
+    uses_hidden = True
+
+    def __init__(self, probe: LinearProbe, thresholds: dict[int, float], num_layers: int) -> None:
+        layers = [l for l in probe.weight if l < num_layers and l in thresholds]
+        super().__init__(layers, num_layers)
+        self.thresholds = {int(k): float(v) for k, v in thresholds.items()}
+        self._w = {l: torch.tensor(probe.weight[l]) for l in layers}
+        self._b = {l: float(probe.bias[l]) for l in layers}
+
+    def exit_scores(self, layer, normed):
+        w = self._w[layer].to(normed.dtype)
+        return torch.sigmoid((normed @ w[:, None]).squeeze(-1).float() + self._b[layer])
+
+    def should_exit_hidden(self, layer, normed):
+        score = self.exit_scores(layer, normed)
+        return score >= self.thresholds[layer], score

@@ -54,15 +54,25 @@ class LinearClassifier(StrictModel):
     intercept: dict[int, float] = Field(description="Per-layer linear SVM bias; exit when w.x + b > 0.")
 
 
+class LinearProbe(StrictModel):
+    """Per exit layer, logistic-regression weights on the final-normed hidden state: P(top-1 agrees with final)."""
+
+    weight: dict[int, list[float]] = Field(description="Per-layer weight vector (hidden size).")
+    bias: dict[int, float] = Field(description="Per-layer bias.")
+
+
 class ThresholdsFile(StrictModel):
     """What a thresholds YAML/JSON holds."""
 
     model: str = Field(description="Name of the model the thresholds were made for.")
     num_layers: int = Field(ge=1, description="Decoder layers of that model; checked when loading.")
     exit_layers: list[int] = Field(description="Exit layers (intermediate, ascending).")
-    policy: str = Field("confidence", description="Policy the thresholds are for: confidence or classifier.")
-    thresholds: dict[int, float] = Field(default_factory=dict, description="Per-layer confidence thresholds in [0, 1].")
+    policy: str = Field("confidence", description="Policy the thresholds are for: confidence, classifier or probe.")
+    thresholds: dict[int, float] = Field(
+        default_factory=dict, description="Per-layer thresholds in [0, 1] (softmax confidence, or probe probability)."
+    )
     classifier: LinearClassifier | None = None
+    probe: LinearProbe | None = None
     source: str | None = Field(None, description="Where it came from (Tune run id, preset...).")
 
     @field_validator("thresholds")

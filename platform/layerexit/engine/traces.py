@@ -17,9 +17,11 @@ from tqdm.auto import tqdm
 from layerexit.models.exits import check_layers, collect_hidden_states, decoder_parts, exit_logits
 
 
-def layer_predictions(model, sequence: Sequence[int], prompt_len: int, layers: Sequence[int] | None = None):
+def layer_predictions(model, sequence: Sequence[int], prompt_len: int, layers: Sequence[int] | None = None,
+                      keep_hidden: bool = False):
     """Top-1 token, top-1 probability and top1-top2 gap of each layer at the positions predicting the
-    response tokens. Returns three tensors shaped (len(layers), G), G = len(sequence) - prompt_len."""
+    response tokens. Returns three tensors shaped (len(layers), G), G = len(sequence) - prompt_len, and with
+    ``keep_hidden`` a fourth: the final-normed hidden states (len(layers), G, H) in float16."""
     parts = decoder_parts(model)
     layers = check_layers(parts, layers if layers is not None else range(1, parts.num_layers + 1))
     ids = torch.tensor([list(sequence)], dtype=torch.long)
@@ -28,14 +30,19 @@ def layer_predictions(model, sequence: Sequence[int], prompt_len: int, layers: S
     top1 = torch.empty((len(layers), g), dtype=torch.long)
     conf = torch.empty((len(layers), g))
     gap = torch.empty((len(layers), g))
+    normed = torch.empty((len(layers), g, model.config.hidden_size), dtype=torch.float16) if keep_hidden else None
     with torch.inference_mode():
         hidden = collect_hidden_states(model, ids, layers)
         for i, layer in enumerate(layers):
+            if keep_hidden:
+                normed[i] = parts.norm(hidden[layer][0, sl]).half()
             probs = exit_logits(parts, hidden[layer][0, sl]).float().softmax(-1)  # Shape: (G, V)
             top = probs.topk(2, dim=-1)
             top1[i] = top.indices[:, 0]
             conf[i] = top.values[:, 0]
             gap[i] = top.values[:, 0] - top.values[:, 1]
+    if keep_hidden:
+        return top1, conf, gap, normed
     return top1, conf, gap
 
 
@@ -49,6 +56,7 @@ class ExitTraces:
     gap: np.ndarray  # (N, E) float
     context: np.ndarray  # (N,) keys attended when the token was produced (prompt + previous tokens)
     sequence: np.ndarray  # (N,) which prompt each token belongs to
+    hidden: np.ndarray | None = None  # (N, E, H) float16 final-normed hidden states, if recorded
 
     @property
     def final_top1(self) -> np.ndarray:
@@ -69,16 +77,20 @@ class ExitTraces:
 
 
 def record_traces(model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
-                  exit_layers: Sequence[int], show_progress: bool = True) -> ExitTraces:
-    """Trace every exit layer (and the final layer) along each (prompt, final-layer response) pair."""
+                  exit_layers: Sequence[int], show_progress: bool = True, keep_hidden: bool = False) -> ExitTraces:
+    """Trace every exit layer (and the final layer) along each (prompt, final-layer response) pair.
+    ``keep_hidden`` also keeps the final-normed hidden states (needed to train a probe)."""
     L = decoder_parts(model).num_layers
     layers = [*sorted(set(l for l in exit_layers if l < L)), L]
-    cols = {k: [] for k in ("top1", "conf", "gap", "context", "sequence")}
+    cols = {k: [] for k in ("top1", "conf", "gap", "context", "sequence", "hidden")}
     for i, (prompt, response) in enumerate(tqdm(list(zip(prompts, responses, strict=True)), desc="traces",
                                                 disable=not show_progress)):
         if not response:
             continue
-        top1, conf, gap = layer_predictions(model, [*prompt, *response], len(prompt), layers)
+        out = layer_predictions(model, [*prompt, *response], len(prompt), layers, keep_hidden=keep_hidden)
+        top1, conf, gap = out[:3]
+        if keep_hidden:
+            cols["hidden"].append(out[3].transpose(0, 1).numpy())
         cols["top1"].append(top1.T.numpy())
         cols["conf"].append(conf.T.numpy())
         cols["gap"].append(gap.T.numpy())
@@ -86,4 +98,6 @@ def record_traces(model, prompts: Sequence[Sequence[int]], responses: Sequence[S
         cols["sequence"].append(np.full(len(response), i))
     if not cols["top1"]:
         raise ValueError("no response tokens to trace")
-    return ExitTraces(layers, *(np.concatenate(cols[k]) for k in ("top1", "conf", "gap", "context", "sequence")))
+    hidden = np.concatenate(cols["hidden"]) if keep_hidden else None
+    return ExitTraces(layers, *(np.concatenate(cols[k]) for k in ("top1", "conf", "gap", "context", "sequence")),
+                      hidden=hidden)
