@@ -1,7 +1,8 @@
 """The project's own instruction set (``resources/instructions.jsonl``) and its fixed 80/20 train/held-out split.
 
-Each line is ``{"id", "category", "prompt"[, "input"]}``. The split is decided per instruction by a hash of its
-id, so it never depends on file order and adding instructions does not move existing ones across the split.
+Each line is ``{"id", "category", "prompt"[, "input"]}``. The split is stratified by category: within each
+category, instructions are ordered by a hash of their id and the first round(20%) are held out. It never depends on
+file order, every category is represented in both parts, and the held-out share is exactly 20% per category.
 The held-out 20% are the default evaluation prompts (alignment, quality) and are never trained on.
 """
 
@@ -72,19 +73,36 @@ def load_instructions(path: str | Path | None = None) -> list[Instruction]:
     return items
 
 
-def is_heldout(ident: str, fraction: float = HELDOUT_FRACTION) -> bool:
-    """Whether the instruction with this id belongs to the held-out split (stable, order-independent)."""
-    digest = hashlib.sha1(f"{_SPLIT_SALT}:{ident}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+def _hash_rank(ident: str) -> int:
+    return int.from_bytes(hashlib.sha1(f"{_SPLIT_SALT}:{ident}".encode()).digest()[:8], "big")
 
 
 def split_instructions(
     items: Sequence[Instruction], fraction: float = HELDOUT_FRACTION
 ) -> tuple[list[Instruction], list[Instruction]]:
-    """(train, held-out) by id hash."""
-    train = [i for i in items if not is_heldout(i.id, fraction)]
-    held = [i for i in items if is_heldout(i.id, fraction)]
+    """(train, held-out): per category, the round(fraction * n) instructions with the smallest id hash are held
+    out. Both lists keep the file order."""
+    by_cat: dict[str, list[Instruction]] = {}
+    for item in items:
+        by_cat.setdefault(item.category, []).append(item)
+    held_ids: set[str] = set()
+    for group in by_cat.values():
+        ranked = sorted(group, key=lambda i: _hash_rank(i.id))
+        held_ids.update(i.id for i in ranked[: round(fraction * len(group))])
+    train = [i for i in items if i.id not in held_ids]
+    held = [i for i in items if i.id in held_ids]
     return train, held
+
+
+def interleave_categories(items: Sequence[Instruction]) -> list[Instruction]:
+    """Round-robin over categories (first of each, then second of each...), so any prefix is balanced."""
+    by_cat: dict[str, list[Instruction]] = {}
+    for item in items:
+        by_cat.setdefault(item.category, []).append(item)
+    out: list[Instruction] = []
+    for i in range(max((len(g) for g in by_cat.values()), default=0)):
+        out.extend(g[i] for g in by_cat.values() if i < len(g))
+    return out
 
 
 def train_instructions(path: str | Path | None = None) -> list[Instruction]:

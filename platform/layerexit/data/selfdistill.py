@@ -2,8 +2,9 @@
 
 Training the exits on what the final layer already says teaches them to match it while the final layer keeps its
 behaviour. Generation is slow on CPU, so results are cached as JSONL under
-``$LAYEREXIT_HOME/data/<model-id>/selfdistill-<key>.jsonl``; the key covers the model (location and weight files),
-the instructions and every generation setting, so a change in any of them regenerates.
+``$LAYEREXIT_HOME/data/<model-id>/selfdistill-<key>.jsonl``. The key covers the model (location and weight files)
+and every generation setting; rows are keyed by instruction id and text, so only new or edited instructions are
+generated on a later call.
 """
 
 from __future__ import annotations
@@ -56,21 +57,33 @@ def model_id(location: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:80]
 
 
-def cache_path(location: str, instructions: Sequence[Instruction], settings: dict) -> Path:
-    key_src = json.dumps({"v": CACHE_VERSION, "model": model_fingerprint(location),
-                          "instructions": [[i.id, i.text] for i in instructions], "settings": settings},
+def text_key(item: Instruction) -> str:
+    return hashlib.sha1(item.text.encode()).hexdigest()[:12]
+
+
+def cache_path(location: str, settings: dict) -> Path:
+    """One cache file per model and generation settings; rows are keyed by instruction id and text."""
+    key_src = json.dumps({"v": CACHE_VERSION, "model": model_fingerprint(location), "settings": settings},
                          sort_keys=True)
     key = hashlib.sha1(key_src.encode()).hexdigest()[:16]
     return layerexit_home() / "data" / model_id(location) / f"selfdistill-{key}.jsonl"
 
 
-def read_cache(path: Path) -> list[DistilledExample] | None:
+def read_cache(path: Path) -> dict[tuple[str, str], DistilledExample]:
+    """Cached rows by (id, text key); a damaged file counts as empty (it is regenerated)."""
     if not path.is_file():
-        return None
+        return {}
+    rows: dict[tuple[str, str], DistilledExample] = {}
     try:
-        return [DistilledExample(**json.loads(line)) for line in path.read_text(encoding="utf-8").splitlines() if line]
-    except (json.JSONDecodeError, TypeError):
-        return None  # a foreign or damaged file: regenerate
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                obj = json.loads(line)
+                key = obj.pop("text_key")
+                ex = DistilledExample(**obj)
+                rows[(ex.id, key)] = ex
+    except (json.JSONDecodeError, TypeError, KeyError):
+        return {}
+    return rows
 
 
 def write_jsonl_atomic(path: Path, rows: Sequence[dict]) -> Path:
@@ -97,7 +110,8 @@ def self_distill(
     model_and_tokenizer=None,
     use_cache: bool = True,
 ) -> tuple[list[DistilledExample], Path]:
-    """Greedy final-layer responses of ``model_spec`` to ``instructions``, from the cache when present.
+    """Greedy final-layer responses of ``model_spec`` to ``instructions``; only instructions missing from the
+    cache are generated (then the cache is rewritten atomically).
 
     Returns the examples (in the order of ``instructions``) and the cache file path.
     """
@@ -106,20 +120,18 @@ def self_distill(
 
     location = resolve_model(model_spec).location
     settings = {"max_new_tokens": max_new_tokens, "decoding": "greedy", "dtype": "float32", "template": "chat"}
-    path = cache_path(location, instructions, settings)
-    if use_cache:
-        cached = read_cache(path)
-        if cached is not None and [c.id for c in cached] == [i.id for i in instructions]:
-            return cached, path
-    model, tokenizer = model_and_tokenizer or load_model_and_tokenizer(model_spec)
-    prompt_ids = [format_prompt(tokenizer, i.text) for i in instructions]
-    responses = hf_greedy_generate_batched(
-        model, prompt_ids, max_new_tokens, tokenizer.pad_token_id, batch_size=batch_size,
-        eos=eos_ids(model, tokenizer), show_progress=show_progress, desc="self-distill (base model answers)",
-    )
-    examples = [
-        DistilledExample(i.id, i.category, i.text, p, r, tokenizer.decode(r, skip_special_tokens=True))
-        for i, p, r in zip(instructions, prompt_ids, responses, strict=True)
-    ]
-    write_jsonl_atomic(path, [asdict(e) for e in examples])
-    return examples, path
+    path = cache_path(location, settings)
+    cached = read_cache(path) if use_cache else {}
+    missing = [i for i in instructions if (i.id, text_key(i)) not in cached]
+    if missing:
+        model, tokenizer = model_and_tokenizer or load_model_and_tokenizer(model_spec)
+        prompt_ids = [format_prompt(tokenizer, i.text) for i in missing]
+        responses = hf_greedy_generate_batched(
+            model, prompt_ids, max_new_tokens, tokenizer.pad_token_id, batch_size=batch_size,
+            eos=eos_ids(model, tokenizer), show_progress=show_progress, desc="self-distill (base model answers)",
+        )
+        for i, p, r in zip(missing, prompt_ids, responses, strict=True):
+            cached[(i.id, text_key(i))] = DistilledExample(
+                i.id, i.category, i.text, p, r, tokenizer.decode(r, skip_special_tokens=True))
+        write_jsonl_atomic(path, [{**asdict(ex), "text_key": key[1]} for key, ex in cached.items()])
+    return [cached[(i.id, text_key(i))] for i in instructions], path

@@ -123,7 +123,7 @@ class MlflowSection(StrictModel):
 
     tracking_uri: str | None = Field(None, description="MLflow tracking URI.")
     experiment: str = Field("layerexit-train", description="Experiment name.")
-    register: bool = Field(True, description="Log the final model and register it as layerexit-<name>.")
+    register_model: bool = Field(True, description="Log the final model and register it as layerexit-<name>.")
     registered_name: str | None = Field(None, description="Registered model name (default layerexit-<name>).")
     alias: str = Field("trained", description="Alias set on the new version ('latest' is reserved by MLflow; "
                                               "models:/<name>/latest always means the newest version).")
@@ -281,6 +281,15 @@ def validate_data(cfg: TrainConfig) -> None:
                 raise LayerexitError(f"instruction file not found: {cfg.data.path}")
         else:
             check_data_path(cfg.data.path)
+            if Path(cfg.data.path).expanduser().exists():  # local data: check its columns now, not in a worker
+                from layerexit.data.datasets import detect_format, load_records, validate_records
+
+                records = load_records(cfg.data.path)
+                fmt = detect_format(records, cfg.data.path)
+                if cfg.data.source != fmt:
+                    raise LayerexitError(f"{cfg.data.path} holds {fmt} records but data.source is {cfg.data.source!r}",
+                                         f"set data.source={fmt}")
+                validate_records(records, fmt, cfg.data.path)
     except LayerexitError as err:
         raise ConfigError(f"data.path: {err}") from None
 

@@ -1,0 +1,235 @@
+"""The one module that talks to MLflow.
+
+Tracking URI: the value passed in (from a config), else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` in the
+current working directory (made absolute, so Ray workers started elsewhere write to the same store).
+
+- ``tracked_run(...)``: a context manager around one run; an exception ends it FAILED (KILLED on Ctrl-C/SIGTERM).
+- ``RunLogger``: log into an existing run from another process (e.g. the rank-0 Ray Train worker).
+- ``log_hf_model(...)``: log a Hugging Face model directory as a pyfunc model, register it, set an alias.
+- ``hf_dir_from_model_uri(...)``: the plain HF directory behind ``models:/name@alias`` or ``runs:/...``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+HF_ARTIFACT_KEY = "hf_model"
+_MAX_PARAM_LEN = 6000
+
+
+def resolve_tracking_uri(configured: str | None = None) -> str:
+    """Config value, else $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db; relative sqlite paths made absolute."""
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        rel = uri[len("sqlite:///"):]
+        uri = "sqlite:///" + str(Path(rel).expanduser().resolve())
+    elif "://" not in uri and not uri.startswith(("databricks", "file:")):
+        uri = str(Path(uri).expanduser().resolve())  # a plain directory: the file store
+    return uri
+
+
+def setup_tracking(configured: str | None = None) -> str:
+    """Point the MLflow client at the resolved URI and return it."""
+    import mlflow
+
+    uri = resolve_tracking_uri(configured)
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def _retry(fn, *args, attempts: int = 5, **kwargs):
+    """SQLite stores can be briefly locked when two processes write; retry a few times."""
+    for i in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001
+            if "locked" not in str(err).lower() or i == attempts - 1:
+                raise
+            time.sleep(0.2 * (i + 1))
+    return None
+
+
+def _param_value(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    return text[:_MAX_PARAM_LEN]
+
+
+class RunLogger:
+    """Logs into one existing run by id (works from any process that can reach the tracking store)."""
+
+    def __init__(self, run_id: str, tracking_uri: str | None = None) -> None:
+        from mlflow import MlflowClient
+
+        self.run_id = run_id
+        self.tracking_uri = resolve_tracking_uri(tracking_uri)
+        self.client = MlflowClient(tracking_uri=self.tracking_uri)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items() if v is not None]
+        for i in range(0, len(items), 900):
+            _retry(self.client.log_batch, self.run_id, metrics=items[i : i + 900])
+
+    def log_params(self, params: Mapping[str, Any]) -> dict[str, str]:
+        """Log params; a param already logged with another value (a resumed run with a changed config) is kept
+        and the new value recorded as tag ``changed_param.<key>``. Returns the changed ones."""
+        from mlflow.entities import Param, RunTag
+
+        existing = _retry(self.client.get_run, self.run_id).data.params
+        new, changed = [], {}
+        for k, v in params.items():
+            val = _param_value(v)
+            if k not in existing:
+                new.append(Param(k, val))
+            elif existing[k] != val:
+                changed[k] = val
+        for i in range(0, len(new), 100):
+            _retry(self.client.log_batch, self.run_id, params=new[i : i + 100])
+        if changed:
+            tags = [RunTag(f"changed_param.{k}", v) for k, v in changed.items()]
+            _retry(self.client.log_batch, self.run_id, tags=tags)
+        return changed
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        _retry(self.client.log_batch, self.run_id, tags=[RunTag(k, _param_value(v)) for k, v in tags.items()])
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        _retry(self.client.log_artifact, self.run_id, str(path), artifact_path)
+
+    def log_artifacts(self, directory: str | Path, artifact_path: str | None = None) -> None:
+        _retry(self.client.log_artifacts, self.run_id, str(directory), artifact_path)
+
+    def log_dict(self, obj: Any, artifact_file: str) -> None:
+        _retry(self.client.log_dict, self.run_id, obj, artifact_file)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        _retry(self.client.log_text, self.run_id, text, artifact_file)
+
+
+def get_or_create_experiment(name: str) -> str:
+    import mlflow
+
+    exp = mlflow.get_experiment_by_name(name)
+    return exp.experiment_id if exp is not None else mlflow.create_experiment(name)
+
+
+def run_exists(run_id: str) -> bool:
+    import mlflow
+
+    try:
+        mlflow.get_run(run_id)
+        return True
+    except Exception:  # noqa: BLE001 - MlflowException for a run this store does not know
+        return False
+
+
+@contextlib.contextmanager
+def tracked_run(
+    experiment: str,
+    run_name: str | None = None,
+    tracking_uri: str | None = None,
+    run_id: str | None = None,
+    tags: Mapping[str, str] | None = None,
+    log_system_metrics: bool = False,
+) -> Iterator[RunLogger]:
+    """Start (or resume, with ``run_id``) a run; end it FINISHED, FAILED on an exception, KILLED on interrupt."""
+    import mlflow
+
+    uri = setup_tracking(tracking_uri)
+    exp_id = get_or_create_experiment(experiment)
+    if run_id is not None and not run_exists(run_id):
+        run_id = None
+    kwargs: dict[str, Any] = {"log_system_metrics": log_system_metrics or None}
+    if run_id is not None:
+        run = mlflow.start_run(run_id=run_id, **kwargs)
+    else:
+        run = mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=dict(tags or {}), **kwargs)
+    status = "FAILED"
+    try:
+        yield RunLogger(run.info.run_id, uri)
+        status = "FINISHED"
+    except (KeyboardInterrupt, SystemExit):
+        status = "KILLED"
+        raise
+    finally:
+        mlflow.end_run(status=status)
+
+
+def _pyfunc_class():
+    import mlflow.pyfunc
+
+    class HFCausalLMModel(mlflow.pyfunc.PythonModel):
+        """Greedy text generation from the logged Hugging Face directory (``artifacts/hf_model``).
+
+        ``predict`` takes a list of prompts (or a DataFrame with a ``prompt`` column) and returns completions.
+        The directory itself is a plain transformers checkpoint: ``hf_dir_from_model_uri`` returns it.
+        """
+
+        def load_context(self, context):
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            path = context.artifacts[HF_ARTIFACT_KEY]
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            self.model = AutoModelForCausalLM.from_pretrained(path).eval()
+
+        def predict(self, context, model_input, params=None):
+            import torch
+
+            prompts = list(model_input["prompt"]) if hasattr(model_input, "columns") else list(model_input)
+            max_new = int((params or {}).get("max_new_tokens", 64))
+            outs = []
+            for p in prompts:
+                ids = self.tokenizer(p, return_tensors="pt")
+                with torch.inference_mode():
+                    gen = self.model.generate(**ids, max_new_tokens=max_new, do_sample=False)
+                outs.append(self.tokenizer.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+            return outs
+
+    return HFCausalLMModel
+
+
+def log_hf_model(
+    hf_dir: str | Path,
+    registered_name: str | None = None,
+    alias: str | None = None,
+    name: str = "model",
+) -> dict[str, Any]:
+    """Log ``hf_dir`` into the active run as a pyfunc model; register it and set ``alias`` when given.
+
+    Returns ``{"model_uri", "version", "registered_name", "alias"}``.
+    """
+    import mlflow
+
+    info = mlflow.pyfunc.log_model(
+        name=name,
+        python_model=_pyfunc_class()(),
+        artifacts={HF_ARTIFACT_KEY: str(hf_dir)},
+        registered_model_name=registered_name,
+        pip_requirements=["torch", "transformers", "safetensors"],
+    )
+    version = getattr(info, "registered_model_version", None)
+    if registered_name and version is not None and alias:
+        mlflow.MlflowClient().set_registered_model_alias(registered_name, alias, str(version))
+    return {"model_uri": info.model_uri, "version": version, "registered_name": registered_name, "alias": alias}
+
+
+def hf_dir_from_model_uri(uri: str, dst: str | Path | None = None) -> Path:
+    """Download a model logged by ``log_hf_model`` (``models:/name@alias``, ``models:/name/3``, ``runs:/id/model``)
+    and return its plain Hugging Face directory."""
+    import mlflow
+
+    local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(dst) if dst else None))
+    for candidate in (local / "artifacts" / HF_ARTIFACT_KEY, local / HF_ARTIFACT_KEY, local):
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise FileNotFoundError(f"{uri} holds no Hugging Face model directory (looked under {local})")

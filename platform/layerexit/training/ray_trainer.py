@@ -1,0 +1,458 @@
+"""Ray Train (V2) + DeepSpeed wiring for LITE fine-tuning, tracked in MLflow.
+
+Driver (``run_training``): validate the config against the model and data, prepare the tokenized data (self-distill
+when needed), open the MLflow run, start a ``TorchTrainer``; at the end log and register the model.
+Worker (``train_worker``): load the model, ``deepspeed.initialize``, resume from ``ray.train.get_checkpoint()``,
+run ``training.loop.train_loop``; rank 0 logs metrics and figures to the driver's MLflow run; every rank takes
+part in checkpoints (``ray.train.report``) and evaluation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from layerexit.data.datasets import PreparedData, TokenizedExample, finish_example
+from layerexit.errors import ConfigError
+from layerexit.training.config import TrainConfig, validate_train_config
+from layerexit.training.loop import steps_per_epoch
+
+RUN_INFO_FILE = "layerexit_mlflow.json"
+FAULT_STEP_ENV = "LAYEREXIT_FAULT_STEP"  # tests: SIGKILL one worker at this step, once
+FAULT_MARKER_ENV = "LAYEREXIT_FAULT_MARKER"  # file created when the fault fired (so it fires once)
+FAULT_RANK_ENV = "LAYEREXIT_FAULT_RANK"
+FAULT_DELAY_ENV = "LAYEREXIT_FAULT_DELAY_S"  # wait first, so the controller has registered the latest checkpoint
+
+
+@dataclass
+class TrainResult:
+    """What a finished training job produced."""
+
+    name: str
+    run_id: str
+    tracking_uri: str
+    checkpoint_dir: Path
+    hf_model_dir: Path
+    metrics: dict[str, Any]
+    registered: dict[str, Any] | None = None
+    alignment_before: dict[int, float] = field(default_factory=dict)
+    alignment_after: dict[int, float] = field(default_factory=dict)
+    wall_s: float = 0.0
+
+
+# ============================================================================================ driver side
+
+
+def _log(console, text: str) -> None:
+    if console is not None:
+        console.print(text)
+
+
+def _load_tokenizer(spec: str):
+    from transformers import AutoTokenizer
+
+    from layerexit.models.loading import resolve_model
+
+    tok = AutoTokenizer.from_pretrained(resolve_model(spec).location)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def prepare_training_data(cfg: TrainConfig, show_progress: bool = True) -> PreparedData:
+    """Tokenized train/eval data and alignment prompts for ``cfg`` (runs in the driver, before any worker)."""
+    d = cfg.data
+    if d.source != "instructions":
+        from layerexit.data.datasets import prepare_sft_data
+
+        tokenizer = _load_tokenizer(cfg.model.spec)
+        return prepare_sft_data(tokenizer, d.path, template=d.template, max_length=d.max_length,
+                                eval_fraction=d.eval_fraction, seed=d.seed, max_train_examples=d.max_train_examples,
+                                max_eval_examples=d.max_eval_examples)
+    from layerexit.data.datasets import TokenizeStats
+    from layerexit.data.instructions import interleave_categories, load_instructions, split_instructions
+    from layerexit.data.prompts import format_prompt
+    from layerexit.data.selfdistill import self_distill
+
+    train_items, held_items = split_instructions(load_instructions(d.path))
+    # Balanced prefixes: a capped run still sees every category, and so does its evaluation.
+    train_items, held_items = interleave_categories(train_items), interleave_categories(held_items)
+    if d.max_train_examples is not None:
+        train_items = train_items[: d.max_train_examples]
+    eval_items = held_items[: d.max_eval_examples] if d.max_eval_examples is not None else held_items
+    distilled, cache = self_distill(cfg.model.spec, [*train_items, *eval_items], d.distill_max_new_tokens,
+                                    d.distill_batch_size, show_progress=show_progress)
+    tokenizer = _load_tokenizer(cfg.model.spec)
+
+    def build(rows) -> tuple[list[TokenizedExample], TokenizeStats]:
+        stats = TokenizeStats()
+        out = []
+        for r in rows:
+            ids = [*r.prompt_ids, *r.response_ids]
+            labels = [-100] * len(r.prompt_ids) + list(r.response_ids)
+            ex = finish_example(ids, labels, len(r.prompt_ids), d.max_length, stats)
+            if ex is not None:
+                out.append(ex)
+        return out, stats
+
+    train, train_stats = build(distilled[: len(train_items)])
+    evals, eval_stats = build(distilled[len(train_items):])
+    n_prompts = cfg.eval.alignment_prompts
+    eval_prompts = [format_prompt(tokenizer, i.text) for i in held_items[:n_prompts]]
+    return PreparedData(train, evals, eval_prompts, info={
+        "source": "instructions (self-distilled)", "cache": str(cache), "train_instructions": len(train_items),
+        "heldout_instructions": len(held_items), "train": train_stats.as_dict(), "eval": eval_stats.as_dict(),
+    })
+
+
+def total_steps(cfg: TrainConfig, num_train: int) -> int:
+    per_epoch = steps_per_epoch(num_train, cfg.optim.micro_batch_size, cfg.scaling.num_workers, cfg.optim.grad_accum)
+    if per_epoch < 1:
+        raise ConfigError(
+            f"optim.micro_batch_size: {num_train} training examples do not fill one global batch of "
+            f"{cfg.train_batch_size} (micro_batch_size * grad_accum * scaling.num_workers)",
+            "lower the batch settings or use more data",
+        )
+    steps = per_epoch * cfg.optim.epochs
+    return min(steps, cfg.optim.max_steps) if cfg.optim.max_steps else steps
+
+
+def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
+    """The DeepSpeed config dict for ``cfg`` (batch sizes consistent by construction)."""
+    zero: dict[str, Any] = {"stage": cfg.deepspeed.zero_stage}
+    if cfg.deepspeed.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if cfg.deepspeed.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    ds: dict[str, Any] = {
+        "train_batch_size": cfg.train_batch_size,
+        "train_micro_batch_size_per_gpu": cfg.optim.micro_batch_size,
+        "gradient_accumulation_steps": cfg.optim.grad_accum,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+
+    def merge(dst: dict, src: dict) -> dict:
+        for k, v in src.items():
+            dst[k] = merge(dict(dst.get(k) or {}), v) if isinstance(v, dict) else v
+        return dst
+
+    return merge(ds, cfg.deepspeed.extra)
+
+
+def _worker_env(cfg: TrainConfig) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k.startswith(("LAYEREXIT_", "HF_", "TRANSFORMERS_"))}
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # worker prints appear once in the driver's output
+    if not cfg.scaling.use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+    return env
+
+
+def _run_info_path(cfg: TrainConfig) -> Path:
+    return cfg.storage_dir() / cfg.name / RUN_INFO_FILE
+
+
+def _previous_run_id(cfg: TrainConfig, tracking_uri: str) -> str | None:
+    path = _run_info_path(cfg)
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    return info.get("run_id") if info.get("tracking_uri") == tracking_uri else None
+
+
+def _metric_series(tracking_uri: str, run_id: str, prefix: str) -> tuple[dict[int, float], dict[int, float]]:
+    """First and last value of every ``<prefix><layer>`` metric (e.g. align/l8) in a run."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    run = client.get_run(run_id)
+    first, last = {}, {}
+    for key in run.data.metrics:
+        if not key.startswith(prefix):
+            continue
+        hist = sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+        if hist:
+            layer = int(key[len(prefix):])
+            first[layer], last[layer] = hist[0].value, hist[-1].value
+    return dict(sorted(first.items())), dict(sorted(last.items()))
+
+
+def run_training(cfg: TrainConfig, *, console=None, show_progress: bool = True,
+                 ray_init_kwargs: dict[str, Any] | None = None) -> TrainResult:
+    """Validate, prepare data, train on Ray Train + DeepSpeed, log to MLflow, register the model."""
+    t0 = time.time()
+    depth = validate_train_config(cfg)  # user errors surface here, before Ray or any worker starts
+    data = prepare_training_data(cfg, show_progress=show_progress)
+    data.eval_prompts = data.eval_prompts[: cfg.eval.alignment_prompts]
+    steps = total_steps(cfg, len(data.train))
+    if not data.eval:
+        raise ConfigError("data: the held-out split is empty", "raise data.eval_fraction or add data")
+
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from layerexit import tracking
+
+    uri = tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri)
+    storage = cfg.storage_dir()
+    storage.mkdir(parents=True, exist_ok=True)
+    _log(console, f"[bold]{cfg.name}[/]: {cfg.model.spec} ({depth} layers), exits {cfg.lite.exit_layers} + {depth}, "
+                  f"weights {cfg.lite.weights}; {len(data.train)} train / {len(data.eval)} eval examples; "
+                  f"{steps} steps of {cfg.train_batch_size} sequences; {cfg.scaling.num_workers} workers, "
+                  f"ZeRO-{cfg.deepspeed.zero_stage}, {cfg.precision}")
+    _log(console, f"MLflow: {uri} (experiment {cfg.mlflow.experiment}); checkpoints: {storage / cfg.name}")
+
+    if not ray.is_initialized():
+        ray.init(**(ray_init_kwargs or {}))
+    data_ref = ray.put(data)
+    previous = _previous_run_id(cfg, uri)
+    with tracking.tracked_run(cfg.mlflow.experiment, run_name=cfg.name, tracking_uri=uri, run_id=previous,
+                              tags={"layerexit.job": "train_lite", "layerexit.model": cfg.model.spec},
+                              log_system_metrics=cfg.mlflow.log_system_metrics) as run:
+        (storage / cfg.name).mkdir(parents=True, exist_ok=True)
+        _run_info_path(cfg).write_text(json.dumps({"run_id": run.run_id, "tracking_uri": uri}))
+        run.log_params({**cfg.flat_params(), "derived.num_layers": depth, "derived.total_steps": steps,
+                        "derived.train_batch_size": cfg.train_batch_size, "derived.train_examples": len(data.train),
+                        "derived.eval_examples": len(data.eval)})
+        run.log_dict(data.info, "data_info.json")
+        run.log_dict(deepspeed_config(cfg), "deepspeed_config.json")
+        if previous:
+            _log(console, f"resuming MLflow run {run.run_id}")
+        resources = {"CPU": cfg.scaling.cpus_per_worker}
+        if cfg.scaling.use_gpu:
+            resources["GPU"] = 1
+        trainer = TorchTrainer(
+            train_worker,
+            train_loop_config={"config": cfg.model_dump(mode="json"), "data_ref": data_ref, "total_steps": steps,
+                               "num_layers": depth, "run_id": run.run_id, "tracking_uri": uri},
+            scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                         resources_per_worker=resources),
+            torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
+            run_config=RunConfig(
+                name=cfg.name,
+                storage_path=str(storage),
+                failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
+                worker_runtime_env={"env_vars": _worker_env(cfg)},
+            ),
+        )
+        result = trainer.fit()
+        if result.checkpoint is None:
+            raise RuntimeError("training finished without a checkpoint")
+        ckpt_dir = Path(result.checkpoint.path)
+        from layerexit.training.checkpoints import hf_model_dir
+
+        hf_dir = hf_model_dir(ckpt_dir)
+        registered = None
+        if cfg.mlflow.register_model:
+            registered = tracking.log_hf_model(hf_dir, cfg.registered_model_name, cfg.mlflow.alias)
+            _log(console, f"registered {registered['registered_name']} version {registered['version']} "
+                          f"(alias {registered['alias']})")
+        run.set_tags({"layerexit.checkpoint": str(ckpt_dir)})
+        before, after = _metric_series(uri, run.run_id, "align/l")
+        metrics = dict(result.metrics or {})
+    out = TrainResult(cfg.name, run.run_id, uri, ckpt_dir, hf_dir, metrics, registered, before, after,
+                      time.time() - t0)
+    _log(console, f"done in {out.wall_s:.0f} s; model: {hf_dir}")
+    return out
+
+
+# ============================================================================================ worker side
+
+
+def _maybe_inject_fault(step: int, rank: int) -> None:
+    """Test hook: SIGKILL this worker at ``$LAYEREXIT_FAULT_STEP`` once (a real crash, no cleanup).
+
+    It first waits ``$LAYEREXIT_FAULT_DELAY_S`` (default 6 s, three Ray Train controller polls): a checkpoint counts
+    once the controller has registered it, and a crash right after a report would otherwise resume from the one
+    before (correct, but not what a test of "resume from the latest" wants to see)."""
+    target = os.environ.get(FAULT_STEP_ENV)
+    marker = os.environ.get(FAULT_MARKER_ENV)
+    if not target or not marker or int(target) != step:
+        return
+    if rank != int(os.environ.get(FAULT_RANK_ENV, "1")) or Path(marker).exists():
+        return
+    time.sleep(float(os.environ.get(FAULT_DELAY_ENV, "6")))
+    Path(marker).write_text(f"killed rank {rank} at step {step}\n")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def full_weights_for_inference(engine, zero_stage: int):
+    """Make every rank hold full weights and switch ZeRO-3's fetch hooks off (for generate/eval); no-op below 3."""
+    if zero_stage != 3:
+        yield
+        return
+    import deepspeed
+
+    offload = engine.optimizer.parameter_offload
+    params = list(engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(params):
+        for p in params:
+            p.ds_active_sub_modules.clear()
+        offload._remove_module_hooks()
+        offload.forward_hooks, offload.backward_hooks = [], []
+        try:
+            yield
+        finally:
+            offload.setup_zero_stage3_hooks()
+
+
+def _load_model(spec: str, dtype):
+    from layerexit.models.loading import load_model_and_tokenizer
+
+    return load_model_and_tokenizer(spec, dtype=dtype)
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker loop (one per rank)."""
+    cfg = TrainConfig.model_validate(config["config"])
+    if not cfg.scaling.use_gpu:
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    import deepspeed
+    import ray
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from layerexit.evaluation.alignment import AlignmentReport, LayerAlignment, plot_alignment
+    from layerexit.losses import exit_weights
+    from layerexit.tracking import RunLogger
+    from layerexit.training import checkpoints as ckpts
+    from layerexit.training.loop import (
+        FrozenTeacher, LiteObjective, LoopCallbacks, LoopSettings, TrainState, alignment_metrics, epoch_batches,
+        eval_batches, eval_loss_metrics, lr_lambda, param_groups, sharded_alignment, train_loop,
+    )
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
+    if not cfg.scaling.use_gpu:
+        torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    torch.manual_seed(cfg.optim.seed)
+    data: PreparedData = ray.get(config["data_ref"])
+    steps, depth = int(config["total_steps"]), int(config["num_layers"])
+    precision = cfg.precision
+    model, tokenizer = _load_model(cfg.model.spec, torch.bfloat16 if precision == "bf16" else torch.float32)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    weights = exit_weights(cfg.lite.exit_layers, depth, cfg.lite.weights)
+    objective = LiteObjective(model, weights, cfg.lite.chunk_size, cfg.lite.distill_weight, cfg.lite.anchor_weight)
+    teacher = None
+    if cfg.lite.anchor_weight > 0:
+        t_model, _ = _load_model(cfg.model.spec, torch.float32 if precision == "fp32" else torch.bfloat16)
+        teacher = FrozenTeacher(t_model.to(device))
+
+    warmup = max(cfg.optim.warmup_steps, int(cfg.optim.warmup_ratio * steps))
+    optimizer = torch.optim.AdamW(param_groups(objective, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                                  betas=tuple(cfg.optim.betas))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(steps, warmup, cfg.optim.schedule, cfg.optim.min_lr_ratio))
+    engine, _, _, _ = deepspeed.initialize(model=objective, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=deepspeed_config(cfg))
+    zero_stage = cfg.deepspeed.zero_stage
+
+    state = TrainState()
+    start_report: AlignmentReport | None = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt_dir:
+            state = ckpts.read_train_state(ckpt_dir)
+            ckpts.load_engine_state(engine, ckpt_dir)
+            extra = json.loads((Path(ckpt_dir) / ckpts.STATE_FILE).read_text())
+        if extra.get("start_alignment"):
+            raw = extra["start_alignment"]
+            start_report = AlignmentReport(**{**raw, "rows": [LayerAlignment(**r) for r in raw["rows"]]})
+        state.resumed_from_step = state.step
+        if rank == 0:
+            print(f"[layerexit] resumed from checkpoint at step {state.step}", flush=True)
+
+    logger = RunLogger(config["run_id"], config["tracking_uri"]) if rank == 0 else None
+    if logger is not None and state.resumed_from_step is not None:
+        logger.log_metrics({"resumed_from_step": state.resumed_from_step}, step=state.step)
+    hf = objective.model
+    eval_layers = sorted(cfg.eval.layers or {*cfg.lite.exit_layers, depth})
+    pad_id = tokenizer.pad_token_id
+    ev_batches = eval_batches(data.eval, micro_batch=cfg.optim.micro_batch_size, world=world, rank=rank,
+                              pad_id=pad_id, device=device)
+    from layerexit.engine.reference import eos_ids
+
+    eos = eos_ids(hf, tokenizer)
+    autocast = precision == "autocast_bf16"
+
+    def on_log(st: TrainState, metrics: dict[str, float]) -> None:
+        if logger is not None:
+            logger.log_metrics(metrics, step=st.step)
+            exits = " ".join(f"l{l}={metrics[f'train/loss_l{l}']:.3f}" for l in sorted(weights)
+                             if f"train/loss_l{l}" in metrics)
+            print(f"[layerexit] step {st.step}/{steps} loss {metrics['train/loss']:.4f} ({exits}) "
+                  f"lr {metrics['lr']:.2e} {metrics['tokens_per_s']:.0f} tok/s", flush=True)
+        _maybe_inject_fault(st.step, rank)
+
+    def on_eval(st: TrainState) -> dict[str, float]:
+        nonlocal start_report
+        engine.eval()
+        with torch.no_grad(), full_weights_for_inference(engine, zero_stage):
+            metrics = eval_loss_metrics(hf, ev_batches, eval_layers, weights, cfg.lite.chunk_size, autocast)
+            report = None
+            if cfg.eval.alignment_prompts and data.eval_prompts:
+                report = sharded_alignment(hf, data.eval_prompts, cfg.eval.alignment_max_new_tokens, pad_id, eos)
+        engine.train()
+        metrics.update(alignment_metrics(report, eval_layers))
+        if report is not None and start_report is None and st.step == 0:
+            start_report = report
+        if logger is not None:
+            logger.log_metrics(metrics, step=st.step)
+            if report is not None:
+                with tempfile.TemporaryDirectory() as tmp:
+                    reports = {"start": start_report} if start_report is not None and st.step > 0 else {}
+                    reports[f"step {st.step}"] = report
+                    png = plot_alignment(reports, Path(tmp) / f"alignment_step{st.step:06d}.png",
+                                         highlight_layers=[l for l in eval_layers if l != depth][:6] or None)
+                    logger.log_artifact(png, "alignment")
+                    logger.log_dict(report.to_dict(), f"alignment/alignment_step{st.step:06d}.json")
+            shown = " ".join(f"l{l}={metrics[f'align/l{l}']:.0%}" for l in eval_layers
+                             if l != depth and f"align/l{l}" in metrics)
+            print(f"[layerexit] eval step {st.step}: loss {metrics['eval/loss']:.4f}"
+                  + (f"; alignment {shown}" if shown else ""), flush=True)
+        return metrics
+
+    def on_checkpoint(st: TrainState, metrics: dict[str, float]) -> None:
+        name = f"checkpoint_{st.step:06d}"
+        extra = {"start_alignment": start_report.to_dict() if start_report is not None else None}
+        with tempfile.TemporaryDirectory(prefix="layerexit-ckpt-") as tmp:
+            target = ckpts.write_checkpoint(engine, tokenizer, Path(tmp) / name, st, zero_stage=zero_stage,
+                                            rank=rank, extra=extra)
+            report_metrics = {k: float(v) for k, v in metrics.items()}
+            report_metrics.update({"step": st.step, "epoch": st.epoch,
+                                   "resumed_from_step": -1 if st.resumed_from_step is None else st.resumed_from_step})
+            ray.train.report(report_metrics, checkpoint=ray.train.Checkpoint.from_directory(str(target)),
+                             checkpoint_dir_name=name)
+
+    def batches(epoch: int, skip: int):
+        return epoch_batches(data.train, micro_batch=cfg.optim.micro_batch_size, world=world, rank=rank,
+                             grad_accum=cfg.optim.grad_accum, epoch=epoch, seed=cfg.optim.seed, pad_id=pad_id,
+                             skip=skip, device=device)
+
+    settings = LoopSettings(total_steps=steps, log_every=cfg.mlflow.log_every_steps, eval_every=cfg.eval.every_steps,
+                            eval_at_start=cfg.eval.at_start, checkpoint_every=cfg.checkpoint.every_steps,
+                            autocast=autocast)
+    train_loop(engine, batches, settings, state, LoopCallbacks(on_log, on_eval, on_checkpoint), teacher)

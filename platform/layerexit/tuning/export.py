@@ -1,0 +1,179 @@
+"""Export chosen thresholds: a thresholds file, the Serve ``user_config`` block, and an in-place rewrite of a Serve
+config's ``user_config`` that keeps every comment and the rest of the file as it was (ruamel.yaml round-trip).
+
+``serve deploy serve_configs/X.yaml`` then applies the new thresholds through the deployment's ``reconfigure``,
+without restarting the replicas.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from layerexit.engine.thresholds import ThresholdsFile
+from layerexit.errors import ConfigError
+
+SERVE_IMPORT_PREFIX = "layerexit.serving"
+# ExitConfig keys describing another policy; dropped when the block is rewritten so they cannot linger.
+_STALE_KEYS = ("exit_layers", "layer", "classifier")
+
+
+def user_config_block(thresholds: Mapping[int, float], kv: str = "recompute") -> dict[str, Any]:
+    """The deployment ``user_config`` for these thresholds (no thresholds: the full model, policy final)."""
+    if not thresholds:
+        return {"policy": "final", "kv": kv}
+    return {"policy": "confidence", "thresholds": {int(k): float(v) for k, v in sorted(thresholds.items())}, "kv": kv}
+
+
+def write_thresholds_file(path: str | Path, model: str, num_layers: int, thresholds: Mapping[int, float],
+                          source: str | None = None) -> Path:
+    """A thresholds file (``layerexit.engine.thresholds.ThresholdsFile``) the engine and Serve load."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = {int(k): float(v) for k, v in sorted(thresholds.items())}
+    return ThresholdsFile(model=model, num_layers=num_layers, exit_layers=sorted(table), policy="confidence",
+                          thresholds=table, source=source).save(path)
+
+
+def _yaml():
+    from ruamel.yaml import YAML
+
+    y = YAML()  # round-trip: comments, key order, flow/block style and quotes survive
+    y.preserve_quotes = True
+    y.width = 4096
+    y.indent(mapping=2, sequence=4, offset=2)
+    return y
+
+
+def _pick_application(apps: list, application: str | None, path: Path):
+    if application is not None:
+        found = [a for a in apps if isinstance(a, Mapping) and a.get("name") == application]
+        if not found:
+            names = [a.get("name") for a in apps if isinstance(a, Mapping)]
+            raise ConfigError(f"{path} has no application named {application!r} (it has {names})",
+                              "set export.application to one of them")
+        return found[0]
+    ours = [a for a in apps if isinstance(a, Mapping) and str(a.get("import_path", "")).startswith(SERVE_IMPORT_PREFIX)]
+    if not ours:
+        raise ConfigError(f"{path} has no application importing {SERVE_IMPORT_PREFIX}",
+                          "pass a layerexit Serve config (serve_configs/*.yaml) or set export.application")
+    if len(ours) > 1:
+        raise ConfigError(f"{path} has {len(ours)} layerexit applications", "set export.application to choose one")
+    return ours[0]
+
+
+def rewrite_serve_config(path: str | Path, user_config: Mapping[str, Any], deployment: str = "EarlyExitLLM",
+                         application: str | None = None, comment: str | None = None, dry_run: bool = False) -> str:
+    """Replace the ``user_config`` of ``deployment`` in a Serve config file, in place, keeping comments.
+
+    Returns the new text. The other keys of an existing ``user_config`` (and their comments) stay where they were;
+    a flow-style thresholds mapping stays flow style; ``comment`` becomes the end-of-line comment of the
+    ``thresholds`` line (where the thresholds came from). Raises ConfigError if the file is not a Serve config.
+    """
+    from ruamel.yaml.comments import CommentedMap, CommentedSeq
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Serve config not found: {path}", "pass an existing serve_configs/*.yaml")
+    y = _yaml()
+    try:
+        doc = y.load(path.read_text())
+    except Exception as err:  # noqa: BLE001 - ruamel's parser/scanner errors
+        raise ConfigError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    apps = doc.get("applications") if isinstance(doc, Mapping) else None
+    if not isinstance(apps, list) or not apps:
+        raise ConfigError(f"{path} has no `applications:` list", "pass a Ray Serve config file")
+    app = _pick_application(apps, application, path)
+    deployments = app.get("deployments")
+    if deployments is None:
+        deployments = CommentedSeq()
+        app["deployments"] = deployments
+    dep = next((d for d in deployments if isinstance(d, Mapping) and d.get("name") == deployment), None)
+    if dep is None:
+        dep = CommentedMap(name=deployment)
+        deployments.append(dep)
+    block = dict(user_config)
+    uc = dep.get("user_config")
+    if not isinstance(uc, CommentedMap):
+        uc = CommentedMap()
+        dep["user_config"] = uc
+    old_thr = uc.get("thresholds")
+    flow = not isinstance(old_thr, CommentedMap) or old_thr.fa.flow_style()
+    for key in list(uc):
+        if key in _STALE_KEYS or (key == "thresholds" and "thresholds" not in block):
+            _delete_keeping_comments(uc, key)
+    for key, value in block.items():
+        if key == "thresholds" and isinstance(value, Mapping):
+            table = CommentedMap((int(k), float(v)) for k, v in sorted(value.items()))
+            if flow:
+                table.fa.set_flow_style()
+            uc[key] = table
+        else:
+            uc[key] = value
+    if comment and "thresholds" in uc:
+        uc.yaml_add_eol_comment(comment, "thresholds")
+    buf = io.StringIO()
+    y.dump(doc, buf)
+    text = buf.getvalue()
+    if not dry_run:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(text)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    return text
+
+
+def _delete_keeping_comments(mapping, key) -> None:
+    """Delete ``key`` from a ruamel CommentedMap; full-line comments that followed it (ruamel stores them with the
+    deleted key) move to the key before it, so comments about the *next* keys survive. Its own end-of-line comment
+    goes with it."""
+    from ruamel.yaml.error import CommentMark
+    from ruamel.yaml.tokens import CommentToken
+
+    keys = list(mapping)
+    idx = keys.index(key)
+    entry = mapping.ca.items.get(key)
+    token = entry[2] if entry and len(entry) > 2 else None
+    del mapping[key]
+    mapping.ca.items.pop(key, None)
+    if token is None:
+        return
+    _, _, rest = token.value.partition("\n")
+    if not rest.strip():
+        return
+    if idx == 0:
+        lines = [l for l in rest.splitlines() if l.strip()]
+        indent = len(lines[0]) - len(lines[0].lstrip())
+        mapping.yaml_set_start_comment("\n".join(l.strip()[1:].lstrip() for l in lines), indent=indent)
+        return
+    prev = mapping.ca.items.setdefault(keys[idx - 1], [None, None, None, None])
+    if prev[2] is None:
+        prev[2] = CommentToken("\n" + rest, CommentMark(0), None)
+    else:
+        prev[2].value = prev[2].value.rstrip("\n") + "\n" + rest
+
+
+def user_config_yaml(user_config: Mapping[str, Any]) -> str:
+    """The block as YAML text, ready to paste under a deployment's ``user_config:``."""
+    from ruamel.yaml.comments import CommentedMap
+
+    y = _yaml()
+    data = CommentedMap()
+    for key, value in user_config.items():
+        if key == "thresholds":
+            table = CommentedMap((int(k), float(v)) for k, v in value.items())
+            table.fa.set_flow_style()
+            data[key] = table
+        else:
+            data[key] = value
+    buf = io.StringIO()
+    y.dump({"user_config": data}, buf)
+    return buf.getvalue()

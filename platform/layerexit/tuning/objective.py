@@ -1,0 +1,157 @@
+"""Score an exit rule on traces in milliseconds: expected FLOPs ratio vs the final layer, and agreement.
+
+Traces hold, for every token of the final layer's greedy responses and every traced layer, that layer's top-1
+token and confidence given the same prefix. Under the confidence policy with ``kv=recompute`` (exact cache) the
+engine's decision for a token on that prefix is therefore known without running the model: the first checked
+layer whose confidence reaches its threshold, else the final layer. Agreement is the share of tokens whose exit
+layer's top-1 equals the final layer's.
+
+FLOPs follow the engine's accounting for one sequence at a time (batch 1), decode steps only (the prefill runs every
+layer whatever the policy and is left out of both sides, as ``SequenceResult.flops`` leaves it out):
+
+- first response token: decided from the prefill's hidden states, so it costs its head checks only (full: 1 head);
+- token s >= 1: the pass for position t = P + s - 1 runs layers 1..e_s (e_s its exit layer) plus one head per
+  check; full depth costs ``L * layer(1, t + 1) + head(1)``. What the skipped layers cost depends on the KV strategy:
+- ``recompute`` (exact KV): layer k also processes every earlier position that skipped it (those after the last
+  pass that reached k), as the engine does, so a layer costs ``layer(q, t + 1)`` with q the positions it catches
+  up. Skipped work is deferred, not saved, except catch-up still owed when the sequence ends (the engine never pays
+  it either). Decisions on traces equal the engine's exactly.
+- ``propagate`` (CALM): layers e_s+1..L get only the K/V projections of h_{e_s}: ``(L - e_s) * kv_projection(1)``.
+  Later tokens' deep layers then see approximate K/V, so decisions (and agreement) on traces are an estimate there.
+- ``none`` (the paper's setting, no KV cache): every token, the first included, runs the whole prefix through
+  layers 1..e_s: ``e_s * layer(T, T)`` with T = t + 1 (full: ``L * layer(T, T) + head(1)``); exits save for real.
+- ``per-token``: ``e_s * layer(1, t + 1)`` plus heads, nothing for skipped layers (optimistic approximation).
+
+For a given sequence of exit layers, ``recompute``, ``propagate`` and ``none`` equal the engine's ``SequenceResult.flops``
+exactly (tests check it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from layerexit.engine.flops import FlopsModel
+from layerexit.engine.traces import ExitTraces
+
+ACCOUNTING = ("recompute", "propagate", "none", "per-token")
+
+
+@dataclass
+class Score:
+    """What one exit rule does on the traces."""
+
+    flops_ratio: float  # expected decode FLOPs / final layer's
+    agreement: float  # share of tokens whose exit layer's top-1 equals the final layer's
+    mean_exit_layer: float
+    checks_per_token: float  # LM-head evaluations per token
+    exit_share: dict[int, float]  # share of tokens exiting at each checkpoint (final included)
+    flops: float
+    flops_full: float
+
+    def metrics(self) -> dict[str, float]:
+        out = {"flops_ratio": self.flops_ratio, "agreement": self.agreement, "mean_exit_layer": self.mean_exit_layer,
+               "checks_per_token": self.checks_per_token}
+        out.update({f"exit_share_{l:02d}": v for l, v in self.exit_share.items()})
+        return out
+
+
+class TraceScorer:
+    """Model-free: arrays from ``ExitTraces`` and the per-position FLOPs costs. Cheap to pickle into Ray's store."""
+
+    def __init__(self, traces: ExitTraces, flops: FlopsModel, accounting: str = "recompute") -> None:
+        if accounting not in ACCOUNTING:
+            raise ValueError(f"unknown FLOPs accounting {accounting!r}; use one of {', '.join(ACCOUNTING)}")
+        self.layers = [int(l) for l in traces.layers]
+        self.col = {l: j for j, l in enumerate(self.layers)}
+        self.L = int(self.layers[-1])
+        if flops.num_layers != self.L:
+            raise ValueError(f"traces end at layer {self.L} but the FLOPs model has {flops.num_layers} layers")
+        self.conf = np.asarray(traces.conf, dtype=np.float32)
+        self.agree = np.asarray(traces.agrees(), dtype=bool)
+        self.accounting = accounting
+        seq = np.asarray(traces.sequence)
+        n = len(seq)
+        self.first = np.ones(n, dtype=bool)
+        self.first[1:] = seq[1:] != seq[:-1]
+        context = np.asarray(traces.context, dtype=np.int64)  # keys of the pass producing the token = t + 1
+        self.kv = context
+        # Cost of processing q positions in one layer at kv length t+1 is q * (linear + attn * (t+1)).
+        self.per_query = (flops.layer_linear + 4 * flops.q_dim * context).astype(np.float64)
+        self.head = float(flops.head(1))
+        self.kv_projection = float(flops.kv_projection(1))
+        self.n = n
+        not_first = ~self.first
+        if accounting == "none":
+            self.flops_full = float(self.L * (context * self.per_query).sum() + n * self.head)
+        else:
+            self.flops_full = float(self.L * self.per_query[not_first].sum() + n * self.head)
+        # For catch-up: index of each token's predecessor in its sequence (-1 for first tokens).
+        self._idx = np.arange(n)
+
+    # -------------------------------------------------------------------------------------------- rules
+    def threshold_exits(self, thresholds: Mapping[int, float]) -> tuple[np.ndarray, np.ndarray]:
+        """(exit column (N,), head checks (N,)) under the confidence policy with these thresholds."""
+        checked = sorted(int(l) for l in thresholds if int(l) < self.L)
+        missing = [l for l in checked if l not in self.col]
+        if missing:
+            raise ValueError(f"layers {missing} were not traced (traced: {self.layers[:-1]})")
+        cols = [self.col[l] for l in checked]
+        fires = np.stack([self.conf[:, self.col[l]] >= np.float32(thresholds[l]) for l in checked], axis=1) \
+            if checked else np.zeros((self.n, 0), dtype=bool)
+        return self._first_exit(cols, fires)
+
+    def decision_exits(self, decisions: np.ndarray, layers: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Same for an arbitrary rule given as (N, len(layers)) bool "exit here" (e.g. the AdaInfer classifier)."""
+        order = np.argsort(layers)
+        layers = [int(layers[i]) for i in order]
+        return self._first_exit([self.col[l] for l in layers], np.asarray(decisions, dtype=bool)[:, order])
+
+    def _first_exit(self, cols: list[int], fires: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        full = np.concatenate([fires, np.ones((self.n, 1), dtype=bool)], axis=1)
+        k = full.argmax(axis=1)  # index of the first firing check (the final layer always fires)
+        col_of = np.array([*cols, len(self.layers) - 1])
+        return col_of[k], k + 1
+
+    # ------------------------------------------------------------------------------------------ scoring
+    def score(self, thresholds: Mapping[int, float]) -> Score:
+        return self.score_exits(*self.threshold_exits(thresholds))
+
+    def score_exits(self, exit_col: np.ndarray, checks: np.ndarray) -> Score:
+        layer_of = np.array(self.layers)[exit_col]
+        agreement = float(self.agree[np.arange(self.n), exit_col].mean())
+        flops = self.flops_of(layer_of, checks)
+        share = {l: float((layer_of == l).mean()) for l in sorted(set(layer_of.tolist()))}
+        return Score(flops / self.flops_full, agreement, float(layer_of.mean()), float(checks.mean()), share, flops,
+                     self.flops_full)
+
+    def flops_of(self, exit_layer: np.ndarray, checks: np.ndarray) -> float:
+        """Decode FLOPs of the traced tokens given each one's exit layer and number of head checks."""
+        return float(np.asarray(checks).sum() * self.head + self._layer_flops(np.asarray(exit_layer)))
+
+    def _layer_flops(self, exit_layer: np.ndarray) -> float:
+        not_first = ~self.first
+        if self.accounting == "none":
+            return float((exit_layer * self.kv * self.per_query).sum())
+        if self.accounting in ("per-token", "propagate"):
+            total = float((exit_layer[not_first] * self.per_query[not_first]).sum())
+            if self.accounting == "propagate":
+                total += float((self.L - exit_layer[not_first]).sum()) * self.kv_projection
+            return total
+        # recompute: layers between two consecutive checkpoints see the same set of passes, so group them.
+        total = 0.0
+        bounds = sorted(set(exit_layer[not_first].tolist()) | {0})
+        t = self.kv - 1  # position each pass processes (for first tokens: the prompt's last position)
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            reach = not_first & (exit_layer >= hi)  # passes that run layers lo+1..hi
+            anchor = reach | self.first  # a sequence's first token stands for the prefill (caught up to P-1)
+            last = np.maximum.accumulate(np.where(anchor, self._idx, -1))
+            prev = np.empty_like(last)
+            prev[0] = -1
+            prev[1:] = last[:-1]
+            rows = np.nonzero(reach)[0]
+            q = t[rows] - t[prev[rows]]  # positions this pass carries through these layers
+            total += (hi - lo) * float((q * self.per_query[rows]).sum())
+        return total

@@ -1,0 +1,154 @@
+"""Dynamic batching over the engine on a worker thread: batching, grouping by exit config, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import pytest
+
+from layerexit.engine.decode import EarlyExitEngine
+from layerexit.engine.options import ExitConfig, SamplingParams
+from layerexit.engine.reference import eos_ids
+from layerexit.serving.scheduler import BatchScheduler, GenerationRequest
+
+PROMPTS = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_and_tokenizer):
+    model, tokenizer = tiny_model_and_tokenizer
+    # no EOS: every request runs to max_new_tokens, so lengths are predictable
+    return EarlyExitEngine(model, set(), tokenizer.pad_token_id)
+
+
+@pytest.fixture()
+def scheduler(engine):
+    sched = BatchScheduler(engine, max_batch_size=8, batch_wait_timeout_s=0.05, max_concurrent_batches=2).start()
+    yield sched
+    sched.stop()
+
+
+async def collect(sched: BatchScheduler, req: GenerationRequest) -> list[int]:
+    out = []
+    async with contextlib.aclosing(sched.events(req, timeout_s=60)) as stream:
+        async for batch in stream:
+            out.extend(ev.token_id for ev in batch.events)
+    return out
+
+
+def greedy(n: int) -> SamplingParams:
+    return SamplingParams(max_new_tokens=n, temperature=0.0)
+
+
+def test_concurrent_requests_share_a_batch_and_match_the_engine(engine, scheduler) -> None:
+    config = ExitConfig(policy="final")
+
+    async def main():
+        reqs = [GenerationRequest(p, config, greedy(6)) for p in PROMPTS]
+        return await asyncio.gather(*(collect(scheduler, r) for r in reqs))
+
+    outs = asyncio.run(main())
+    expected = [r.token_ids for r in engine.generate(PROMPTS, config, greedy(6))]
+    assert outs == expected
+    assert scheduler.max_batch_seen == len(PROMPTS) and scheduler.batches == 1
+
+
+def test_different_exit_configs_go_to_different_batches(scheduler) -> None:
+    async def main():
+        a = [GenerationRequest(p, ExitConfig(policy="final"), greedy(3)) for p in PROMPTS[:2]]
+        b = [GenerationRequest(p, ExitConfig(policy="fixed", layer=1), greedy(3)) for p in PROMPTS[2:]]
+        return await asyncio.gather(*(collect(scheduler, r) for r in a + b))
+
+    outs = asyncio.run(main())
+    assert all(len(o) == 3 for o in outs)
+    assert sorted(scheduler.recent_batch_sizes) == [2, 2]
+
+
+def test_interleaved_batches_of_different_lengths(engine, scheduler) -> None:
+    """Two batches decoded in turn; the short one ends (leaving its inference mode) while the long one runs."""
+    fixed = ExitConfig(policy="fixed", layer=2)
+
+    async def main():
+        short = GenerationRequest(PROMPTS[0], ExitConfig(policy="final"), greedy(2))
+        long = GenerationRequest(PROMPTS[1], fixed, greedy(12))
+        return await asyncio.gather(collect(scheduler, short), collect(scheduler, long))
+
+    short, long = asyncio.run(main())
+    assert len(short) == 2 and long == engine.generate([PROMPTS[1]], fixed, greedy(12))[0].token_ids
+
+
+def test_a_cancelled_request_stops_and_its_batch_mates_finish(scheduler) -> None:
+    config = ExitConfig(policy="final", kv="none")
+
+    async def leaves_early(req: GenerationRequest) -> int:
+        seen = 0
+        async with contextlib.aclosing(scheduler.events(req, timeout_s=60)) as stream:
+            async for batch in stream:
+                seen += len(batch.events)
+                if seen >= 3:
+                    break  # the client went away
+        return seen
+
+    async def main():
+        long = GenerationRequest(PROMPTS[0], config, greedy(80))
+        short = GenerationRequest(PROMPTS[1], config, greedy(80))
+        seen, rest = await asyncio.gather(leaves_early(long), collect(scheduler, short))
+        return long, seen, rest
+
+    long, seen, rest = asyncio.run(main())
+    assert seen == 3 and long.cancelled.is_set() and not long.finished
+    assert len(rest) == 80
+    assert scheduler.max_batch_seen == 2 and scheduler.cancelled_rows == 1
+
+
+def test_all_rows_cancelled_closes_the_batch(scheduler) -> None:
+    config = ExitConfig(policy="final", kv="none")
+
+    async def main():
+        req = GenerationRequest(PROMPTS[0], config, greedy(450))
+        async with contextlib.aclosing(scheduler.events(req, timeout_s=60)) as stream:
+            async for _ in stream:
+                break
+        for _ in range(200):
+            if scheduler.snapshot()["running_batches"] == 0:
+                break
+            await asyncio.sleep(0.01)
+        return scheduler.snapshot()
+
+    snap = asyncio.run(main())
+    assert snap["running_batches"] == 0 and snap["steps"] < 100
+
+
+def test_timeout_cancels(scheduler) -> None:
+    async def main():
+        req = GenerationRequest(PROMPTS[0], ExitConfig(policy="final", kv="none"), greedy(450))
+        with pytest.raises(TimeoutError):
+            await collect_with_timeout(scheduler, req, 0.05)
+        return req
+
+    async def collect_with_timeout(sched, req, timeout):
+        async with contextlib.aclosing(sched.events(req, timeout_s=timeout)) as stream:
+            async for _ in stream:
+                pass
+
+    req = asyncio.run(main())
+    assert req.cancelled.is_set()
+    scheduler.check()
+
+
+def test_engine_errors_reach_the_request(scheduler) -> None:
+    async def main():
+        req = GenerationRequest([], ExitConfig(policy="final"), greedy(3))  # empty prompt: engine ConfigError
+        return await collect(scheduler, req)
+
+    from layerexit.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        asyncio.run(main())
+    scheduler.check()  # the worker survived
+
+
+def test_eos_ids_helper_is_what_the_server_uses(tiny_model_and_tokenizer) -> None:
+    model, tokenizer = tiny_model_and_tokenizer
+    assert tokenizer.eos_token_id in eos_ids(model, tokenizer)
