@@ -249,6 +249,26 @@ def train_classifier(
     typer.echo(f"{kind} for layers {layers} written to {out}")
 
 
+@app.command("eval", context_settings={"allow_extra_args": True})
+def evaluate(
+    ctx: typer.Context,
+    config: Annotated[Optional[Path], typer.Option(help="Evaluation YAML (e.g. jobs/configs/eval_smollm2.yaml).")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Override the config's model.")] = None,
+    judge_url: Annotated[Optional[str], typer.Option(help="OpenAI-compatible endpoint for the LLM judge.")] = None,
+    judge_model: Annotated[Optional[str], typer.Option(help="Judge model name.")] = None,
+    output_dir: Annotated[Optional[str], typer.Option(help="Where the report goes.")] = None,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Prompts per set.")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(min=1)] = None,
+    no_mlflow: Annotated[bool, typer.Option(help="Do not log to MLflow.")] = False,
+) -> None:
+    """Reproduce the paper's tables and figures for a model and exit configurations (extra key=value overrides)."""
+    from layerexit.evaluation.cli_eval import eval_command
+
+    result = eval_command(config, list(ctx.args), model=model, judge_url=judge_url, judge_model=judge_model,
+                          output_dir=output_dir, limit=limit, max_new_tokens=max_new_tokens, no_mlflow=no_mlflow)
+    typer.echo(f"report: {result['report']}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, turning user errors into one line on stderr and exit code 2."""
     try:

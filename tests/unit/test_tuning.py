@@ -162,11 +162,14 @@ def test_pareto_front_is_exactly_the_non_dominated_points():
     ([0.1, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99], 2, [7, 3], 7),  # budget spent: best passing one so far
     ([0.1, 0.3, 0.5, 0.6], 5, [3], None),  # the most accurate fails: nothing cheaper is tried
     ([0.95, 0.3, 0.5, 0.99], 5, [3, 1, 2], 3),  # not monotone: still only confirmed points are chosen
+    ([0.5, 0.95, 1.0], 1, [2, 1], 1),  # the final layer on top is free: the budget goes to tuned points
 ])
 def test_bisect_front_finds_the_cheapest_point_reaching_the_minimum(real, budget, ran, cheapest):
     from layerexit.tuning.search import bisect_front
 
     front = [Point(str(i), 0.5 + i / 10, i / 10) for i in range(len(real))]
+    if real[-1] == 1.0:
+        front[-1] = Point(str(len(real) - 1), 1.0, 1.0, kind="final")
     order = []
 
     def confirm(p):
@@ -190,7 +193,8 @@ def test_space_keeps_thresholds_in_range_and_non_increasing():
             params[f"u_{layer:02d}"] = rng.random()
             params[f"use_{layer:02d}"] = rng.random() < 0.7
         thr = space.thresholds(params)
-        assert set(thr) == {l for l in space.layers if params[f"use_{l:02d}"]}
+        on = {l for l in space.layers if params[f"use_{l:02d}"]}
+        assert set(thr) == (on or {20})
         values = [thr[l] for l in sorted(thr)]
         assert values == sorted(values, reverse=True)
         for layer, v in thr.items():
@@ -198,7 +202,10 @@ def test_space_keeps_thresholds_in_range_and_non_increasing():
             assert lo - 1e-3 <= v <= hi + 1e-3
         back = space.params_for(thr)
         assert space.thresholds(back) == thr  # the inverse map finds the same point
-    assert space.thresholds({f"u_{l:02d}": None for l in space.layers}) == {}  # grid's "off" for every layer
+    # Every layer off would be the final layer itself (a reference, not a search point): the deepest stays on.
+    all_off = {**{f"u_{l:02d}": 0.5 for l in space.layers}, **{f"use_{l:02d}": False for l in space.layers}}
+    assert list(space.thresholds(all_off)) == [20]
+    assert space.params_for({}) is None
     assert ThresholdSpace.from_settings(SearchSpaceSettings(exit_layers=[1, 2])).params_for({1: 0.9}) is None
 
 
@@ -208,15 +215,15 @@ def test_grid_enumerates_distinct_feasible_sets():
     grid = space.grid(3)
     keys = [tuple(sorted(t.items())) for t in grid]
     assert len(keys) == len(set(keys))
-    assert {} in grid and {16: 0.8} in grid and {8: 1.0, 16: 0.8, 24: 0.6} in grid
+    assert {} not in grid and {16: 0.8} in grid and {8: 1.0, 16: 0.8, 24: 0.6} in grid
     assert {8: 0.6, 24: 0.8} not in grid  # increases with depth
     for t in grid:
         values = [t[l] for l in sorted(t)]
         assert values == sorted(values, reverse=True) and set(values) <= {0.6, 0.8, 1.0}
-    # Without the constraint: the full product of 4 choices (off + 3 values) per layer.
+    # Without the constraint: the full product of 4 choices (off + 3 values) per layer, less "all off".
     free = ThresholdSpace.from_settings(SearchSpaceSettings(exit_layers=[8, 16, 24], threshold_range=(0.6, 1.0),
                                                             optional_layers=True, non_increasing=False))
-    assert free.grid_size(3) == 4**3
+    assert free.grid_size(3) == 4**3 - 1
 
 
 @pytest.mark.parametrize("settings, message", [

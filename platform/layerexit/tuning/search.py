@@ -126,12 +126,15 @@ def run_search(scorer: TraceScorer, space: ThresholdSpace, settings: SearchSetti
 
 
 def bisect_front(front: Sequence[Point], confirm: Callable[[Point], Point], min_quality: float,
-                 budget: int) -> list[Point]:
+                 budget: int, free: Callable[[Point], bool] = lambda p: p.kind == "final") -> list[Point]:
     """Confirm front points (cheapest first, so quality rises along it) to find the cheapest one whose confirmed
     quality reaches ``min_quality``: the most accurate point first (if it fails, nothing cheaper is tried), then
-    bisection between the cheapest end and the cheapest passing point so far, within ``budget`` confirmations.
-    Returns the confirmed points in the order they were run."""
+    bisection between the cheapest end and the cheapest passing point so far, within ``budget`` confirmations
+    (``free`` points, the final layer, do not count). Returns the confirmed points in the order they were run."""
     done: dict[int, Point] = {}
+
+    def spent() -> int:
+        return sum(1 for i in done if not free(front[i]))
 
     def passes(i: int) -> bool:
         if i not in done:
@@ -142,7 +145,7 @@ def bisect_front(front: Sequence[Point], confirm: Callable[[Point], Point], min_
     if hi < 0 or budget < 1 or not passes(hi):
         return list(done.values())
     lo = 0  # the cheapest passing point lies in [lo, hi]; hi passes
-    while lo < hi and len(done) < budget:
+    while lo < hi and spent() < budget:
         mid = (lo + hi) // 2
         if passes(mid):
             hi = mid
@@ -374,8 +377,6 @@ def _run(cfg, space, worker, val_texts, report_texts, out_dir, serve_config, con
     seed_points = list(seeds.values())
     if cfg.search.anchor_points:
         seed_points.append({l: space.ranges[l][1] for l in space.layers})
-        if space.optional:
-            seed_points.append({})
     result = run_search(scorer, space, cfg.search, out_dir / "ray_results", "tune-thresholds", callbacks,
                         before_trial, seed_points)
     seconds["search"] = result.seconds
@@ -383,7 +384,8 @@ def _run(cfg, space, worker, val_texts, report_texts, out_dir, serve_config, con
         console.print(f"[yellow]trial {f['trial_id']} failed[/] ({f['error']}); the search went on")
     if not result.trials:
         raise ConfigError(f"all {len(result.failed)} trials failed", "see the trial errors above and in ray_results")
-    front = pareto_front(result.trials)
+    # The final layer (no exit: ratio 1, quality 1 by definition) is part of every front: the search must beat it.
+    front = pareto_front([*result.trials, references[0]])
     console.print(f"search: {len(result.trials)} trials ok, {len(result.failed)} failed, {result.seconds:.1f} s; "
                   f"Pareto front: {len(front)} points")
 
@@ -398,12 +400,12 @@ def _run(cfg, space, worker, val_texts, report_texts, out_dir, serve_config, con
     val_ref = Reference(val_ids, val_resp, worker.decode(val_resp))
 
     def confirm(p: Point) -> Point:
-        if not p.thresholds:  # every layer off: the final layer itself, nothing to measure
-            return Point(p.name, 1.0, 1.0, {}, "confirmed", {"agreement": 1.0, "scored_on": "definition",
-                                                             "trace_flops_ratio": p.flops_ratio,
-                                                             "trace_agreement": p.quality})
-        c = confirm_candidates(worker, val_ref, [p], metric, cfg.prompts.max_new_tokens, cfg.confirm.batch_size,
-                               cfg.kv)[0]
+        if not p.thresholds and p.kind != "classifier":  # the final layer itself: nothing to measure
+            c = Point(p.name, 1.0, 1.0, {}, "final", {"agreement": 1.0, "scored_on": "definition",
+                                                      "trace_flops_ratio": 1.0, "trace_agreement": 1.0})
+        else:
+            c = confirm_candidates(worker, val_ref, [p], metric, cfg.prompts.max_new_tokens, cfg.confirm.batch_size,
+                                   cfg.kv)[0]
         console.print(f"  confirmed {c.name}: FLOPs ratio {c.flops_ratio:.3f} (traces {c.extra['trace_flops_ratio']:.3f}),"
                       f" {metric} {c.quality:.3f}, token agreement {c.extra['agreement']:.3f}  {_fmt_thr(c.thresholds)}")
         return c
@@ -413,16 +415,27 @@ def _run(cfg, space, worker, val_texts, report_texts, out_dir, serve_config, con
     else:
         confirmed = [confirm(p) for p in spread(eligible, cfg.confirm.top_k)]
     seconds["confirm"] = time.perf_counter() - t
-    ok = [c for c in confirmed if c.quality >= cfg.quality.min]
-    constraint_met = bool(ok)
-    best_tuned = min(ok, key=lambda c: (c.flops_ratio, -c.quality)) if ok else max(confirmed, key=lambda c: c.quality)
+    tuned = [c for c in confirmed if c.thresholds]
+    ok = [c for c in tuned if c.quality >= cfg.quality.min]
+    constraint_met = bool(ok) or (any(c.kind == "final" for c in confirmed) and not tuned)
+    if ok:
+        best_tuned = min(ok, key=lambda c: (c.flops_ratio, -c.quality))
+    elif tuned:
+        best_tuned = max(tuned, key=lambda c: (c.quality, -c.flops_ratio))
+    else:
+        best_tuned = None
     chosen = best_tuned
-    if not constraint_met:
+    if best_tuned is None:
+        notes.append("no threshold set on the front beats the final layer: exporting policy final (no early exit)")
+        console.print("[yellow]no threshold set beats the final layer[/] on the traces (every trial is dominated "
+                      "by it); exporting the final layer (policy final)")
+        chosen = references[0]
+    elif not constraint_met:
         notes.append(f"minimum {metric} {cfg.quality.min:g} NOT met: best confirmed set reaches {best_tuned.quality:.3f}")
         console.print(f"[bold red]constraint not met[/]: no confirmed threshold set reaches {metric} >= "
                       f"{cfg.quality.min:g}; best found {best_tuned.quality:.3f} at FLOPs ratio "
                       f"{best_tuned.flops_ratio:.3f} {_fmt_thr(best_tuned.thresholds)}")
-    elif best_tuned.flops_ratio >= 1.0 and best_tuned.thresholds:
+    elif best_tuned.flops_ratio >= 1.0:
         notes.append(f"the cheapest set reaching the minimum costs {best_tuned.flops_ratio:.3f}x the final layer: "
                      "exporting policy final (no early exit)")
         console.print(f"[yellow]no tuned set saves FLOPs[/] at {metric} >= {cfg.quality.min:g} (cheapest: "
@@ -436,7 +449,8 @@ def _run(cfg, space, worker, val_texts, report_texts, out_dir, serve_config, con
         rep_ids = worker.encode(report_texts)
         rep_resp = worker.final_responses(rep_ids, cfg.prompts.max_new_tokens, cfg.prompts.batch_size)
         rep_ref = Reference(rep_ids, rep_resp, worker.decode(rep_resp))
-        rows = [Point("tuned", best_tuned.flops_ratio, best_tuned.quality, best_tuned.thresholds, "trial")]
+        rows = [Point("tuned", best_tuned.flops_ratio, best_tuned.quality, best_tuned.thresholds, "trial")] \
+            if best_tuned is not None else []
         rows += [p for p in references if p.kind in ("preset", "classifier")]
         for p in rows:
             c = confirm_candidates(worker, rep_ref, [p], metric, cfg.prompts.max_new_tokens, cfg.confirm.batch_size,

@@ -6,7 +6,8 @@ the parameters into {layer: threshold}: with the non-increasing constraint, laye
 that is never empty once ``check`` has passed. So every point optuna or random search proposes is feasible.
 Grid search enumerates thresholds directly instead (``grid_points`` values per layer, evenly over its range,
 plus "off" for optional layers), keeping only combinations that satisfy the constraint, so no two grid trials
-score the same set.
+score the same set. Every layer off is never a point of the space: that is the final layer, which the search
+adds to the front as a known reference (FLOPs ratio 1, quality 1).
 """
 
 from __future__ import annotations
@@ -74,13 +75,11 @@ class ThresholdSpace:
 
     # ------------------------------------------------------------------------------------------- mapping
     def active_layers(self, params: Mapping) -> list[int]:
-        out = []
-        for layer in self.layers:
-            if params.get(_u(layer)) is None:  # grid's "off" value
-                continue
-            if self.optional and not bool(params.get(_use(layer), True)):
-                continue
-            out.append(layer)
+        """Layers switched on. With optional layers at least one stays on (the deepest, if the point switches every
+        one off): "no exit layer" is the final layer itself, a known reference rather than something to search."""
+        out = [l for l in self.layers if not self.optional or bool(params.get(_use(l), True))]
+        if self.optional and not out:
+            out = [self.layers[-1]]
         return out
 
     def _bounds(self, active: Sequence[int], thresholds: Mapping[int, float], i: int) -> tuple[float, float]:
@@ -107,9 +106,9 @@ class ThresholdSpace:
 
     def params_for(self, thresholds: Mapping[int, float]) -> dict | None:
         """The point of the space closest to ``thresholds`` (clipped into the ranges); None if not representable
-        (names a layer outside the space, or leaves out a layer that cannot be switched off)."""
+        (names a layer outside the space, leaves out a layer that cannot be switched off, or names none)."""
         table = {int(k): float(v) for k, v in thresholds.items()}
-        if set(table) - set(self.layers):
+        if not table or set(table) - set(self.layers):
             return None
         if not self.optional and set(table) != set(self.layers):
             return None
@@ -151,6 +150,8 @@ class ThresholdSpace:
         out = []
         for combo in itertools.product(*choices):
             table = {l: v for l, v in zip(self.layers, combo) if v is not None}
+            if not table:
+                continue  # every layer off: the final layer, a reference rather than a grid point
             values = [table[l] for l in sorted(table)]
             if self.non_increasing and any(a < b for a, b in zip(values, values[1:])):
                 continue
