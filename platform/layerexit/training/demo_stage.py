@@ -66,13 +66,19 @@ def run_demo_training(console, out_dir: str | Path = "outputs/demo", **overrides
     for l in layers:
         table.add_row(str(l), f"{result.alignment_before.get(l, float('nan')):.0%}", f"{result.alignment_after[l]:.0%}")
     console.print(table)
+    final = max(result.eval_loss_after) if result.eval_loss_after else None
+    if final is not None and final in result.eval_loss_before:
+        console.print(f"final layer {final}: held-out loss on the base model's own answers "
+                      f"{result.eval_loss_before[final]:.3f} before, {result.eval_loss_after[final]:.3f} after "
+                      f"(the KL anchor keeps it close to the original model)")
     console.print(f"checkpoint: {result.hf_model_dir} (loads with transformers' from_pretrained)")
     console.print(f"MLflow run {result.run_id} in {result.tracking_uri}; `mlflow ui` shows per-exit losses, "
                   "alignment curves and the registered model")
     return {
         "alignment_before": {l: result.alignment_before.get(l) for l in layers},
         "alignment_after": {l: result.alignment_after[l] for l in layers},
-        "eval_loss": {k: v for k, v in result.metrics.items() if k.startswith("eval/loss")},
+        "eval_loss_before": result.eval_loss_before,
+        "eval_loss_after": result.eval_loss_after,
         "hf_model_dir": str(result.hf_model_dir),
         "run_id": result.run_id,
         "tracking_uri": result.tracking_uri,

@@ -44,6 +44,8 @@ class TrainResult:
     registered: dict[str, Any] | None = None
     alignment_before: dict[int, float] = field(default_factory=dict)
     alignment_after: dict[int, float] = field(default_factory=dict)
+    eval_loss_before: dict[int, float] = field(default_factory=dict)
+    eval_loss_after: dict[int, float] = field(default_factory=dict)
     wall_s: float = 0.0
 
 
@@ -267,9 +269,10 @@ def run_training(cfg: TrainConfig, *, console=None, show_progress: bool = True,
                           f"(alias {registered['alias']})")
         run.set_tags({"layerexit.checkpoint": str(ckpt_dir)})
         before, after = _metric_series(uri, run.run_id, "align/l")
+        loss_before, loss_after = _metric_series(uri, run.run_id, "eval/loss_l")
         metrics = dict(result.metrics or {})
     out = TrainResult(cfg.name, run.run_id, uri, ckpt_dir, hf_dir, metrics, registered, before, after,
-                      time.time() - t0)
+                      loss_before, loss_after, time.time() - t0)
     _log(console, f"done in {out.wall_s:.0f} s; model: {hf_dir}")
     return out
 
