@@ -14,7 +14,8 @@ Modes:
 
 Expect LITE to cost extra LM-head evaluations: on SmolLM2 (576 x 49152 head, 30 layers) one head costs about as
 much as 8 decoder layers, so 6 extra exits roughly double a step's FLOPs; on LLaMA-2 7B a head is ~0.65 of a layer
-and 6 extra heads add ~12%. The `flops` column estimates this analytically.
+and 6 extra heads add ~12%. The FLOPs column estimates this analytically (heads recomputed under checkpointing
+count 4x forward); `--flops-only llama2-7b` prints the same estimate for a model shape without running anything.
 """
 
 from __future__ import annotations
@@ -37,14 +38,40 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(field)
 
 
-def step_flops(cfg, tokens: int, heads: int, teacher: bool) -> float:
-    """Training FLOPs (3x forward) of the decoder stack plus ``heads`` LM-head evaluations; a teacher adds a forward."""
+def step_flops(cfg, tokens: int, heads: int, teacher: bool, recompute_heads: bool = True) -> float:
+    """Training FLOPs of one step: 3x forward for the decoder stack (forward + backward), LM heads at 4x forward
+    when their chunks run under activation checkpointing (our objective: the head is recomputed in backward) or 3x
+    (transformers' own loss), plus one forward of the frozen teacher when the anchor is on."""
     h, inter, L, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
     kv = h * cfg.num_key_value_heads // cfg.num_attention_heads
     layer = 2 * tokens * (2 * h * h + 2 * h * kv + 3 * h * inter)
     head = 2 * tokens * h * V
     fwd_teacher = (L * layer + head) if teacher else 0
-    return 3 * (L * layer + heads * head) + fwd_teacher
+    return 3 * L * layer + (4 if recompute_heads else 3) * heads * head + fwd_teacher
+
+
+SHAPES = {  # for --flops-only: published model shapes
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, vocab_size=49152,
+                         num_attention_heads=9, num_key_value_heads=3),
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, vocab_size=32000,
+                      num_attention_heads=32, num_key_value_heads=32),
+    "llama2-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, vocab_size=32000,
+                       num_attention_heads=40, num_key_value_heads=40),
+}
+
+
+def flops_table(shape: str) -> None:
+    """Analytical FLOPs of LITE (exits 8.. step 4) vs standard fine-tuning for a model shape."""
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(**SHAPES[shape])
+    L = cfg.num_hidden_layers
+    exits = len(range(8, L - 1, 4))
+    std = step_flops(cfg, 1, 1, False, recompute_heads=False)
+    head_in_layers = (2 * cfg.hidden_size * cfg.vocab_size) / (step_flops(cfg, 1, 0, False) / 3 / L)
+    print(f"{shape}: one LM head = {head_in_layers:.2f} decoder layers; {exits} exits + final")
+    for name, heads, teacher in (("final_only", 1, False), ("lite", exits + 1, False), ("lite_anchor", exits + 2, True)):
+        print(f"  {name:12s} FLOPs / standard = {step_flops(cfg, 1, heads, teacher) / std:.2f}")
 
 
 def run_one(mode: str, model_spec: str, batch: int, seq: int, steps: int, chunk: int, precision: str,
@@ -103,7 +130,7 @@ def run_one(mode: str, model_spec: str, batch: int, seq: int, steps: int, chunk:
     heads = 1 + len(exits) + (1 if teacher else 0)  # the anchor evaluates the student's final head a second time
     return {"mode": mode, "exits": exits, "loss": loss, "seconds": statistics.median(times), "times": times,
             "rss_before_mib": base / 1024, "peak_mib": peak / 1024,
-            "flops": step_flops(model.config, batch * seq, heads, teacher is not None)}
+            "flops": step_flops(model.config, batch * seq, heads, teacher is not None, recompute_heads=mode != "standard")}
 
 
 def main() -> int:
@@ -117,8 +144,12 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--flops-only", choices=sorted(SHAPES), help="print analytical FLOPs ratios for a shape, no run")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.flops_only:
+        flops_table(args.flops_only)
+        return 0
     if args.one:
         print(json.dumps(run_one(args.one, args.model, args.batch, args.seq, args.steps, args.chunk, args.precision,
                                  args.threads)))

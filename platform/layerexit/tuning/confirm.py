@@ -66,7 +66,8 @@ class ModelWorker:
     def decode(self, sequences: Sequence[Sequence[int]]) -> list[str]:
         return [self.tokenizer.decode(list(s), skip_special_tokens=True).strip() for s in sequences]
 
-    def final_responses(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, batch_size: int) -> list[list[int]]:
+    def final_responses(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int,
+                        batch_size: int) -> list[list[int]]:
         from layerexit.engine.reference import hf_greedy_generate_batched
 
         return hf_greedy_generate_batched(self.model, prompt_ids, max_new_tokens, self.pad, batch_size=batch_size,

@@ -22,8 +22,8 @@ layer whatever the policy and is left out of both sides, as ``SequenceResult.flo
   layers 1..e_s: ``e_s * layer(T, T)`` with T = t + 1 (full: ``L * layer(T, T) + head(1)``); exits save for real.
 - ``per-token``: ``e_s * layer(1, t + 1)`` plus heads, nothing for skipped layers (optimistic approximation).
 
-For a given sequence of exit layers, ``recompute``, ``propagate`` and ``none`` equal the engine's ``SequenceResult.flops``
-exactly (tests check it).
+For a given sequence of exit layers, ``recompute``, ``propagate`` and ``none`` equal the engine's
+``SequenceResult.flops`` exactly (tests check it).
 """
 
 from __future__ import annotations

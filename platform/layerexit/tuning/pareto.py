@@ -69,7 +69,8 @@ def write_points(points: Sequence[Point], path: str | Path) -> Path:
 
 
 def plot_front(trials: Sequence[Point], front: Sequence[Point], references: Sequence[Point], path: str | Path,
-               title: str = "Exit thresholds: FLOPs vs quality", quality_label: str = "agreement with final layer (traces)",
+               title: str = "Exit thresholds: FLOPs vs quality",
+               quality_label: str = "agreement with final layer (traces)",
                confirmed: Sequence[Point] = (), chosen: Point | None = None, min_quality: float | None = None,
                confirmed_label: str = "quality (real generation)", confirmed_min: float | None = None) -> Path:
     """Left: every trial, the front, the references (presets, classifier, final) scored on traces. Right (when

@@ -29,8 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from layerexit.engine.thresholds import map_preset
 from layerexit.engine.traces import ExitTraces
 from layerexit.errors import ConfigError
@@ -406,8 +404,9 @@ def _run(cfg, space, worker, val_texts, report_texts, out_dir, serve_config, con
         else:
             c = confirm_candidates(worker, val_ref, [p], metric, cfg.prompts.max_new_tokens, cfg.confirm.batch_size,
                                    cfg.kv)[0]
-        console.print(f"  confirmed {c.name}: FLOPs ratio {c.flops_ratio:.3f} (traces {c.extra['trace_flops_ratio']:.3f}),"
-                      f" {metric} {c.quality:.3f}, token agreement {c.extra['agreement']:.3f}  {_fmt_thr(c.thresholds)}")
+        console.print(f"  confirmed {c.name}: FLOPs ratio {c.flops_ratio:.3f} (traces "
+                      f"{c.extra['trace_flops_ratio']:.3f}), {metric} {c.quality:.3f}, token agreement "
+                      f"{c.extra['agreement']:.3f}  {_fmt_thr(c.thresholds)}")
         return c
 
     if cfg.confirm.strategy == "bisect":
@@ -431,7 +430,8 @@ def _run(cfg, space, worker, val_texts, report_texts, out_dir, serve_config, con
                       "by it); exporting the final layer (policy final)")
         chosen = references[0]
     elif not constraint_met:
-        notes.append(f"minimum {metric} {cfg.quality.min:g} NOT met: best confirmed set reaches {best_tuned.quality:.3f}")
+        notes.append(f"minimum {metric} {cfg.quality.min:g} NOT met: best confirmed set reaches "
+                     f"{best_tuned.quality:.3f}")
         console.print(f"[bold red]constraint not met[/]: no confirmed threshold set reaches {metric} >= "
                       f"{cfg.quality.min:g}; best found {best_tuned.quality:.3f} at FLOPs ratio "
                       f"{best_tuned.flops_ratio:.3f} {_fmt_thr(best_tuned.thresholds)}")
@@ -524,7 +524,8 @@ def _log_outcome(run, outcome: TuneOutcome, cfg: TuneSearchConfig, info) -> None
 
         name, version = info.registered
         attach_thresholds_to_model_version(name, version, outcome.thresholds, run.run_id,
-                                           f"thresholds/{Path(outcome.files['thresholds']).name}", cfg.mlflow.tracking_uri)
+                                           f"thresholds/{Path(outcome.files['thresholds']).name}",
+                                           cfg.mlflow.tracking_uri)
         outcome.notes.append(f"tagged registered model {name} version {version} with the thresholds")
 
 
@@ -532,7 +533,8 @@ def render_report(cfg: TuneSearchConfig, o: TuneOutcome, model: str, n_val: int,
     m = cfg.quality.metric
     lines = [f"# Threshold search: {model}", "",
              f"- validation prompts: {n_val} ({cfg.prompts.validation.file or cfg.prompts.validation.split}, offset "
-             f"{cfg.prompts.validation.offset}), {cfg.prompts.max_new_tokens} tokens; held-out report prompts: {n_report}",
+             f"{cfg.prompts.validation.offset}), {cfg.prompts.max_new_tokens} tokens; held-out report prompts: "
+             f"{n_report}",
              f"- search: {cfg.search.algorithm}, {len(o.trials)} trials ok, {len(o.failed_trials)} failed; exits "
              f"{cfg.space.exit_layers}, non-increasing {cfg.space.non_increasing}, optional layers "
              f"{cfg.space.optional_layers}; kv {cfg.kv}, trial FLOPs accounting: {cfg.search.flops}",
@@ -540,13 +542,15 @@ def render_report(cfg: TuneSearchConfig, o: TuneOutcome, model: str, n_val: int,
              f"- exported: {_fmt_thr(o.thresholds)}", ""]
     lines += [f"- note: {n}" for n in o.notes]
     lines += ["", "## Confirmation (validation prompts, real generation)", "",
-              f"| candidate | thresholds | FLOPs ratio (traces) | agreement (traces) | FLOPs ratio | {m} | token agreement |",
+              f"| candidate | thresholds | FLOPs ratio (traces) | agreement (traces) | FLOPs ratio | {m} "
+              "| token agreement |",
               "|---|---|---|---|---|---|---|"]
     for c in o.confirmed:
         lines.append(f"| {c.name} | {_fmt_thr(c.thresholds)} | {c.extra.get('trace_flops_ratio') or 0:.3f} | "
                      f"{c.extra.get('trace_agreement') or 0:.3f} | {c.flops_ratio:.3f} | {c.quality:.3f} | "
                      f"{c.extra['agreement']:.3f} |")
-    lines += ["", "## References on the validation traces", "", "| reference | FLOPs ratio | agreement |", "|---|---|---|"]
+    lines += ["", "## References on the validation traces", "", "| reference | FLOPs ratio | agreement |",
+              "|---|---|---|"]
     lines += [f"| {p.name} | {p.flops_ratio:.3f} | {p.quality:.3f} |" for p in o.references]
     if o.report:
         lines += ["", "## Held-out prompts (not seen by the search)", "",

@@ -69,8 +69,8 @@ class ThresholdSpace:
         if num_layers is not None:
             bad = [l for l in self.layers if not 1 <= l < num_layers]
             if bad:
-                raise ConfigError(f"space.exit_layers {bad} are not intermediate layers of this {num_layers}-layer model",
-                                  f"use layers 1..{num_layers - 1}")
+                raise ConfigError(f"space.exit_layers {bad} are not intermediate layers of this {num_layers}-layer "
+                                  "model", f"use layers 1..{num_layers - 1}")
         return self
 
     # ------------------------------------------------------------------------------------------- mapping
