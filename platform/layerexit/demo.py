@@ -66,9 +66,8 @@ def run_demo(model_spec: str = "smollm2", max_new_tokens: int = 64, answers: int
     if "train" in stages:
         from layerexit.training.demo_stage import run_demo_training
 
-        console.rule("2. LITE fine-tuning (Ray Train + DeepSpeed, MLflow)")
         timed("train", lambda: run_demo_training(console, out / "train"))
-        trained = summary["train"].get("model_dir", model_spec)
+        trained = summary["train"].get("hf_model_dir", model_spec)
     if "eval" in stages:
         from layerexit.engine.options import ExitConfig
         from layerexit.evaluation.demo_stage import run_demo_eval
