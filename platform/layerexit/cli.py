@@ -269,6 +269,20 @@ def evaluate(
     typer.echo(f"report: {result['report']}")
 
 
+@app.command("tune", context_settings={"allow_extra_args": True})
+def tune(
+    ctx: typer.Context,
+    config: Annotated[Path, typer.Option(help="Search-space YAML (e.g. tune/smollm2.yaml).")],
+    serve_config: Annotated[Optional[Path], typer.Option(help="Serve YAML whose user_config gets the result.")] = None,
+) -> None:
+    """Search per-layer exit thresholds with Ray Tune (extra key=value overrides); exit 3 if quality is unmet."""
+    from layerexit.tuning.search import tune_command
+
+    code = tune_command(config, list(ctx.args), serve_config=serve_config)
+    if code:
+        raise typer.Exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, turning user errors into one line on stderr and exit code 2."""
     try:

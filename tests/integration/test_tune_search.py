@@ -49,7 +49,7 @@ def _user_config(path: Path) -> dict:
     return next(d for d in app["deployments"] if d["name"] == "EarlyExitLLM")["user_config"]
 
 
-def test_search_finishes_writes_front_and_export_and_logs_nested_runs(ray_session, tiny_dir, tmp_path):
+def test_search_finishes_writes_front_and_export_and_logs_nested_runs(ray_session, tiny_dir, tmp_path, monkeypatch):
     from mlflow import MlflowClient
     from ray.serve.schema import ServeDeploySchema
 
@@ -58,6 +58,7 @@ def test_search_finishes_writes_front_and_export_and_logs_nested_runs(ray_sessio
     from layerexit.serving.config import exit_config_from_user_config
     from layerexit.tuning.search import run_tuning
 
+    monkeypatch.chdir(tmp_path)  # a sqlite store puts artifacts under ./mlruns
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = _config(tiny_dir, tmp_path, "mlflow.enabled=true", f"mlflow.tracking_uri={uri}")
     serve = _serve_config(tmp_path)
@@ -107,11 +108,12 @@ def _crash_on_high_first_threshold(thresholds):
         raise RuntimeError("injected trial crash")
 
 
-def test_a_crashing_trial_is_marked_failed_and_the_search_goes_on(ray_session, tiny_dir, tmp_path):
+def test_a_crashing_trial_is_marked_failed_and_the_search_goes_on(ray_session, tiny_dir, tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
     from layerexit.tuning.search import run_tuning
 
+    monkeypatch.chdir(tmp_path)  # a sqlite store puts artifacts under ./mlruns
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = _config(tiny_dir, tmp_path, "search.algorithm=random", "search.num_trials=10", "reference.classifier=false",
                   "prompts.report.limit=0", "mlflow.enabled=true", f"mlflow.tracking_uri={uri}")

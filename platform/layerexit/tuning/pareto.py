@@ -121,7 +121,7 @@ def plot_front(trials: Sequence[Point], front: Sequence[Point], references: Sequ
         a.axvline(1.0, ls=":", c="0.4", lw=1)
         a.set_xlabel("decode FLOPs / final layer's (lower is better)")
         a.grid(alpha=0.3)
-        a.legend(fontsize=8, loc="lower right")
+        a.legend(fontsize=8, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
