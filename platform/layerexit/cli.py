@@ -283,6 +283,32 @@ def tune(
         raise typer.Exit(code)
 
 
+@app.command("train", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def train(
+    ctx: typer.Context,
+    config: Annotated[Path, typer.Option(help="Training YAML (e.g. jobs/configs/smollm2_lite.yaml).")],
+    check: Annotated[bool, typer.Option(help="Only validate the config.")] = False,
+) -> None:
+    """LITE fine-tuning on Ray Train + DeepSpeed (extra key=value overrides), tracked in MLflow."""
+    from rich.console import Console
+
+    from layerexit.training import load_train_config, run_training
+
+    cfg = load_train_config(config, list(ctx.args))
+    if check:
+        typer.echo(f"{config}: valid")
+        return
+    run_training(cfg, console=Console())
+
+
+@app.command("heldout-prompts")
+def heldout_prompts(out: Annotated[Path, typer.Argument(help="JSONL file to write.")]) -> None:
+    """Write the held-out 20% of the built-in instruction set as a prompt file."""
+    from layerexit.data.instructions import write_heldout_prompts
+
+    typer.echo(str(write_heldout_prompts(out)))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, turning user errors into one line on stderr and exit code 2."""
     try:
