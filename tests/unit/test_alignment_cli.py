@@ -90,6 +90,13 @@ def test_console_script_prints_no_traceback(tmp_path):
 
 
 def test_every_command_has_help():
-    for cmd in ([], ["fetch-model"], ["alignment"]):
+    for cmd in ([], ["fetch-model"], ["alignment"], ["generate"], ["bench"], ["train-classifier"], ["eval"],
+                ["tune"], ["train"], ["heldout-prompts"], ["k8s", "render"]):
         proc = subprocess.run([sys.executable, "-m", "layerexit.cli", *cmd, "--help"], capture_output=True, text=True)
         assert proc.returncode == 0 and "Usage" in proc.stdout
+
+
+def test_subcommand_exit_codes_reach_the_shell(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "layerexit.cli", "tune", "--config", str(tmp_path / "no.yaml")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "config file not found" in proc.stderr
