@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from layerexit.data.prompts import builtin_prompts_path
+from layerexit.data.prompts import builtin_prompts_path, iter_prompt_objects
 from layerexit.errors import InputFileError
 
 HELDOUT_FRACTION = 0.2
@@ -50,24 +50,15 @@ def load_instructions(path: str | Path | None = None) -> list[Instruction]:
                              'pass a JSONL file with one {"id", "category", "prompt"} object per line')
     items: list[Instruction] = []
     seen: set[str] = set()
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise InputFileError(f"{path}:{lineno}: malformed JSON ({err.msg})", "fix or remove that line") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
-                raise InputFileError(f"{path}:{lineno}: no non-empty string field 'prompt'",
-                                     'each line must look like {"id": ..., "category": ..., "prompt": "..."}')
-            ident = str(obj.get("id", f"line-{lineno}"))
-            if ident in seen:
-                raise InputFileError(f"{path}:{lineno}: duplicate id {ident!r}", "give every instruction its own id")
-            seen.add(ident)
-            extra = obj.get("input")
-            items.append(Instruction(ident, str(obj.get("category", "general")), obj["prompt"].strip(),
-                                     extra.strip() if isinstance(extra, str) and extra.strip() else None))
+    fix = 'each line must look like {"id": ..., "category": ..., "prompt": "..."}'
+    for lineno, obj in iter_prompt_objects(path, fix):
+        ident = str(obj.get("id", f"line-{lineno}"))
+        if ident in seen:
+            raise InputFileError(f"{path}:{lineno}: duplicate id {ident!r}", "give every instruction its own id")
+        seen.add(ident)
+        extra = obj.get("input")
+        items.append(Instruction(ident, str(obj.get("category", "general")), obj["prompt"].strip(),
+                                 extra.strip() if isinstance(extra, str) and extra.strip() else None))
     if not items:
         raise InputFileError(f"instruction file {path} holds no instructions", 'add lines like {"id": 1, "prompt": "..."}')
     return items

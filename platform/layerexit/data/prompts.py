@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -28,12 +29,9 @@ def builtin_prompts_path(name: str = "demo_prompts.jsonl") -> Path:
     return Path(str(resources.files("layerexit.data") / "resources" / name))
 
 
-def read_prompts(path: str | Path, limit: int | None = None) -> list[Prompt]:
-    """Read a JSONL prompt file; errors name the line and the fix."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputFileError(f"prompt file not found: {path}", "pass a JSONL file with one {\"prompt\": ...} per line")
-    prompts: list[Prompt] = []
+def iter_prompt_objects(path: Path, line_fix: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank JSONL line holding a non-empty string ``prompt``; errors name
+    the line, and ``line_fix`` says what a line should look like."""
     with path.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
@@ -43,13 +41,21 @@ def read_prompts(path: str | Path, limit: int | None = None) -> list[Prompt]:
             except json.JSONDecodeError as err:
                 raise InputFileError(f"{path}:{lineno}: malformed JSON ({err.msg})", "fix or remove that line") from None
             if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
-                raise InputFileError(
-                    f"{path}:{lineno}: no non-empty string field 'prompt'", 'each line must look like {"prompt": "..."}'
-                )
-            text = obj.pop("prompt")
-            prompts.append(Prompt(text, obj))
-            if limit is not None and len(prompts) >= limit:
-                break
+                raise InputFileError(f"{path}:{lineno}: no non-empty string field 'prompt'", line_fix)
+            yield lineno, obj
+
+
+def read_prompts(path: str | Path, limit: int | None = None) -> list[Prompt]:
+    """Read a JSONL prompt file; errors name the line and the fix."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputFileError(f"prompt file not found: {path}", "pass a JSONL file with one {\"prompt\": ...} per line")
+    prompts: list[Prompt] = []
+    for _lineno, obj in iter_prompt_objects(path, 'each line must look like {"prompt": "..."}'):
+        text = obj.pop("prompt")
+        prompts.append(Prompt(text, obj))
+        if limit is not None and len(prompts) >= limit:
+            break
     if not prompts:
         raise InputFileError(f"prompt file {path} holds no prompts", "add lines like {\"prompt\": \"...\"}")
     return prompts
