@@ -25,12 +25,17 @@ def main() -> int:
     parser.add_argument("--prompts", type=int, default=32, help="number of held-out prompts")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--thresholds", default="paper-7b")
+    parser.add_argument("--thresholds", default="paper-7b", help="preset, thresholds file, or JSON {layer: threshold}")
     parser.add_argument("--draft-layer", type=int, default=None, help="self-speculative draft layer")
     parser.add_argument("--num-draft", type=int, default=4)
     parser.add_argument("--policies", default="final,confidence,random,random-uniform,sequential,self-speculative")
     parser.add_argument("--kv", default="recompute,propagate,none", help="KV strategies for lossy policies")
+    parser.add_argument("--config", action="append", default=[], metavar="NAME=JSON",
+                        help="extra configuration, e.g. 'probe/propagate={\"policy\": \"probe\", \"thresholds\": "
+                        "\"probe.yaml\", \"kv\": \"propagate\"}' (repeatable)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--no-similarity", action="store_true", help="skip the spaCy similarity column")
     parser.add_argument("--out", default="outputs/bench/engine.md")
     args = parser.parse_args()
 
@@ -41,12 +46,14 @@ def main() -> int:
     from layerexit.engine.reference import eos_ids
     from layerexit.models.loading import load_model_and_tokenizer
 
+    torch.set_num_threads(args.threads)
     model, tok = load_model_and_tokenizer(args.model, dtype=getattr(torch, args.dtype))
     L = model.config.num_hidden_layers
     items = heldout_instructions()[: args.prompts]
     ids = [format_prompt(tok, it.text) for it in items]
+    thresholds = json.loads(args.thresholds) if args.thresholds.lstrip().startswith("{") else args.thresholds
     configs: dict[str, ExitConfig] = {}
-    for pol in args.policies.split(","):
+    for pol in filter(None, args.policies.split(",")):
         if pol == "final":
             configs["final"] = ExitConfig(policy="final")
         elif pol == "self-speculative":
@@ -54,10 +61,24 @@ def main() -> int:
                                                      num_draft=args.num_draft)
         else:
             for kv in args.kv.split(","):
-                configs[f"{pol}/{kv}"] = ExitConfig(policy=pol, thresholds=args.thresholds, kv=kv)
+                configs[f"{pol}/{kv}"] = ExitConfig(policy=pol, thresholds=thresholds, kv=kv)
+    for item in args.config:
+        name, _, spec = item.partition("=")
+        configs[name] = ExitConfig(**json.loads(spec))
     t0 = time.time()
-    rows, _ = run_bench(model, ids, configs, eos_ids(model, tok), tok.pad_token_id, args.max_new_tokens,
-                        args.batch_size)
+    rows, outputs = run_bench(model, ids, configs, eos_ids(model, tok), tok.pad_token_id, args.max_new_tokens,
+                              args.batch_size)
+    if not args.no_similarity and "final" in outputs:
+        from layerexit.evaluation.similarity import spacy_similarities
+
+        def texts(results):
+            return [tok.decode(r.token_ids, skip_special_tokens=True) for r in results]
+
+        reference = texts(outputs["final"])
+        for row in rows:
+            if row.name in outputs:
+                sims = spacy_similarities(reference, texts(outputs[row.name]))
+                row.similarity = sum(sims) / len(sims)
     table = bench_markdown(rows)
     header = (f"model `{args.model}` ({L} layers, {args.dtype}), {len(ids)} held-out prompts, "
               f"max {args.max_new_tokens} new tokens, batch {args.batch_size}, thresholds `{args.thresholds}`, "

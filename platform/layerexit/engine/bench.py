@@ -32,6 +32,7 @@ class BenchRow:
     agreement: float | None = None  # share of positions equal to `final`'s tokens
     identical: float | None = None  # share of sequences identical to `final`'s
     mean_exit_layer: float | None = None
+    similarity: float | None = None  # mean spaCy similarity of decoded text to `final`'s (set by the caller)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -104,12 +105,15 @@ def run_bench(model, prompt_ids: Sequence[Sequence[int]], configs: dict[str, Exi
 
 def bench_markdown(rows: list[BenchRow]) -> str:
     """The table docs/benchmarks.md records."""
+    with_sim = any(r.similarity is not None for r in rows)
     lines = ["| configuration | tokens | tokens/s | x HF tok/s | FLOPs/token (M) | x HF FLOPs | agreement w/ final | "
-             "identical seqs | mean exit layer |", "|---|---|---|---|---|---|---|---|---|"]
+             "identical seqs | mean exit layer |" + (" spaCy sim w/ final |" if with_sim else ""),
+             "|---|---|---|---|---|---|---|---|---|" + ("---|" if with_sim else "")]
     for r in rows:
         lines.append(
             f"| {r.name} | {r.tokens} | {r.tokens_per_s:.1f} | {r.speedup:.2f} | {r.flops_per_token / 1e6:.1f} | "
             f"{r.flops_ratio:.2f} | {100 * (r.agreement or 0):.1f}% | {100 * (r.identical or 0):.0f}% | "
             f"{'' if r.mean_exit_layer is None else f'{r.mean_exit_layer:.1f}'} |"
+            + (f" {'' if r.similarity is None else f'{r.similarity:.3f}'} |" if with_sim else "")
         )
     return "\n".join(lines)
