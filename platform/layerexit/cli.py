@@ -302,11 +302,23 @@ def train(
 
 
 @app.command("heldout-prompts")
-def heldout_prompts(out: Annotated[Path, typer.Argument(help="JSONL file to write.")]) -> None:
-    """Write the held-out 20% of the built-in instruction set as a prompt file."""
-    from layerexit.data.instructions import write_heldout_prompts
+def heldout_prompts(
+    out: Annotated[Path, typer.Argument(help="JSONL file to write.")],
+    split: Annotated[str, typer.Option(help="heldout (the 20% never trained on: evaluation) or train (the 80%: "
+                                       "e.g. prompts to fit an exit classifier on).")] = "heldout",
+    limit: Annotated[int | None, typer.Option(min=1, help="Keep the first N (categories interleaved).")] = None,
+) -> None:
+    """Write a split of the built-in instruction set as a JSONL prompt file."""
+    from layerexit.data.instructions import heldout_instructions, interleave_categories, train_instructions, \
+        write_prompt_file
+    from layerexit.errors import ConfigError
 
-    typer.echo(str(write_heldout_prompts(out)))
+    if split not in ("heldout", "train"):
+        raise ConfigError(f"--split {split!r} is not a split", "use heldout or train")
+    items = heldout_instructions() if split == "heldout" else train_instructions()
+    if limit is not None:
+        items = interleave_categories(items)[:limit]
+    typer.echo(str(write_prompt_file(items, out)))
 
 
 def main(argv: list[str] | None = None) -> int:

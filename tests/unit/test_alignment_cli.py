@@ -100,3 +100,15 @@ def test_subcommand_exit_codes_reach_the_shell(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "layerexit.cli", "tune", "--config", str(tmp_path / "no.yaml")],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "config file not found" in proc.stderr
+
+
+def test_prompt_splits_are_disjoint_and_limited(tmp_path, capsys):
+    assert main(["heldout-prompts", str(tmp_path / "heldout.jsonl")]) == 0
+    assert main(["heldout-prompts", "--split", "train", "--limit", "16", str(tmp_path / "train.jsonl")]) == 0
+    heldout = [json.loads(x) for x in (tmp_path / "heldout.jsonl").read_text().splitlines()]
+    train = [json.loads(x) for x in (tmp_path / "train.jsonl").read_text().splitlines()]
+    assert len(train) == 16 and len(heldout) >= 60
+    assert not {p["id"] for p in train} & {p["id"] for p in heldout}
+    assert len({p["category"] for p in train}) >= 8  # categories interleaved, not the first category 16 times
+    assert main(["heldout-prompts", "--split", "test", str(tmp_path / "x.jsonl")]) == 2
+    assert "use heldout or train" in capsys.readouterr().err
