@@ -12,19 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 
+from proc_memory import reset_peak_rss, rss_kib, run_mode_in_subprocess
+
 MODES = ("hf", "final_only", "lite", "lite_unchunked")
-
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(field)
 
 
 def run_one(mode: str, model_spec: str, batch: int, seq: int, chunk: int) -> dict:
@@ -44,9 +37,7 @@ def run_one(mode: str, model_spec: str, batch: int, seq: int, chunk: int) -> dic
     labels[:, : seq // 4] = -100  # prompt part masked, as in instruction tuning
     exits = list(range(8, L - 1, 4)) if mode.startswith("lite") else []
     weights = exit_weights(exits, L, "uniform" if exits else "final_only")
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")  # reset VmHWM to the current RSS
-    base = _rss_kib("VmRSS")
+    base = reset_peak_rss()
     t0 = time.perf_counter()
     if mode == "hf":
         loss = model(input_ids=ids, labels=labels).loss
@@ -56,7 +47,7 @@ def run_one(mode: str, model_spec: str, batch: int, seq: int, chunk: int) -> dic
                          chunk_size=None if mode == "lite_unchunked" else chunk).loss
     loss.backward()
     seconds = time.perf_counter() - t0
-    peak = _rss_kib("VmHWM")
+    peak = rss_kib("VmHWM")
     return {"mode": mode, "exits": exits, "loss": float(loss), "seconds": seconds,
             "rss_before_mib": base / 1024, "peak_mib": peak / 1024, "step_extra_mib": (peak - base) / 1024}
 
@@ -75,10 +66,8 @@ def main() -> int:
         return 0
     results = []
     for mode in args.modes:
-        cmd = [sys.executable, __file__, "--one", mode, "--model", args.model, "--batch", str(args.batch),
-               "--seq", str(args.seq), "--chunk", str(args.chunk)]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-        results.append(json.loads(out))
+        results.append(run_mode_in_subprocess(__file__, mode, ["--model", args.model, "--batch", str(args.batch),
+                                                               "--seq", str(args.seq), "--chunk", str(args.chunk)]))
         r = results[-1]
         print(f"{mode:15s} peak {r['peak_mib']:8.0f} MiB  step +{r['step_extra_mib']:7.0f} MiB  "
               f"{r['seconds']:6.1f} s  loss {r['loss']:.3f}", flush=True)

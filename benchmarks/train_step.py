@@ -23,19 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 
+from proc_memory import reset_peak_rss, rss_kib, run_mode_in_subprocess
+
 MODES = ("standard", "final_only", "lite", "lite_anchor")
-
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(field)
 
 
 def step_flops(cfg, tokens: int, heads: int, teacher: bool, recompute_heads: bool = True) -> float:
@@ -119,14 +112,12 @@ def run_one(mode: str, model_spec: str, batch: int, seq: int, steps: int, chunk:
         return time.perf_counter() - t0, float(loss)
 
     one_step()  # warm-up: allocates AdamW state and autograd buffers
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")  # reset VmHWM to the current RSS
-    base = _rss_kib("VmRSS")
+    base = reset_peak_rss()
     times, loss = [], 0.0
     for _ in range(steps):
         dt, loss = one_step()
         times.append(dt)
-    peak = _rss_kib("VmHWM")
+    peak = rss_kib("VmHWM")
     heads = 1 + len(exits) + (1 if teacher else 0)  # the anchor evaluates the student's final head a second time
     return {"mode": mode, "exits": exits, "loss": loss, "seconds": statistics.median(times), "times": times,
             "rss_before_mib": base / 1024, "peak_mib": peak / 1024,
@@ -156,11 +147,9 @@ def main() -> int:
         return 0
     results = []
     for mode in args.modes:
-        cmd = [sys.executable, __file__, "--one", mode, "--model", args.model, "--batch", str(args.batch),
-               "--seq", str(args.seq), "--steps", str(args.steps), "--chunk", str(args.chunk),
-               "--precision", args.precision, "--threads", str(args.threads)]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-        results.append(json.loads(out))
+        results.append(run_mode_in_subprocess(__file__, mode, [
+            "--model", args.model, "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
+            "--chunk", str(args.chunk), "--precision", args.precision, "--threads", str(args.threads)]))
         r = results[-1]
         print(f"{mode:12s} step {r['seconds']:6.2f} s (runs {', '.join(f'{t:.2f}' for t in r['times'])})  "
               f"peak {r['peak_mib']:7.0f} MiB  loss {r['loss']:.3f}", flush=True)

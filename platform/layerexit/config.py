@@ -23,6 +23,13 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
 
+def one_of(value: str, choices, what: str) -> str:
+    """Field check for a name from a fixed set; the error lists the choices."""
+    if value not in choices:
+        raise ValueError(f"unknown {what} {value!r}; use one of {', '.join(choices)}")
+    return value
+
+
 class LiteLossConfig(StrictModel):
     """How the LITE loss combines exits (paper section 3 and Appendix C)."""
 

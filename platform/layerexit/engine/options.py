@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
 
-from layerexit.config import StrictModel
+from layerexit.config import StrictModel, one_of
 from layerexit.engine.policies import (
     POLICY_NAMES,
     ClassifierPolicy,
@@ -45,16 +45,12 @@ class ExitConfig(StrictModel):
     @field_validator("policy")
     @classmethod
     def _known_policy(cls, value: str) -> str:
-        if value not in POLICY_NAMES:
-            raise ValueError(f"unknown policy {value!r}; use one of {', '.join(POLICY_NAMES)}")
-        return value
+        return one_of(value, POLICY_NAMES, "policy")
 
     @field_validator("kv")
     @classmethod
     def _known_kv(cls, value: str) -> str:
-        if value not in KV_STRATEGIES:
-            raise ValueError(f"unknown KV strategy {value!r}; use one of {', '.join(KV_STRATEGIES)}")
-        return value
+        return one_of(value, KV_STRATEGIES, "KV strategy")
 
     @field_validator("thresholds")
     @classmethod

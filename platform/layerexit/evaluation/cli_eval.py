@@ -68,21 +68,17 @@ def eval_command(
     config: str | Path | None = None,
     overrides: Sequence[str] = (),
     *,
-    model: str | None = None,
-    judge_url: str | None = None,
-    judge_model: str | None = None,
-    output_dir: str | None = None,
-    limit: int | None = None,
-    max_new_tokens: int | None = None,
-    no_mlflow: bool = False,
     console: Console | None = None,
+    **options: Any,
 ) -> dict[str, Any]:
-    """Run an evaluation and print its headline tables; returns paths, MLflow run id and headline rows."""
+    """Run an evaluation and print its headline tables; returns paths, MLflow run id and headline rows.
+
+    ``options`` are :func:`build_eval_config`'s keyword options (model, judge_url, limit, no_mlflow...).
+    """
     from layerexit.evaluation.report import run_evaluation
 
     console = console or Console()
-    cfg = build_eval_config(config, overrides, model=model, judge_url=judge_url, judge_model=judge_model,
-                            output_dir=output_dir, limit=limit, max_new_tokens=max_new_tokens, no_mlflow=no_mlflow)
+    cfg = build_eval_config(config, overrides, **options)
     report = run_evaluation(cfg, console=console)
     for name in report.data["prompt_sets"]:
         console.print(headline_table(report, name))

@@ -10,10 +10,17 @@ import re
 
 from pydantic import Field, field_validator, model_validator
 
-from layerexit.config import StrictModel
+from layerexit.config import StrictModel, one_of
 from layerexit.engine.options import KV_STRATEGIES, ExitConfig
 
 _METHOD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+def metric_safe_name(value: str) -> str:
+    """Field check: the name becomes part of MLflow metric names."""
+    if not _METHOD_NAME.match(value):
+        raise ValueError("use letters, digits, '_', '-', '.' (it becomes part of metric names)")
+    return value
 
 
 class PromptSetConfig(StrictModel):
@@ -37,9 +44,7 @@ class PromptSetConfig(StrictModel):
     @field_validator("name")
     @classmethod
     def _safe_name(cls, value: str) -> str:
-        if not _METHOD_NAME.match(value):
-            raise ValueError("use letters, digits, '_', '-', '.' (it becomes part of metric names)")
-        return value
+        return metric_safe_name(value)
 
 
 class EvalMethod(ExitConfig):
@@ -50,9 +55,7 @@ class EvalMethod(ExitConfig):
     @field_validator("name")
     @classmethod
     def _safe_name(cls, value: str) -> str:
-        if not _METHOD_NAME.match(value):
-            raise ValueError("use letters, digits, '_', '-', '.' (it becomes part of metric names)")
-        return value
+        return metric_safe_name(value)
 
     def exit_config(self, default_kv: str) -> ExitConfig:
         """The engine's ExitConfig; ``kv`` comes from the eval config unless this method set it."""
@@ -140,9 +143,7 @@ class EvalConfig(StrictModel):
     @field_validator("kv")
     @classmethod
     def _known_kv(cls, value: str) -> str:
-        if value not in KV_STRATEGIES:
-            raise ValueError(f"unknown KV strategy {value!r}; use one of {', '.join(KV_STRATEGIES)}")
-        return value
+        return one_of(value, KV_STRATEGIES, "KV strategy")
 
     @model_validator(mode="after")
     def _unique_names(self):

@@ -375,22 +375,39 @@ class Usage(BaseModel):
     total_tokens: int
 
 
-class CompletionChoice(BaseModel):
+class ChunkExit(BaseModel):
+    """Per-chunk extension: exit layers of the tokens whose text this chunk carries."""
+
+    exit_layers: list[int]
+
+
+class _Choice(BaseModel):
     index: int = 0
-    text: str
     logprobs: None = None
-    finish_reason: str | None
+    finish_reason: str | None = None
 
 
-class CompletionResponse(BaseModel):
+class _Envelope(BaseModel):
+    """What every completion response and stream chunk carries besides its choices."""
+
     id: str
-    object: Literal["text_completion"] = "text_completion"
     created: int
     model: str
-    choices: list[CompletionChoice]
+
+
+class _Response(_Envelope):
     usage: Usage
     system_fingerprint: str | None = None
     early_exit: EarlyExitStats | None = None
+
+
+class _Chunk(_Envelope):
+    usage: Usage | None = None
+    early_exit: EarlyExitStats | ChunkExit | None = None
+
+
+class CompletionChoice(_Choice):
+    text: str
 
 
 class ChatResponseMessage(BaseModel):
@@ -399,28 +416,18 @@ class ChatResponseMessage(BaseModel):
     refusal: None = None
 
 
-class ChatChoice(BaseModel):
-    index: int = 0
+class ChatChoice(_Choice):
     message: ChatResponseMessage
-    logprobs: None = None
-    finish_reason: str | None
 
 
-class ChatCompletionResponse(BaseModel):
-    id: str
+class CompletionResponse(_Response):
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
+
+
+class ChatCompletionResponse(_Response):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
     choices: list[ChatChoice]
-    usage: Usage
-    system_fingerprint: str | None = None
-    early_exit: EarlyExitStats | None = None
-
-
-class ChunkExit(BaseModel):
-    """Per-chunk extension: exit layers of the tokens whose text this chunk carries."""
-
-    exit_layers: list[int]
 
 
 class ChatDelta(BaseModel):
@@ -428,38 +435,22 @@ class ChatDelta(BaseModel):
     content: str | None = None
 
 
-class ChatChunkChoice(BaseModel):
-    index: int = 0
+class ChatChunkChoice(_Choice):
     delta: ChatDelta
-    logprobs: None = None
-    finish_reason: str | None = None
 
 
-class ChatCompletionChunk(BaseModel):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    choices: list[ChatChunkChoice]
-    usage: Usage | None = None
-    early_exit: EarlyExitStats | ChunkExit | None = None
-
-
-class CompletionChunkChoice(BaseModel):
-    index: int = 0
+class CompletionChunkChoice(_Choice):
     text: str
-    logprobs: None = None
-    finish_reason: str | None = None
 
 
-class CompletionChunk(BaseModel):
-    id: str
+class ChatCompletionChunk(_Chunk):
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    choices: list[ChatChunkChoice]
+
+
+class CompletionChunk(_Chunk):
     object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
     choices: list[CompletionChunkChoice]
-    usage: Usage | None = None
-    early_exit: EarlyExitStats | ChunkExit | None = None
 
 
 class ModelCard(BaseModel):

@@ -16,6 +16,14 @@ from layerexit.engine.thresholds import PRESETS
 QUALITY_METRICS = ("agreement", "spacy", "minilm")
 
 
+def known_presets(value: list[str]) -> list[str]:
+    """Field check: every name is one of the paper's threshold presets."""
+    bad = [p for p in value if p not in PRESETS]
+    if bad:
+        raise ValueError(f"unknown presets {bad}; use {', '.join(PRESETS)}")
+    return value
+
+
 class ModelSettings(StrictModel):
     """Which model to tune and where it runs."""
 
@@ -125,10 +133,7 @@ class SearchSettings(StrictModel):
     @field_validator("seed_presets")
     @classmethod
     def _known_presets(cls, value: list[str]) -> list[str]:
-        bad = [p for p in value if p not in PRESETS]
-        if bad:
-            raise ValueError(f"unknown presets {bad}; use {', '.join(PRESETS)}")
-        return value
+        return known_presets(value)
 
 
 class PromptSlice(StrictModel):
@@ -188,10 +193,7 @@ class ReferenceSettings(StrictModel):
     @field_validator("presets")
     @classmethod
     def _known_presets(cls, value: list[str]) -> list[str]:
-        bad = [p for p in value if p not in PRESETS]
-        if bad:
-            raise ValueError(f"unknown presets {bad}; use {', '.join(PRESETS)}")
-        return value
+        return known_presets(value)
 
 
 class TuneMlflowSettings(StrictModel):
