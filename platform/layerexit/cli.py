@@ -25,7 +25,7 @@ from layerexit.deploy.k8s import k8s_app  # noqa: E402
 app.add_typer(k8s_app, name="k8s", help="Render and check the KubeRay manifests in k8s/.")
 
 ModelOpt = Annotated[
-    str, typer.Option("--model", "-m", help="smollm2, a local HF directory, a .gguf file, or a hub id.")
+    str, typer.Option("--model", "-m", help="smollm2, a local HF directory, a .gguf file, an MLflow model URI (models:/name@alias), or a hub id.")
 ]
 
 

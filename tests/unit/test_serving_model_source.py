@@ -47,3 +47,9 @@ def test_registered_model_alias_is_downloaded_once(tmp_path, monkeypatch, tiny_d
 
     with pytest.raises(ModelSpecError, match="tiny-lite@nope"):
         resolve_model_source("models:/tiny-lite@nope", uri, cache_root=cache)
+
+    # Every --model option (eval, bench, tune, alignment) takes the URI too: resolved by the shared loader.
+    monkeypatch.setenv("LAYEREXIT_HOME", str(tmp_path / "home"))
+    model, _ = load_model_and_tokenizer("models:/tiny-lite@champion")
+    assert model.config.num_hidden_layers == 4
+    assert (tmp_path / "home" / "mlflow").is_dir()

