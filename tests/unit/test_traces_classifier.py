@@ -118,7 +118,7 @@ def test_probe_policy_checks_cost_a_dot_product_not_a_head(tiny_model, tmp_path)
     assert traces.hidden.shape == (80, 4, 64)
     probe, table = train_exit_probe(traces, min_precision=0.5)
     path = ThresholdsFile(model="tiny", num_layers=4, exit_layers=[1, 2, 3], policy="probe", thresholds=table,
-                          probe=probe).save(tmp_path / "probe.yaml")
+                          probe=probe).save(tmp_path / "new" / "dir" / "probe.yaml")  # creates parents
     model = build_tiny_llama(num_layers=4)
     model.config._attn_implementation = "eager"
     engine = EarlyExitEngine(model, set(), 0)

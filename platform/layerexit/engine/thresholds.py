@@ -95,6 +95,7 @@ class ThresholdsFile(StrictModel):
         path = Path(path)
         data = self.model_dump(mode="json", exclude_none=True)
         text = json.dumps(data, indent=2) if path.suffix == ".json" else yaml.safe_dump(data, sort_keys=False)
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(path.suffix + ".tmp")
         tmp.write_text(text)
         tmp.replace(path)
