@@ -131,6 +131,32 @@ def test_a_crashing_trial_is_marked_failed_and_the_search_goes_on(ray_session, t
     assert parent.info.status == "FINISHED"
 
 
+def test_probe_search_exports_a_probe_the_serve_config_can_load(ray_session, tiny_dir, tmp_path):
+    """policy: probe fits a probe on the validation traces, searches thresholds over its probabilities (checks
+    priced as probes, one head per token), confirms with the engine's probe policy and exports the probe."""
+    from layerexit.engine.thresholds import load_thresholds_file
+    from layerexit.serving.config import exit_config_from_user_config
+    from layerexit.tuning.search import run_tuning
+
+    cfg = _config(tiny_dir, tmp_path, "policy=probe", "kv=propagate", "space.threshold_range=[0.05,0.95]",
+                  "reference.classifier=false")
+    serve = _serve_config(tmp_path)
+    outcome = run_tuning(cfg, serve_config=serve)
+    assert outcome.constraint_met and len(outcome.trials) == cfg.search.num_trials
+    assert all(p.extra["policy"] == "probe" for p in outcome.trials)
+    confirmed = [c for c in outcome.confirmed if c.kind != "final"]
+    assert confirmed and all(c.extra["policy"] == "probe" for c in confirmed)
+    # Probe checks are cheap: a tuned probe rule that exits early costs less than the final layer.
+    assert outcome.chosen.kind != "final" and outcome.chosen.flops_ratio < 1.0
+    thr = load_thresholds_file(outcome.files["thresholds"])
+    assert thr.policy == "probe" and thr.probe is not None and thr.thresholds == outcome.thresholds
+    uc = _user_config(serve)
+    assert uc == outcome.user_config and uc["policy"] == "probe"
+    assert exit_config_from_user_config(uc).build_policy(4).name == "probe"
+    tuned = next(p for p in outcome.report if p.name == "tuned")
+    assert tuned.extra["policy"] == "probe" and tuned.flops_ratio < 1.0
+
+
 def test_grid_search_covers_the_grid_with_the_model_in_a_gpu_actor(ray_session, tiny_dir, tmp_path):
     from layerexit.tuning.search import run_tuning
     from layerexit.tuning.space import ThresholdSpace

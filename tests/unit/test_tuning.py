@@ -377,3 +377,75 @@ def test_export_refuses_files_that_are_not_layerexit_serve_configs(tmp_path, tex
     with pytest.raises(ConfigError, match=re.escape(message)):
         rewrite_serve_config(path, user_config_block({8: 0.9}))
     assert path.read_text() == text
+
+
+@pytest.fixture(scope="module")
+def probed(traced):
+    """The traced fixture's responses again, with hidden states, and a probe fitted on them."""
+    from layerexit.engine.classifier import probe_traces, train_exit_probe
+
+    model, prompts, responses, _ = traced
+    traces = record_traces(model, prompts, responses, [1, 2, 3], show_progress=False, keep_hidden=True)
+    probe, table = train_exit_probe(traces, min_precision=0.5)
+    return model, prompts, responses, probe, probe_traces(probe, traces)
+
+
+def test_probe_trace_scoring_matches_the_engine_probe_policy(probed):
+    model, prompts, responses, probe, ptraces = probed
+    thresholds = {l: float(np.quantile(ptraces.conf[:, j], 0.6)) for j, l in enumerate(ptraces.layers[:-1])}
+    flops = FlopsModel.from_config(model.config)
+    scorer = TraceScorer(ptraces, flops, "propagate", check="probe")
+    exit_col, checks = scorer.threshold_exits(thresholds)
+    predicted = np.array(scorer.layers)[exit_col]
+    assert (predicted < 4).any() and (predicted == 4).any()
+    engine = EarlyExitEngine(model, set(), 0)
+    cfg = ExitConfig(policy="probe", probe=probe, thresholds=thresholds, kv="recompute")
+    same = compared = 0
+    for i, prompt in enumerate(prompts):
+        r = engine.generate([prompt], cfg, SamplingParams(max_new_tokens=MAX_NEW))[0]
+        div = next((k for k, (a, b) in enumerate(zip(r.token_ids, responses[i])) if a != b), len(responses[i]) - 1)
+        pred = predicted[ptraces.sequence == i][: div + 1]
+        same += int((np.array(r.exit_layers[: div + 1]) == pred).sum())
+        compared += div + 1
+    # Traces keep hidden states in float16: a probability within ~1e-3 of a threshold may flip, nothing more.
+    assert compared >= 20 and same / compared >= 0.95
+
+
+@pytest.mark.parametrize("kv", ["recompute", "propagate"])
+def test_probe_flops_accounting_equals_the_engine(probed, kv):
+    """Probe pricing: a probe per checked layer up to the exit, one LM head per token, as the engine counts."""
+    model, prompts, _, probe, ptraces = probed
+    flops = FlopsModel.from_config(model.config)
+    thresholds = {1: float(np.quantile(ptraces.conf[:, 0], 0.5)), 3: float(np.quantile(ptraces.conf[:, 2], 0.3))}
+    checked = sorted(thresholds)
+    engine = EarlyExitEngine(model, set(), 0)
+    early = 0
+    for prompt in prompts[:6]:
+        r = engine.generate([prompt], ExitConfig(policy="probe", probe=probe, thresholds=thresholds, kv=kv),
+                            SamplingParams(max_new_tokens=MAX_NEW))[0]
+        n = len(r.token_ids)
+        fake = ExitTraces([1, 2, 3, 4], np.zeros((n, 4), dtype=int), np.zeros((n, 4)), np.zeros((n, 4)),
+                          np.arange(len(prompt), len(prompt) + n), np.zeros(n, dtype=int))
+        exits = np.array(r.exit_layers)
+        checks = np.array([sum(l <= e for l in checked) + (e == 4) for e in exits])
+        scorer = TraceScorer(fake, flops, kv, check="probe")
+        assert scorer.flops_of(exits, checks, len(checked)) == pytest.approx(r.flops, rel=1e-12)
+        early += int((exits < 4).sum())
+    assert early > 0
+    # The same exits priced as confidence checks cost more: each check is an LM head there.
+    assert TraceScorer(fake, flops, kv).flops_of(exits, checks) > scorer.flops_of(exits, checks, len(checked))
+
+
+def test_probe_export_is_a_thresholds_file_the_engine_and_serve_load(probed, tmp_path):
+    model, _, _, probe, _ = probed
+    path = write_thresholds_file(tmp_path / "t.yaml", "tiny", 4, {1: 0.7, 2: 0.6}, "test", probe=probe)
+    tf = load_thresholds_file(path)
+    assert tf.policy == "probe" and tf.probe is not None and tf.thresholds == {1: 0.7, 2: 0.6}
+    block = user_config_block({1: 0.7, 2: 0.6}, "propagate", "probe", path)
+    assert block == {"policy": "probe", "thresholds": str(path.resolve()), "kv": "propagate"}
+    out = EarlyExitEngine(model, set(), 0).generate([[5, 6, 7]], ExitConfig(**block), SamplingParams(max_new_tokens=4))
+    assert len(out[0].token_ids) == 4
+    with pytest.raises(ValueError, match="thresholds file"):
+        user_config_block({1: 0.7}, "propagate", "probe")
+    # No thresholds: the final layer, whatever the policy.
+    assert user_config_block({}, "propagate", "probe", path) == {"policy": "final", "kv": "propagate"}

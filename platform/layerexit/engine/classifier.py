@@ -108,3 +108,20 @@ def _threshold_for_precision(p: np.ndarray, y: np.ndarray, min_precision: float)
     if len(ok) == 0:
         return 1.0
     return float(min(1.0, p[order][ok.max()]))
+
+
+def probe_traces(probe: LinearProbe, traces: ExitTraces) -> ExitTraces:
+    """The traces with each probed exit layer's ``conf`` column replaced by the probe's probability, so threshold
+    rules over the probe (the ``probe`` policy) are scored like confidence thresholds. Layers the probe lacks keep
+    probability 0 (never exit); the final layer's column is kept."""
+    from dataclasses import replace
+
+    if traces.hidden is None:
+        raise ValueError("traces hold no hidden states: record them with keep_hidden=True")
+    conf = np.zeros_like(traces.conf, dtype=np.float32)
+    conf[:, -1] = traces.conf[:, -1]
+    for j, layer in enumerate(traces.layers[:-1]):
+        if layer in probe.weight:
+            z = traces.hidden[:, j].astype(np.float32) @ np.asarray(probe.weight[layer], dtype=np.float32)
+            conf[:, j] = 1.0 / (1.0 + np.exp(-(z + probe.bias[layer])))
+    return replace(traces, conf=conf)

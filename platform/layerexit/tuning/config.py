@@ -229,6 +229,11 @@ class TuneSearchConfig(StrictModel):
         "projections (real savings; deep layers see approximate K/V, so trace agreement is an estimate and the "
         "confirmation runs are what counts). none (the paper's setting): no cache, every token recomputes the prefix "
         "up to its exit layer (exact decisions, real savings, a far costlier baseline).")
+    policy: Literal["confidence", "probe"] = Field(
+        "confidence", description="What the thresholds gate. confidence: top-1 softmax probability, one LM-head "
+        "evaluation per check (the paper). probe: a linear probe on the hidden state, fitted on the validation "
+        "traces (needs their hidden states), decides; the head runs once, at the exit. Use probe where one LM head "
+        "costs several decoder layers (small models, large vocabularies: SmolLM2's head = ~8 of its 30 layers).")
     space: SearchSpaceSettings
     quality: QualitySettings = Field(default_factory=QualitySettings)
     search: SearchSettings = Field(default_factory=SearchSettings)

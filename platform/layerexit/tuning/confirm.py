@@ -73,10 +73,11 @@ class ModelWorker:
         return hf_greedy_generate_batched(self.model, prompt_ids, max_new_tokens, self.pad, batch_size=batch_size,
                                           eos=self.eos, show_progress=self.show_progress)
 
-    def traces(self, prompt_ids, responses, layers: Sequence[int]):
+    def traces(self, prompt_ids, responses, layers: Sequence[int], keep_hidden: bool = False):
         from layerexit.engine.traces import record_traces
 
-        return record_traces(self.model, prompt_ids, responses, layers, show_progress=self.show_progress)
+        return record_traces(self.model, prompt_ids, responses, layers, show_progress=self.show_progress,
+                             keep_hidden=keep_hidden)
 
     def generate(self, prompt_ids: Sequence[Sequence[int]], exit_config: Mapping[str, Any], max_new_tokens: int,
                  batch_size: int = 1) -> dict[str, Any]:
@@ -189,27 +190,34 @@ def run_candidate(worker, ref: Reference, point: Point, exit_config: Mapping[str
              "identical": float(np.mean([a == b for a, b in zip(ref.token_ids, out["token_ids"], strict=True)])),
              "trace_flops_ratio": point.flops_ratio if point.extra.get("scored_on") == "traces" else None,
              "trace_agreement": point.quality if point.extra.get("scored_on") == "traces" else None,
-             "scored_on": "generation"}
+             "scored_on": "generation", "policy": exit_config.get("policy")}
     ratio = out["flops"] / out["flops_full"] if out["flops_full"] else 1.0
     return Point(point.name, float(ratio), float(np.mean(scores)), dict(point.thresholds), kind, extra)
 
 
-def exit_config_for(point: Point, kv: str, classifier=None) -> dict[str, Any]:
-    """The engine ExitConfig (as a dict) a point stands for."""
+def exit_config_for(point: Point, kv: str, classifier=None, probe=None) -> dict[str, Any]:
+    """The engine ExitConfig (as a dict) a point stands for (``extra["policy"] == "probe"``: thresholds over
+    ``probe``'s probabilities)."""
     if point.kind == "classifier":
         return {"policy": "classifier", "classifier": classifier.model_dump(), "kv": kv}
     if not point.thresholds:
         return {"policy": "final", "kv": kv}
-    return {"policy": "confidence", "thresholds": {int(k): float(v) for k, v in point.thresholds.items()}, "kv": kv}
+    table = {int(k): float(v) for k, v in point.thresholds.items()}
+    if point.extra.get("policy") == "probe":
+        if probe is None:
+            raise ValueError(f"point {point.name} gates a probe, but no probe was given")
+        return {"policy": "probe", "probe": probe.model_dump(), "thresholds": table, "kv": kv}
+    return {"policy": "confidence", "thresholds": table, "kv": kv}
 
 
 def confirm_candidates(worker, ref: Reference, candidates: Sequence[Point], metric: str, max_new_tokens: int,
                        batch_size: int = 1, kv: str = "recompute", classifier=None, kind: str = "confirmed",
-                       log=None) -> list[Point]:
+                       log=None, probe=None) -> list[Point]:
     """Run every candidate with real generation; returns confirmed points (real FLOPs ratio and quality)."""
     out = []
     for p in candidates:
-        c = run_candidate(worker, ref, p, exit_config_for(p, kv, classifier), metric, max_new_tokens, batch_size, kind)
+        c = run_candidate(worker, ref, p, exit_config_for(p, kv, classifier, probe), metric, max_new_tokens,
+                          batch_size, kind)
         if log is not None:
             log(c)
         out.append(c)

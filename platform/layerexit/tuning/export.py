@@ -22,21 +22,29 @@ SERVE_IMPORT_PREFIX = "layerexit.serving"
 _STALE_KEYS = ("exit_layers", "layer", "classifier")
 
 
-def user_config_block(thresholds: Mapping[int, float], kv: str = "recompute") -> dict[str, Any]:
-    """The deployment ``user_config`` for these thresholds (no thresholds: the full model, policy final)."""
+def user_config_block(thresholds: Mapping[int, float], kv: str = "recompute", policy: str = "confidence",
+                      thresholds_file: str | Path | None = None) -> dict[str, Any]:
+    """The deployment ``user_config`` for these thresholds (no thresholds: the full model, policy final). A probe's
+    weights do not fit a config block: ``policy: probe`` names the thresholds file holding them."""
     if not thresholds:
         return {"policy": "final", "kv": kv}
+    if policy == "probe":
+        if thresholds_file is None:
+            raise ValueError("policy probe needs the thresholds file that holds the probe")
+        return {"policy": "probe", "thresholds": str(Path(thresholds_file).resolve()), "kv": kv}
     return {"policy": "confidence", "thresholds": {int(k): float(v) for k, v in sorted(thresholds.items())}, "kv": kv}
 
 
 def write_thresholds_file(path: str | Path, model: str, num_layers: int, thresholds: Mapping[int, float],
-                          source: str | None = None) -> Path:
-    """A thresholds file (``layerexit.engine.thresholds.ThresholdsFile``) the engine and Serve load."""
+                          source: str | None = None, probe=None) -> Path:
+    """A thresholds file (``layerexit.engine.thresholds.ThresholdsFile``) the engine and Serve load; with ``probe``
+    (a ``LinearProbe``) the thresholds gate its probabilities (policy probe)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     table = {int(k): float(v) for k, v in sorted(thresholds.items())}
-    return ThresholdsFile(model=model, num_layers=num_layers, exit_layers=sorted(table), policy="confidence",
-                          thresholds=table, source=source).save(path)
+    policy = "probe" if probe is not None and table else "confidence"
+    return ThresholdsFile(model=model, num_layers=num_layers, exit_layers=sorted(table), policy=policy,
+                          thresholds=table, probe=probe if policy == "probe" else None, source=source).save(path)
 
 
 def _yaml():
@@ -168,7 +176,7 @@ def user_config_yaml(user_config: Mapping[str, Any]) -> str:
     y = _yaml()
     data = CommentedMap()
     for key, value in user_config.items():
-        if key == "thresholds":
+        if key == "thresholds" and isinstance(value, Mapping):  # a table; a string names a thresholds file
             table = CommentedMap((int(k), float(v)) for k, v in value.items())
             table.fa.set_flow_style()
             data[key] = table

@@ -24,6 +24,11 @@ layer whatever the policy and is left out of both sides, as ``SequenceResult.flo
 
 For a given sequence of exit layers, ``recompute``, ``propagate`` and ``none`` equal the engine's
 ``SequenceResult.flops`` exactly (tests check it).
+
+Checks are priced as the policy pays them. ``check="head"`` (confidence): every check is an LM-head evaluation and
+the exit's own check yields the token. ``check="probe"``: the traces' ``conf`` columns hold the probe's
+probabilities (``probe_traces``), every check costs one probe evaluation (2 x hidden FLOPs) and the head runs once
+per token, at the exit; that is the engine's ``probe`` policy.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from layerexit.engine.flops import FlopsModel
 from layerexit.engine.traces import ExitTraces
 
 ACCOUNTING = ("recompute", "propagate", "none", "per-token")
+CHECKS = ("head", "probe")
 
 
 @dataclass
@@ -61,9 +67,14 @@ class Score:
 class TraceScorer:
     """Model-free: arrays from ``ExitTraces`` and the per-position FLOPs costs. Cheap to pickle into Ray's store."""
 
-    def __init__(self, traces: ExitTraces, flops: FlopsModel, accounting: str = "recompute") -> None:
+    def __init__(self, traces: ExitTraces, flops: FlopsModel, accounting: str = "recompute",
+                 check: str = "head") -> None:
         if accounting not in ACCOUNTING:
             raise ValueError(f"unknown FLOPs accounting {accounting!r}; use one of {', '.join(ACCOUNTING)}")
+        if check not in CHECKS:
+            raise ValueError(f"unknown check pricing {check!r}; use one of {', '.join(CHECKS)}")
+        self.check = check
+        self.probe = float(flops.probe(1))
         self.layers = [int(l) for l in traces.layers]
         self.col = {l: j for j, l in enumerate(self.layers)}
         self.L = int(self.layers[-1])
@@ -117,19 +128,27 @@ class TraceScorer:
 
     # ------------------------------------------------------------------------------------------ scoring
     def score(self, thresholds: Mapping[int, float]) -> Score:
-        return self.score_exits(*self.threshold_exits(thresholds))
+        num_checked = sum(1 for l in thresholds if int(l) < self.L)
+        return self.score_exits(*self.threshold_exits(thresholds), num_checked=num_checked)
 
-    def score_exits(self, exit_col: np.ndarray, checks: np.ndarray) -> Score:
+    def score_exits(self, exit_col: np.ndarray, checks: np.ndarray, num_checked: int | None = None) -> Score:
         layer_of = np.array(self.layers)[exit_col]
         agreement = float(self.agree[np.arange(self.n), exit_col].mean())
-        flops = self.flops_of(layer_of, checks)
+        flops = self.flops_of(layer_of, checks, num_checked)
         share = {l: float((layer_of == l).mean()) for l in sorted(set(layer_of.tolist()))}
         return Score(flops / self.flops_full, agreement, float(layer_of.mean()), float(checks.mean()), share, flops,
                      self.flops_full)
 
-    def flops_of(self, exit_layer: np.ndarray, checks: np.ndarray) -> float:
-        """Decode FLOPs of the traced tokens given each one's exit layer and number of head checks."""
-        return float(np.asarray(checks).sum() * self.head + self._layer_flops(np.asarray(exit_layer)))
+    def flops_of(self, exit_layer: np.ndarray, checks: np.ndarray, num_checked: int | None = None) -> float:
+        """Decode FLOPs of the traced tokens given each one's exit layer and number of checks (the final layer's
+        counted as one; ``num_checked``: intermediate layers checked, needed for probe pricing)."""
+        checks = np.asarray(checks)
+        if self.check == "head":
+            check_flops = checks.sum() * self.head
+        else:  # probes at every checked layer up to the exit, the head once
+            m = len(self.layers) - 1 if num_checked is None else int(num_checked)
+            check_flops = np.minimum(checks, m).sum() * self.probe + len(checks) * self.head
+        return float(check_flops + self._layer_flops(np.asarray(exit_layer)))
 
     def _layer_flops(self, exit_layer: np.ndarray) -> float:
         not_first = ~self.first

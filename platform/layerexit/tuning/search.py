@@ -177,7 +177,8 @@ def select_layers(traces: ExitTraces, layers: Sequence[int]) -> ExitTraces:
     """Traces restricted to some exit layers (the final layer is kept)."""
     keep = [j for j, l in enumerate(traces.layers[:-1]) if l in set(layers)] + [len(traces.layers) - 1]
     return ExitTraces([traces.layers[j] for j in keep], traces.top1[:, keep], traces.conf[:, keep],
-                      traces.gap[:, keep], traces.context, traces.sequence)
+                      traces.gap[:, keep], traces.context, traces.sequence,
+                      None if traces.hidden is None else traces.hidden[:, keep])
 
 
 def _flatten(data: Mapping, prefix: str = "") -> dict[str, Any]:
@@ -317,7 +318,8 @@ def run_tuning(cfg: TuneSearchConfig, serve_config: str | Path | None = None, co
 
 
 def _run(cfg, space, worker, val_texts, report_texts, out_dir, serve_config, console, run, before_trial, t0):
-    from layerexit.engine.classifier import classifier_exit_decisions, train_exit_classifier
+    from layerexit.engine.classifier import classifier_exit_decisions, probe_traces, train_exit_classifier, \
+        train_exit_probe
     from layerexit.tuning.confirm import Reference, confirm_candidates
     from layerexit.tuning.export import rewrite_serve_config, user_config_block, user_config_yaml, write_thresholds_file
 
@@ -339,10 +341,18 @@ def _run(cfg, space, worker, val_texts, report_texts, out_dir, serve_config, con
     presets = {name: {l: v for l, v in map_preset(name, L).items() if l < L} for name in cfg.reference.presets}
     seeds = {name: {l: v for l, v in map_preset(name, L).items() if l < L} for name in cfg.search.seed_presets}
     traced = sorted(set(space.layers).union(*[set(p) for p in presets.values()]))
-    traces = worker.traces(val_ids, val_resp, traced)
+    traces = worker.traces(val_ids, val_resp, traced, keep_hidden=cfg.policy == "probe")
     traces.save(out_dir / "traces.npz")
     seconds["traces"] = time.perf_counter() - t
-    scorer = TraceScorer(traces, info.flops, cfg.kv if cfg.search.flops == "exact" else "per-token")
+    accounting = cfg.kv if cfg.search.flops == "exact" else "per-token"
+    scorer = TraceScorer(traces, info.flops, accounting)  # confidence rules: presets, the classifier
+    probe = None
+    search_scorer = scorer
+    if cfg.policy == "probe":
+        # The probe is fitted on the same validation traces the search scores; held-out prompts judge the result.
+        probe, probe_table = train_exit_probe(select_layers(traces, space.layers),
+                                              cfg.reference.classifier_min_precision)
+        search_scorer = TraceScorer(probe_traces(probe, traces), info.flops, accounting, check="probe")
     console.print(f"final layer's responses ({seconds['final_responses']:.1f} s); traces: {len(traces.sequence)} "
                   f"tokens x {len(traced)} exit layers ({seconds['traces']:.1f} s); one LM head = "
                   f"{info.flops.head_in_layers():.2f} layers")
@@ -375,8 +385,16 @@ def _run(cfg, space, worker, val_texts, report_texts, out_dir, serve_config, con
     seed_points = list(seeds.values())
     if cfg.search.anchor_points:
         seed_points.append({l: space.ranges[l][1] for l in space.layers})
-    result = run_search(scorer, space, cfg.search, out_dir / "ray_results", "tune-thresholds", callbacks,
+    if cfg.policy == "probe":
+        # Presets are softmax confidences, meaningless for a probe; seed with its own per-layer thresholds at the
+        # classifier's precision target instead.
+        seed_points = [{l: probe_table[l] for l in space.layers}]
+        if cfg.search.anchor_points:
+            seed_points.append({l: space.ranges[l][1] for l in space.layers})
+    result = run_search(search_scorer, space, cfg.search, out_dir / "ray_results", "tune-thresholds", callbacks,
                         before_trial, seed_points)
+    for p in result.trials:
+        p.extra["policy"] = cfg.policy
     seconds["search"] = result.seconds
     for f in result.failed:
         console.print(f"[yellow]trial {f['trial_id']} failed[/] ({f['error']}); the search went on")
@@ -403,7 +421,7 @@ def _run(cfg, space, worker, val_texts, report_texts, out_dir, serve_config, con
                                                       "trace_flops_ratio": 1.0, "trace_agreement": 1.0})
         else:
             c = confirm_candidates(worker, val_ref, [p], metric, cfg.prompts.max_new_tokens, cfg.confirm.batch_size,
-                                   cfg.kv)[0]
+                                   cfg.kv, probe=probe)[0]
         console.print(f"  confirmed {c.name}: FLOPs ratio {c.flops_ratio:.3f} (traces "
                       f"{c.extra['trace_flops_ratio']:.3f}), {metric} {c.quality:.3f}, token agreement "
                       f"{c.extra['agreement']:.3f}  {_fmt_thr(c.thresholds)}")
@@ -449,12 +467,12 @@ def _run(cfg, space, worker, val_texts, report_texts, out_dir, serve_config, con
         rep_ids = worker.encode(report_texts)
         rep_resp = worker.final_responses(rep_ids, cfg.prompts.max_new_tokens, cfg.prompts.batch_size)
         rep_ref = Reference(rep_ids, rep_resp, worker.decode(rep_resp))
-        rows = [Point("tuned", best_tuned.flops_ratio, best_tuned.quality, best_tuned.thresholds, "trial")] \
-            if best_tuned is not None else []
+        rows = [Point("tuned", best_tuned.flops_ratio, best_tuned.quality, best_tuned.thresholds, "trial",
+                      {"policy": cfg.policy})] if best_tuned is not None else []
         rows += [p for p in references if p.kind in ("preset", "classifier")]
         for p in rows:
             c = confirm_candidates(worker, rep_ref, [p], metric, cfg.prompts.max_new_tokens, cfg.confirm.batch_size,
-                                   cfg.kv, classifier, kind=p.kind if p.kind != "trial" else "tuned")[0]
+                                   cfg.kv, classifier, kind=p.kind if p.kind != "trial" else "tuned", probe=probe)[0]
             report.append(c)
             console.print(f"  held-out {c.name}: FLOPs ratio {c.flops_ratio:.3f}, {metric} {c.quality:.3f}, "
                           f"token agreement {c.extra['agreement']:.3f}")
@@ -473,8 +491,10 @@ def _run(cfg, space, worker, val_texts, report_texts, out_dir, serve_config, con
     thr_path = Path(cfg.export.thresholds_file)
     thr_path = thr_path if thr_path.is_absolute() else out_dir / thr_path
     source = f"layerexit tune run {run.run_id}" if run is not None else f"layerexit tune {out_dir}"
-    write_thresholds_file(thr_path, info.name, L, chosen.thresholds, source)
-    block = user_config_block(chosen.thresholds, cfg.kv)
+    chosen_probe = probe if chosen.extra.get("policy") == "probe" else None
+    write_thresholds_file(thr_path, info.name, L, chosen.thresholds, source, probe=chosen_probe)
+    block = user_config_block(chosen.thresholds, cfg.kv, "probe" if chosen_probe is not None else "confidence",
+                              thr_path)
     uc_path = out_dir / "user_config.yaml"
     uc_path.write_text(user_config_yaml(block))
     files.update({"traces": str(out_dir / "traces.npz"), "trials": str(trials_csv), "front": str(front_csv),
@@ -537,7 +557,8 @@ def render_report(cfg: TuneSearchConfig, o: TuneOutcome, model: str, n_val: int,
              f"{n_report}",
              f"- search: {cfg.search.algorithm}, {len(o.trials)} trials ok, {len(o.failed_trials)} failed; exits "
              f"{cfg.space.exit_layers}, non-increasing {cfg.space.non_increasing}, optional layers "
-             f"{cfg.space.optional_layers}; kv {cfg.kv}, trial FLOPs accounting: {cfg.search.flops}",
+             f"{cfg.space.optional_layers}; policy {cfg.policy}; kv {cfg.kv}, trial FLOPs accounting: "
+             f"{cfg.search.flops}",
              f"- constraint {m} >= {cfg.quality.min:g}: {'met' if o.constraint_met else 'NOT met'}",
              f"- exported: {_fmt_thr(o.thresholds)}", ""]
     lines += [f"- note: {n}" for n in o.notes]
