@@ -179,3 +179,19 @@ def test_presets_map_onto_model_depth():
     assert map_preset("paper-7b", 30) == {8: 0.95, 12: 0.95, 16: 0.9, 20: 0.9, 24: 0.8, 28: 0.7}
     assert map_preset("paper-13b", 32)[29] == 0.65  # 36 * 32/40 = 28.8 -> 29
     assert max(map_preset("paper-7b", 16)) < 16
+
+
+def test_thresholds_files_are_parsed_once_and_reloaded_when_changed(tmp_path):
+    """A policy is built per engine call (per Serve batch): the file is parsed once until it changes."""
+    import os
+
+    from layerexit.engine.thresholds import ThresholdsFile, load_thresholds_file
+
+    path = ThresholdsFile(model="m", num_layers=8, exit_layers=[2], thresholds={2: 0.9}).save(tmp_path / "t.yaml")
+    first = load_thresholds_file(path)
+    assert load_thresholds_file(path) is first
+    ThresholdsFile(model="m", num_layers=8, exit_layers=[2, 4], thresholds={2: 0.8, 4: 0.7}).save(path)
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # a rewrite within the same mtime tick
+    again = load_thresholds_file(path)
+    assert again is not first and again.thresholds == {2: 0.8, 4: 0.7}

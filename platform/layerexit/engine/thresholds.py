@@ -102,11 +102,28 @@ class ThresholdsFile(StrictModel):
         return path
 
 
+_LOADED: dict[tuple[str, int, int], ThresholdsFile] = {}
+
+
 def load_thresholds_file(path: str | Path) -> ThresholdsFile:
-    """Read a thresholds YAML/JSON file with errors naming the field."""
+    """Read a thresholds YAML/JSON file with errors naming the field.
+
+    Parsed files are cached by (path, mtime, size): a policy is built per engine call (per Serve batch), and a
+    probe's weights make the YAML ~100 KB, ~0.1 s to parse. Treat the returned object as read-only.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"thresholds file not found: {path}", "pass a preset name or an existing file")
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    if key not in _LOADED:
+        if len(_LOADED) >= 64:
+            _LOADED.clear()
+        _LOADED[key] = _parse_thresholds_file(path)
+    return _LOADED[key]
+
+
+def _parse_thresholds_file(path: Path) -> ThresholdsFile:
     try:
         data = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
     except (json.JSONDecodeError, yaml.YAMLError) as err:
