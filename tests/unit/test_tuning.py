@@ -91,6 +91,12 @@ def test_trace_scoring_equals_engine_exit_decisions(traced, quantiles):
         assert identical >= 1
 
 
+def _positions_only_traces(prompt_len: int, n: int) -> ExitTraces:
+    """Traces of n response tokens that carry only their positions (all FLOPs accounting needs)."""
+    return ExitTraces([1, 2, 3, 4], np.zeros((n, 4), dtype=int), np.zeros((n, 4)), np.zeros((n, 4)),
+                      np.arange(prompt_len, prompt_len + n), np.zeros(n, dtype=int))
+
+
 @pytest.mark.parametrize("kv", ["recompute", "propagate", "none"])
 def test_flops_accounting_equals_the_engine_for_any_exit_sequence(traced, kv):
     """Whatever tokens the engine produced (diverged from the final layer's or not), the objective's FLOPs model
@@ -105,8 +111,7 @@ def test_flops_accounting_equals_the_engine_for_any_exit_sequence(traced, kv):
         r = engine.generate([prompt], ExitConfig(policy="confidence", thresholds=thresholds, kv=kv),
                             SamplingParams(max_new_tokens=MAX_NEW))[0]
         n = len(r.token_ids)
-        fake = ExitTraces([1, 2, 3, 4], np.zeros((n, 4), dtype=int), np.zeros((n, 4)), np.zeros((n, 4)),
-                          np.arange(len(prompt), len(prompt) + n), np.zeros(n, dtype=int))
+        fake = _positions_only_traces(len(prompt), n)
         exits = np.array(r.exit_layers)
         checks = np.array([sum(l <= e for l in checked) + (e == 4) for e in exits])
         scorer = TraceScorer(fake, flops, kv)
@@ -424,8 +429,7 @@ def test_probe_flops_accounting_equals_the_engine(probed, kv):
         r = engine.generate([prompt], ExitConfig(policy="probe", probe=probe, thresholds=thresholds, kv=kv),
                             SamplingParams(max_new_tokens=MAX_NEW))[0]
         n = len(r.token_ids)
-        fake = ExitTraces([1, 2, 3, 4], np.zeros((n, 4), dtype=int), np.zeros((n, 4)), np.zeros((n, 4)),
-                          np.arange(len(prompt), len(prompt) + n), np.zeros(n, dtype=int))
+        fake = _positions_only_traces(len(prompt), n)
         exits = np.array(r.exit_layers)
         checks = np.array([sum(l <= e for l in checked) + (e == 4) for e in exits])
         scorer = TraceScorer(fake, flops, kv, check="probe")
