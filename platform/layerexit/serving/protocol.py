@@ -439,8 +439,7 @@ class ChatChunkChoice(_Choice):
     delta: ChatDelta
 
 
-class CompletionChunkChoice(_Choice):
-    text: str
+CompletionChunkChoice = CompletionChoice  # a streamed completion choice has the same fields
 
 
 class ChatCompletionChunk(_Chunk):

@@ -382,15 +382,11 @@ def _run(cfg, space, worker, val_texts, report_texts, out_dir, serve_config, con
 
         callbacks.append(NestedTrialRuns(run.run_id, cfg.mlflow.tracking_uri, describe,
                                          ("flops_ratio", "quality", "mean_exit_layer", "checks_per_token")))
-    seed_points = list(seeds.values())
+    # Presets are softmax confidences, meaningless for a probe: it is seeded with its own per-layer thresholds at
+    # the classifier's precision target instead.
+    seed_points = [{l: probe_table[l] for l in space.layers}] if cfg.policy == "probe" else list(seeds.values())
     if cfg.search.anchor_points:
         seed_points.append({l: space.ranges[l][1] for l in space.layers})
-    if cfg.policy == "probe":
-        # Presets are softmax confidences, meaningless for a probe; seed with its own per-layer thresholds at the
-        # classifier's precision target instead.
-        seed_points = [{l: probe_table[l] for l in space.layers}]
-        if cfg.search.anchor_points:
-            seed_points.append({l: space.ranges[l][1] for l in space.layers})
     result = run_search(search_scorer, space, cfg.search, out_dir / "ray_results", "tune-thresholds", callbacks,
                         before_trial, seed_points)
     for p in result.trials:
