@@ -93,6 +93,39 @@ def test_batching_does_not_change_recompute_outputs(tiny_model):
     assert any(l < 4 for r in batched for l in r.exit_layers), "thresholds should let some tokens exit early"
 
 
+def _random_probe(model, seed=0):
+    from layerexit.engine.thresholds import LinearProbe
+
+    g = torch.Generator().manual_seed(seed)
+    H = model.config.hidden_size
+    weight = {k: (torch.randn(H, generator=g) * 2.0).tolist() for k in (1, 2, 3)}
+    return LinearProbe(weight=weight, bias={1: 0.0, 2: 0.0, 3: 0.0})
+
+
+@pytest.mark.parametrize("policy", ["probe", "random"])
+def test_one_lm_head_call_per_step_whatever_the_exit_mix(tiny_model, policy):
+    """Policies that pick the exit without logits run the LM head once per step for the whole batch, even when
+    rows exit at different layers, and a row's token does not depend on its batch mates."""
+    extra = {"probe": _random_probe(tiny_model), "thresholds": {1: 0.7, 2: 0.6, 3: 0.5}} if policy == "probe" else \
+        {"exit_layers": [1, 2, 3]}
+    cfg = ExitConfig(policy=policy, kv="recompute", **extra)
+    engine = _engine(tiny_model)
+    calls = []
+    hook = engine.parts.head.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape[0]))
+    try:
+        steps = list(engine.stream(PROMPTS, cfg, SamplingParams(max_new_tokens=8)))
+    finally:
+        hook.remove()
+    assert calls == [len(PROMPTS)] * len(steps)
+    mixed = [len({e.exit_layer for e in step}) for step in steps]
+    assert max(mixed) > 1, "the test needs steps whose rows exit at different layers"
+    if policy == "probe":  # deterministic per row: batching must not change a row's tokens or exits
+        batched = engine.generate(PROMPTS, cfg, SamplingParams(max_new_tokens=8))
+        single = [engine.generate([p], cfg, SamplingParams(max_new_tokens=8))[0] for p in PROMPTS]
+        assert _tokens(batched) == _tokens(single)
+        assert [r.exit_layers for r in batched] == [r.exit_layers for r in single]
+
+
 @pytest.mark.parametrize("policy", ALL_POLICIES + ["fixed"])
 def test_every_policy_honours_eos_and_max_new_tokens(tiny_model, policy):
     extra = {"layer": 2} if policy in ("fixed", "self-speculative") else {}

@@ -223,44 +223,46 @@ class EarlyExitEngine:
         """Ask the policy for each of n rows; ``hidden_at(k)`` returns last-position hidden (n, H) at layer k,
         running layers as needed (monotonically)."""
         L = self.L
-        tokens = torch.zeros(n, dtype=torch.long)
         layers = torch.full((n,), L, dtype=torch.long)
-        conf = torch.zeros(n)
         heads = torch.zeros(n, dtype=torch.long)
-        if not policy.uses_logits and not policy.uses_hidden:
-            target = policy.choose_layers(n, step, generator)
-            for k in sorted(set(target.tolist())):
-                rows = (target == k).nonzero().squeeze(1)
-                logits, probs = self.head_probs(hidden_at(k)[rows])
-                heads[rows] += 1
-                tokens[rows] = sampler.pick(rows, logits, probs)
-                conf[rows] = probs.max(dim=-1).values
-                layers[rows] = k
-            return _Decision(tokens, layers, conf, heads, int(target.max()))
+        if not policy.uses_logits:
+            # The exit layer is known before any logits: keep each row's hidden state at its exit and run the
+            # LM head once for the whole batch. The head weighs ~8 layers on SmolLM2 and is memory-bound, so one
+            # call for n rows costs about what one call for one row does; a call per exit layer would cost more
+            # than the layers the exits save.
+            exit_h = torch.empty((n, self.model.config.hidden_size), dtype=self.dtype, device=self.device)
+            probes = None
+            if policy.uses_hidden:
+                probes = torch.zeros(n, dtype=torch.long)
+                undecided = torch.ones(n, dtype=torch.bool)
+                depth = L
+                for k in policy.exit_layers:
+                    rows = undecided.nonzero().squeeze(1)
+                    h = hidden_at(k)[rows]
+                    ex, _score = policy.should_exit_hidden(k, self.parts.norm(h))
+                    probes[rows] += 1
+                    exit_h[rows[ex]] = h[ex]
+                    layers[rows[ex]] = k
+                    undecided[rows[ex]] = False
+                    if not undecided.any():
+                        depth = k
+                        break
+                if undecided.any():
+                    exit_h[undecided] = hidden_at(L)[undecided]
+            else:
+                layers = policy.choose_layers(n, step, generator)
+                for k in sorted(set(layers.tolist())):
+                    rows = layers == k
+                    exit_h[rows] = hidden_at(k)[rows]
+                depth = int(layers.max())
+            logits, probs = self.head_probs(exit_h)
+            heads += 1
+            all_rows = torch.arange(n)
+            return _Decision(sampler.pick(all_rows, logits, probs), layers, probs.max(dim=-1).values, heads, depth,
+                             probes)
+        tokens = torch.zeros(n, dtype=torch.long)
+        conf = torch.zeros(n)
         undecided = torch.ones(n, dtype=torch.bool)
-        if policy.uses_hidden:
-            probes = torch.zeros(n, dtype=torch.long)
-            for k in policy.exit_layers:
-                rows = undecided.nonzero().squeeze(1)
-                h = hidden_at(k)[rows]
-                ex, _score = policy.should_exit_hidden(k, self.parts.norm(h))
-                probes[rows] += 1
-                if ex.any():
-                    sel = rows[ex]
-                    logits, probs = self.head_probs(h[ex])
-                    heads[sel] += 1
-                    tokens[sel] = sampler.pick(sel, logits, probs)
-                    conf[sel] = probs.max(dim=-1).values
-                    layers[sel] = k
-                    undecided[sel] = False
-                if not undecided.any():
-                    return _Decision(tokens, layers, conf, heads, k, probes)
-            rows = undecided.nonzero().squeeze(1)
-            logits, probs = self.head_probs(hidden_at(L)[rows])
-            heads[rows] += 1
-            tokens[rows] = sampler.pick(rows, logits, probs)
-            conf[rows] = probs.max(dim=-1).values
-            return _Decision(tokens, layers, conf, heads, L, probes)
         for k in [*policy.exit_layers, L]:
             rows = undecided.nonzero().squeeze(1)
             logits, probs = self.head_probs(hidden_at(k)[rows])
