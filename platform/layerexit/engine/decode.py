@@ -4,6 +4,9 @@ Per step, every active sequence asks its exit policy where to stop. A batch shar
 layers, so the batch runs to the deepest layer any of its sequences needs (the *batch rule*); each sequence
 still takes its token from its own exit layer. The extra layers a shallow sequence rides along for are
 counted in its FLOPs, and they are not wasted with ``recompute``: its cache for those layers is then exact.
+Policies that choose the exit without logits (probe, fixed, random, ...) keep each row's hidden state at its exit
+and evaluate the LM head once per step for the whole batch; only logit-based checks (confidence, classifier) need
+a head evaluation at each layer they check.
 
 KV strategies for the layers a token skipped (see ``ExitKVCache``):
 - ``none``: no cache at all; every step recomputes the whole prefix (the LITE paper's setting).
