@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from layerexit.engine.decode import EarlyExitEngine
+from layerexit.engine.decode import EarlyExitEngine, SequenceResult
 from layerexit.engine.options import ExitConfig, SamplingParams
 from layerexit.engine.reference import hf_greedy_generate
 from layerexit.errors import ConfigError
@@ -228,3 +228,68 @@ def test_thresholds_files_are_parsed_once_and_reloaded_when_changed(tmp_path):
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # a rewrite within the same mtime tick
     again = load_thresholds_file(path)
     assert again is not first and again.thresholds == {2: 0.8, 4: 0.7}
+
+
+class _ListJoiner:
+    """Continuous-batching hooks for tests: offers ``waiting`` prompts from step ``at`` on, and cancels indices."""
+
+    def __init__(self, waiting, at=2, cancel=()):
+        self.waiting, self.at, self.cancel = list(waiting), at, set(cancel)
+        self.calls = 0
+        self.offered_lens = []
+
+    def admit(self, max_prompt_len, rows):
+        self.calls += 1
+        self.offered_lens.append(max_prompt_len)
+        if self.calls < self.at:
+            return []
+        fit = [w for w in self.waiting if len(w[0]) <= max_prompt_len]
+        self.waiting = [w for w in self.waiting if w not in fit]
+        return fit
+
+    def cancelled(self, index):
+        return index in self.cancel and self.calls >= self.at
+
+
+@pytest.mark.parametrize("kv", ["recompute", "propagate"])
+def test_joined_rows_decode_exactly_like_alone(tiny_model, kv):
+    """Continuous batching: prompts joining a running batch (one of them needing wider buffers) get exactly
+    transformers' greedy tokens, and the rows already running are not disturbed."""
+    late = [[20, 21, 22], [23, 24, 25, 26, 27, 28, 29, 30, 31]]
+    joiner = _ListJoiner([(late[0], SamplingParams(max_new_tokens=6)), (late[1], SamplingParams(max_new_tokens=30))])
+    engine = _engine(tiny_model)
+    results = [SequenceResult() for _ in PROMPTS]
+    cfg = ExitConfig(policy="final", kv=kv)
+    by_index: dict[int, list[int]] = {}
+    for step in engine.stream(PROMPTS, cfg, SamplingParams(max_new_tokens=10), results=results, joiner=joiner):
+        for ev in step:
+            by_index.setdefault(ev.index, []).append(ev.token_id)
+    assert not joiner.waiting, "both late prompts should have joined"
+    assert by_index[0] == hf_greedy_generate(tiny_model, [PROMPTS[0]], 10, pad_id=0, eos=set())[0]
+    assert by_index[3] == hf_greedy_generate(tiny_model, [late[0]], 6, pad_id=0, eos=set())[0]
+    assert by_index[4] == hf_greedy_generate(tiny_model, [late[1]], 30, pad_id=0, eos=set())[0]
+    assert len(results) == 5 and results[3].prefill_flops > 0 and results[4].prefill_flops > 0
+
+
+def test_cancelled_rows_leave_the_batch(tiny_model):
+    joiner = _ListJoiner([], at=3, cancel={1})
+    steps = list(_engine(tiny_model).stream(PROMPTS, ExitConfig(kv="propagate"), SamplingParams(max_new_tokens=8),
+                                            joiner=joiner))
+    assert len(steps) == 8
+    assert [sorted(e.index for e in s) for s in steps[:4]] == [[0, 1, 2]] * 4
+    assert [sorted(e.index for e in s) for s in steps[4:]] == [[0, 2]] * 4
+    assert not any(e.finished for s in steps for e in s if e.index == 1)
+
+
+def test_early_exit_rows_join_after_a_complete_step(tiny_model):
+    """A row joining a batch that exits early decodes to its own length; its first token is priced as its own
+    prefill's head plus the probes it checked."""
+    probe = _random_probe(tiny_model)
+    cfg = ExitConfig(policy="probe", probe=probe, thresholds={1: 0.7, 2: 0.6, 3: 0.5}, kv="propagate")
+    joiner = _ListJoiner([([40, 41], SamplingParams(max_new_tokens=5))], at=1)
+    steps = list(_engine(tiny_model).stream(PROMPTS, cfg, SamplingParams(max_new_tokens=8), joiner=joiner))
+    joined = [e for s in steps for e in s if e.index == 3]
+    assert len(joined) == 5 and joined[-1].finish_reason == "length"
+    F = _engine(tiny_model).flops
+    probes = (joined[0].flops - F.head(1)) / F.probe(1)
+    assert joined[0].flops_full == F.head(1) and probes == {1: 1, 2: 2, 3: 3, 4: 3}[joined[0].exit_layer]

@@ -44,6 +44,21 @@ class ExitKVCache:
         self.keys = [k[rows] for k in self.keys]
         self.values = [v[rows] for v in self.values]
 
+    def widen(self, max_len: int) -> None:
+        """Room for positions up to ``max_len`` (a joining request may need more than the batch had)."""
+        for store in (self.keys, self.values):
+            for i, buf in enumerate(store):
+                extra = max_len - buf.shape[2]
+                if extra > 0:
+                    store[i] = torch.cat([buf, buf.new_zeros((*buf.shape[:2], extra, buf.shape[3]))], dim=2)
+
+    def extend(self, other: "ExitKVCache") -> None:
+        """Append ``other``'s rows (same layers, width and lengths: rows joining a running batch)."""
+        if other.lengths != self.lengths:
+            raise ValueError(f"cannot join caches with lengths {other.lengths} and {self.lengths}")
+        self.keys = [torch.cat([a, b]) for a, b in zip(self.keys, other.keys)]
+        self.values = [torch.cat([a, b]) for a, b in zip(self.values, other.values)]
+
     def layer_kv(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         end = self.lengths[layer_idx]
         return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]

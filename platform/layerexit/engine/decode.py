@@ -21,6 +21,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -73,6 +74,69 @@ class _Decision:
     depth: int  # layers the batch ran
     probes: torch.Tensor | None = None  # (n,) probe evaluations per row (probe policy)
 
+    def cat(self, other: "_Decision") -> "_Decision":
+        """This batch's decisions followed by ``other``'s (rows that joined this step)."""
+        probes = None if self.probes is None else torch.cat([self.probes, other.probes])
+        return _Decision(torch.cat([self.tokens, other.tokens]), torch.cat([self.layers, other.layers]),
+                         torch.cat([self.confidence, other.confidence]), torch.cat([self.heads, other.heads]),
+                         max(self.depth, other.depth), probes)
+
+
+class BatchJoiner(Protocol):
+    """What a caller gives ``EarlyExitEngine.stream`` for continuous batching; called between steps."""
+
+    def admit(self, max_prompt_len: int, rows: int) -> list[tuple[Sequence[int], SamplingParams]]:
+        """New (prompt ids, sampling) rows to add now, each prompt at most ``max_prompt_len`` tokens;
+        ``rows`` is how many rows the batch holds."""
+        ...
+
+    def cancelled(self, index: int) -> bool:
+        """Whether the caller no longer wants the row with this index (it leaves the batch)."""
+        ...
+
+
+@dataclass
+class _Rows:
+    """Per-row decode state of a running batch; positions are columns of width ``width``."""
+
+    tokens: torch.Tensor  # (B, width) token ids (pad where not valid)
+    valid: torch.Tensor  # (B, width) which positions hold a real token
+    pad_off: torch.Tensor  # (B,) first valid position of each row
+    index: torch.Tensor  # (B,) the caller's index of each row
+    counts: torch.Tensor  # (B,) tokens generated so far
+    cache: ExitKVCache | None
+    deep_h: torch.Tensor | None  # (B, width, H) hidden state where each position stopped (recompute catch-up)
+
+    @property
+    def width(self) -> int:
+        return self.tokens.shape[1]
+
+    def keep(self, rows: torch.Tensor) -> None:
+        self.tokens, self.valid, self.pad_off = self.tokens[rows], self.valid[rows], self.pad_off[rows]
+        self.index, self.counts = self.index[rows], self.counts[rows]
+        if self.cache is not None:
+            self.cache.select_rows(rows)
+            self.deep_h = self.deep_h[rows]
+
+    def widen(self, width: int, pad: int) -> None:
+        extra = width - self.width
+        B = self.tokens.shape[0]
+        self.tokens = torch.cat([self.tokens, torch.full((B, extra), pad, dtype=torch.long)], dim=1)
+        self.valid = torch.cat([self.valid, torch.zeros((B, extra), dtype=torch.bool)], dim=1)
+        if self.cache is not None:
+            self.cache.widen(width)
+            self.deep_h = torch.cat([self.deep_h, self.deep_h.new_zeros((B, extra, self.deep_h.shape[2]))], dim=1)
+
+    def extend(self, other: "_Rows") -> None:
+        self.tokens = torch.cat([self.tokens, other.tokens])
+        self.valid = torch.cat([self.valid, other.valid])
+        self.pad_off = torch.cat([self.pad_off, other.pad_off])
+        self.index = torch.cat([self.index, other.index])
+        self.counts = torch.cat([self.counts, other.counts])
+        if self.cache is not None:
+            self.cache.extend(other.cache)
+            self.deep_h = torch.cat([self.deep_h, other.deep_h])
+
 
 class _RowSampler:
     """Greedy or temperature/top-p sampling per row, each row with its own seeded generator."""
@@ -89,6 +153,10 @@ class _RowSampler:
         keep = rows.tolist()
         self.params = [self.params[i] for i in keep]
         self.generators = [self.generators[i] for i in keep]
+
+    def extend(self, other: "_RowSampler") -> None:
+        self.params += other.params
+        self.generators += other.generators
 
     def pick(self, rows: torch.Tensor, logits: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
         # Shape: logits, probs (n, V) for batch rows ``rows`` -> tokens (n,)
@@ -146,8 +214,14 @@ class EarlyExitEngine:
 
     def stream(self, prompts: Sequence[Sequence[int]], exit_config: ExitConfig | None = None,
                sampling: SamplingParams | Sequence[SamplingParams] | None = None,
-               results: list[SequenceResult] | None = None) -> Iterator[list[TokenEvent]]:
-        """Yield, step by step, the tokens produced for every still-active sequence."""
+               results: list[SequenceResult] | None = None,
+               joiner: "BatchJoiner | None" = None) -> Iterator[list[TokenEvent]]:
+        """Yield, step by step, the tokens produced for every still-active sequence.
+
+        With a ``joiner`` (continuous batching), new prompts join the running batch between steps and rows the
+        caller cancelled leave it; joined rows get the next caller indices (len(prompts), len(prompts)+1, ...)
+        and, when ``results`` is given, their entries are appended to it. Self-speculative decoding and
+        ``kv: none`` never take joins."""
         exit_config = exit_config or ExitConfig()
         params = self._sampling_list(sampling, len(prompts))
         if not prompts or any(len(p) == 0 for p in prompts):
@@ -163,7 +237,7 @@ class EarlyExitEngine:
                 yield from stream_self_speculative(self, prompts, policy.exit_layers[0] if policy.exit_layers
                                                    else self.L, exit_config.num_draft, params, results)
                 return
-            yield from self._stream_layers(prompts, policy, exit_config.kv, params, results)
+            yield from self._stream_layers(prompts, policy, exit_config.kv, params, results, joiner)
 
     # ------------------------------------------------------------------------------------- building blocks
     def _sampling_list(self, sampling, n: int) -> list[SamplingParams]:
@@ -282,94 +356,129 @@ class EarlyExitEngine:
         raise AssertionError("unreachable: the final layer always decides")
 
     # ------------------------------------------------------------------------------------------ the loop
-    def _stream_layers(self, prompts, policy: ExitPolicy, kv: str, params: list[SamplingParams],
-                       results: list[SequenceResult] | None) -> Iterator[list[TokenEvent]]:
+    def _open_rows(self, prompts, params: list[SamplingParams], policy: ExitPolicy, kv: str, q_start: int,
+                   width: int, first_index: int, step: int, generator: torch.Generator,
+                   results: list[SequenceResult] | None):
+        """New rows whose prompts end at position q_start + P - 1 (left-padded to P = longest prompt), in
+        buffers ``width`` positions wide: the prefill and the first token's decision.
+        Returns (rows, sampler, decision, layer_flops, full_cost)."""
         B = len(prompts)
         ids, mask = pad_left(prompts, self.pad)
         P = ids.shape[1]
-        max_new = max(p.max_new_tokens for p in params)
-        T_max = P + max_new
-        valid = torch.zeros((B, T_max), dtype=torch.bool)
-        valid[:, :P] = mask.bool()
-        tokens = torch.full((B, T_max), self.pad, dtype=torch.long)
-        tokens[:, :P] = ids
-        pad_off = (mask == 0).sum(dim=1)
-        rows_idx = torch.arange(B)  # caller's index of each batch row
-        counts = torch.zeros(B, dtype=torch.long)
-        sampler = _RowSampler(params)
-        generator = torch.Generator()
-        generator.manual_seed(params[0].seed if params[0].seed is not None else 0)
-        F = self.flops
-        H = self.model.config.hidden_size
-        cache = None
-        deep_h = None
+        valid = torch.zeros((B, width), dtype=torch.bool)
+        valid[:, q_start : q_start + P] = mask.bool()
+        tokens = torch.full((B, width), self.pad, dtype=torch.long)
+        tokens[:, q_start : q_start + P] = ids
+        pad_off = q_start + (mask == 0).sum(dim=1)
+        cache = deep_h = None
         if kv != "none":
-            cache = ExitKVCache(self.L, B, T_max, self.kv_heads, self.head_dim, self.dtype, self.device)
-            deep_h = torch.zeros((B, T_max, H), dtype=self.dtype)
-        self.last_cache = cache  # kept for inspection (tests, debugging); replaced by the next generation
-
-        t = P  # next position to fill
+            cache = ExitKVCache(self.L, B, width, self.kv_heads, self.head_dim, self.dtype, self.device)
+            cache.lengths = [q_start] * self.L  # positions before the prompt are masked out: never read
+            deep_h = torch.zeros((B, width, self.model.config.hidden_size), dtype=self.dtype)
+        rows = _Rows(tokens, valid, pad_off, torch.arange(first_index, first_index + B),
+                     torch.zeros(B, dtype=torch.long), cache, deep_h)
+        sampler = _RowSampler(params)
+        F = self.flops
         if kv == "none":
             # No cache: the first token is one pass over the prompt, up to its exit layer, like every other.
-            dec, layer_flops, full_cost = self._step_nocache(policy, 0, tokens, valid, pad_off, P - 1, sampler,
-                                                             generator)
-        else:
-            # Prefill: every layer on the prompt (identical for every policy), capturing the last position.
-            h = self.parts.embed(ids)
-            pos = self.positions(pad_off, 0, P)
-            rope = self.rope(h, pos)
-            am = self.attention_mask(valid, 0, P)
-            captured: dict[int, torch.Tensor] = {}
-            for k in range(1, self.L + 1):
-                h = self.run_layer(k, h, am, pos, rope, cache)
-                captured[k] = h[:, -1]
-            if results is not None:
-                for r in range(B):
-                    results[r].prefill_flops = self.L * F.layer(P, P)
-            dec = self.decide(policy, 0, B, lambda k: captured[k], sampler, generator)
-            layer_flops = torch.zeros(B, dtype=torch.long)  # the prefill already ran every layer
-            full_cost = F.head(1)
+            dec, layer_flops, full_cost = self._step_nocache(policy, step, tokens, valid, pad_off, q_start + P - 1,
+                                                             sampler, generator)
+            return rows, sampler, dec, layer_flops, torch.full((B,), full_cost, dtype=torch.long)
+        # Prefill: every layer on the prompt (identical for every policy), capturing the last position.
+        h = self.parts.embed(ids)
+        pos = self.positions(pad_off, q_start, P)
+        rope = self.rope(h, pos)
+        am = self.attention_mask(valid, q_start, P)
+        captured: dict[int, torch.Tensor] = {}
+        for k in range(1, self.L + 1):
+            h = self.run_layer(k, h, am, pos, rope, cache)
+            captured[k] = h[:, -1]
+        if results is not None:
+            results.extend(SequenceResult() for _ in range(first_index + B - len(results)))
+            for r in range(first_index, first_index + B):
+                results[r].prefill_flops = self.L * F.layer(P, P)
+        dec = self.decide(policy, step, B, lambda k: captured[k], sampler, generator)
+        layer_flops = torch.zeros(B, dtype=torch.long)  # the prefill already ran every layer
+        return rows, sampler, dec, layer_flops, torch.full((B,), F.head(1), dtype=torch.long)
+
+    def _stream_layers(self, prompts, policy: ExitPolicy, kv: str, params: list[SamplingParams],
+                       results: list[SequenceResult] | None, joiner: "BatchJoiner | None" = None
+                       ) -> Iterator[list[TokenEvent]]:
+        generator = torch.Generator()
+        generator.manual_seed(params[0].seed if params[0].seed is not None else 0)
+        P = max(len(p) for p in prompts)
+        width = P + max(p.max_new_tokens for p in params)
+        batch, sampler, dec, layer_flops, full_cost = self._open_rows(prompts, params, policy, kv, 0, width, 0, 0,
+                                                                      generator, results)
+        next_index = len(prompts)
+        self.last_cache = batch.cache  # kept for inspection (tests, debugging); replaced by the next generation
+        F = self.flops
+        t = P  # next position to fill
         step = 0
         while True:
             flops = layer_flops + dec.heads * F.head(1)
             if dec.probes is not None:
                 flops = flops + dec.probes * F.probe(1)
-            counts += 1
+            batch.counts += 1
             events = []
-            finished = torch.zeros(len(rows_idx), dtype=torch.bool)
-            for j in range(len(rows_idx)):
+            finished = torch.zeros(len(batch.index), dtype=torch.bool)
+            for j in range(len(batch.index)):
                 tok = int(dec.tokens[j])
                 p = sampler.params[j]
                 reason = None
                 if tok in self.eos or tok in p.stop_token_ids:
                     reason = "stop"
-                elif counts[j] >= p.max_new_tokens:
+                elif batch.counts[j] >= p.max_new_tokens:
                     reason = "length"
                 finished[j] = reason is not None
-                events.append(TokenEvent(int(rows_idx[j]), tok, int(dec.layers[j]), float(dec.confidence[j]),
-                                         int(flops[j]), int(full_cost), reason is not None, reason))
+                events.append(TokenEvent(int(batch.index[j]), tok, int(dec.layers[j]), float(dec.confidence[j]),
+                                         int(flops[j]), int(full_cost[j]), reason is not None, reason))
             yield events
-            if finished.all():
+            if joiner is not None:  # rows the caller gave up on leave now, without an event
+                finished |= torch.tensor([joiner.cancelled(int(i)) for i in batch.index.tolist()], dtype=torch.bool)
+            if finished.all():  # an empty batch ends; the caller starts a new one for whatever is waiting
                 return
             x = dec.tokens
             if finished.any():
                 keep = (~finished).nonzero().squeeze(1)
-                rows_idx, counts, x = rows_idx[keep], counts[keep], x[keep]
-                valid, tokens, pad_off = valid[keep], tokens[keep], pad_off[keep]
+                batch.keep(keep)
+                x = x[keep]
                 sampler.select(keep)
-                if cache is not None:
-                    cache.select_rows(keep)
-                    deep_h = deep_h[keep]
-            n = len(rows_idx)
-            tokens[:, t] = x
-            valid[:, t] = True
             step += 1
+            n = len(batch.index)
+            batch.tokens[:, t] = x
+            batch.valid[:, t] = True
             if kv == "none":
-                dec, layer_flops, full_cost = self._step_nocache(policy, step, tokens, valid, pad_off, t, sampler,
-                                                                 generator)
+                dec, layer_flops, cost = self._step_nocache(policy, step, batch.tokens, batch.valid, batch.pad_off,
+                                                            t, sampler, generator)
             else:
-                dec, layer_flops, full_cost = self._step_cached(policy, step, x, valid, pad_off, t, cache, deep_h,
-                                                                kv, sampler, generator)
+                dec, layer_flops, cost = self._step_cached(policy, step, x, batch.valid, batch.pad_off, t,
+                                                           batch.cache, batch.deep_h, kv, sampler, generator)
+            full_cost = torch.full((n,), cost, dtype=torch.long)
+            # Continuous batching: new prompts join between steps, when every layer's cache reaches position t
+            # (always with propagate; with recompute, after a step that went to full depth). Each is prefilled
+            # so that its prompt ends at t, in lockstep with the rows already decoding.
+            complete = batch.cache is not None and all(l == t + 1 for l in batch.cache.lengths)
+            new = joiner.admit(t + 1, n) if joiner is not None and complete else []
+            if new:
+                new_prompts = [list(pr) for pr, _ in new]
+                if any(not 0 < len(pr) <= t + 1 for pr in new_prompts):
+                    raise ValueError(f"a joining prompt must have 1..{t + 1} tokens at this step")
+                new_params = self._sampling_list([sp for _, sp in new], len(new))
+                need = t + 1 + max(sp.max_new_tokens for sp in new_params)
+                if need > batch.width:
+                    batch.widen(need, self.pad)
+                Pn = max(len(pr) for pr in new_prompts)
+                rows, new_sampler, new_dec, new_flops, new_cost = self._open_rows(
+                    new_prompts, new_params, policy, kv, t + 1 - Pn, batch.width, next_index, step, generator,
+                    results)
+                next_index += len(new)
+                batch.extend(rows)
+                sampler.extend(new_sampler)
+                dec = dec.cat(new_dec)
+                layer_flops = torch.cat([layer_flops, new_flops])
+                full_cost = torch.cat([full_cost, new_cost])
+                self.last_cache = batch.cache
             t += 1
 
     def _step_nocache(self, policy, step, tokens, valid, pad_off, t, sampler, generator):
