@@ -152,3 +152,67 @@ def test_engine_errors_reach_the_request(scheduler) -> None:
 def test_eos_ids_helper_is_what_the_server_uses(tiny_model_and_tokenizer) -> None:
     model, tokenizer = tiny_model_and_tokenizer
     assert tokenizer.eos_token_id in eos_ids(model, tokenizer)
+
+
+async def _late_request(sched: BatchScheduler, first: GenerationRequest, late: GenerationRequest, after: int):
+    """Run ``first``; once it has produced ``after`` tokens, submit ``late``. Returns both token lists and the
+    engine batch sizes ``first`` saw."""
+    first_out, sizes = [], []
+    late_task = None
+    async with contextlib.aclosing(sched.events(first, timeout_s=60)) as stream:
+        async for batch in stream:
+            first_out.extend(ev.token_id for ev in batch.events)
+            sizes.append(batch.batch_size)
+            if late_task is None and len(first_out) >= after:
+                late_task = asyncio.create_task(collect(sched, late))
+    return first_out, await late_task, sizes
+
+
+@pytest.mark.parametrize("kv", ["recompute", "propagate"])
+def test_a_late_request_joins_the_running_batch(engine, scheduler, kv) -> None:
+    config = ExitConfig(policy="final", kv=kv)
+    first = GenerationRequest(PROMPTS[2], config, greedy(40))
+    late = GenerationRequest(PROMPTS[0], config, greedy(8))
+    first_out, late_out, sizes = asyncio.run(_late_request(scheduler, first, late, after=3))
+    assert first_out == engine.generate([PROMPTS[2]], config, greedy(40))[0].token_ids
+    assert late_out == engine.generate([PROMPTS[0]], config, greedy(8))[0].token_ids
+    assert scheduler.batches == 1 and scheduler.joined_rows == 1
+    assert 2 in sizes and sizes[-1] == 1  # the engine batch grew when it joined and shrank when it finished
+
+
+def test_without_continuous_batching_a_late_request_starts_its_own_batch(engine) -> None:
+    sched = BatchScheduler(engine, max_batch_size=8, batch_wait_timeout_s=0.01, max_concurrent_batches=2,
+                           continuous=False).start()
+    try:
+        config = ExitConfig(policy="final", kv="propagate")
+        first = GenerationRequest(PROMPTS[2], config, greedy(40))
+        late = GenerationRequest(PROMPTS[0], config, greedy(8))
+        asyncio.run(_late_request(sched, first, late, after=3))
+        assert sched.batches == 2 and sched.joined_rows == 0
+    finally:
+        sched.stop()
+
+
+def test_a_cancelled_row_leaves_the_engine_batch(scheduler) -> None:
+    config = ExitConfig(policy="final", kv="propagate")
+
+    async def main():
+        leaving = GenerationRequest(PROMPTS[0], config, greedy(200))
+        staying = GenerationRequest(PROMPTS[1], config, greedy(30))
+        sizes = []
+
+        async def stay():
+            async with contextlib.aclosing(scheduler.events(staying, timeout_s=60)) as stream:
+                async for batch in stream:
+                    sizes.append(batch.batch_size)
+
+        async def leave():
+            async with contextlib.aclosing(scheduler.events(leaving, timeout_s=60)) as stream:
+                async for _ in stream:
+                    break
+
+        await asyncio.gather(stay(), leave())
+        return sizes
+
+    sizes = asyncio.run(main())
+    assert sizes[0] == 2 and sizes[-1] == 1 and len(sizes) <= 30

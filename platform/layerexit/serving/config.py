@@ -49,6 +49,11 @@ class ServeArgs(StrictModel):
         description="Batches decoded at once, interleaved step by step (new requests start without waiting for "
         "a running batch to finish).",
     )
+    continuous_batching: bool = Field(
+        True,
+        description="New requests join a running batch between decode steps (when it has room) instead of "
+        "waiting for a new batch; false = plain dynamic batching.",
+    )
     max_prompt_tokens: int = Field(2048, ge=1, description="Longest accepted prompt, in tokens (400 above).")
     max_tokens_limit: int = Field(1024, ge=1, description="Largest accepted `max_tokens` (400 above).")
     default_max_tokens: int = Field(256, ge=1, description="`max_tokens` when a request gives none.")

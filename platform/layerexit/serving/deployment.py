@@ -196,7 +196,7 @@ class EarlyExitLLM:
         self.scheduler = BatchScheduler(
             self.engine, self.args.max_batch_size, self.args.batch_wait_timeout_s, self.args.max_concurrent_batches,
             stall_timeout_s=max(120.0, self.args.request_timeout_s),
-            on_batch=lambda n: self.metrics.batch_size.observe(n),
+            on_batch=lambda n: self.metrics.batch_size.observe(n), continuous=self.args.continuous_batching,
         ).start()
         self._thresholds_cache: dict[str, dict[int, float] | None] = {}
         self._running = 0

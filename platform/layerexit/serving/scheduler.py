@@ -1,10 +1,13 @@
-"""Dynamic batching over the engine's step iterator, on one worker thread per replica.
+"""Continuous batching over the engine's step iterator, on one worker thread per replica.
 
 Requests wait in a pending list (at most ``batch_wait_timeout_s`` for company); the worker thread forms a batch
 from the oldest request and every pending request with the same exit config (the engine takes one ExitConfig
-per batch), up to ``max_batch_size``, and starts ``engine.stream`` on it. Up to ``max_concurrent_batches``
-batches run at once, stepped in turn, so a request that arrives while a long batch is decoding starts after
-one round instead of waiting for that batch to finish.
+per batch), up to ``max_batch_size``, and starts ``engine.stream`` on it. While a batch decodes, requests with
+its exit config join it between steps (``continuous``, the default) as long as it has room: the engine prefills
+them so their prompts end at the batch's current position, and rows whose client went away leave. Up to
+``max_concurrent_batches`` batches run at once, stepped in turn, for requests with other exit configs, for
+requests that do not fit a running batch (no room, a prompt longer than the batch's position so far) and for
+batches that cannot take joins at the moment (``kv: recompute`` while a deep layer's cache lags behind).
 
 Each step's tokens go to the requests' asyncio queues through ``loop.call_soon_threadsafe``. A request whose
 client went away (or that hit a stop string or its timeout) sets its ``cancelled`` flag: its tokens are dropped,
@@ -59,10 +62,44 @@ class TokenBatch:
 
 @dataclass
 class _Batch:
-    rows: list[GenerationRequest]
+    rows: list[GenerationRequest]  # in the engine's row index order; joined requests are appended
     gen: Any  # the engine's stream iterator
     results: list[SequenceResult]
     started: float = field(default_factory=time.monotonic)
+    key: str = ""
+    open: bool = False  # the engine offered to take joins at its last step
+    room: int = 0  # how many more rows it could take then
+
+    def live(self) -> int:
+        return sum(1 for r in self.rows if not (r.finished or r.cancelled.is_set()))
+
+
+class _Joiner:
+    """The engine's continuous-batching hooks for one running batch (called on the worker thread)."""
+
+    def __init__(self, scheduler: "BatchScheduler", batch: _Batch) -> None:
+        self.scheduler = scheduler
+        self.batch = batch
+
+    def admit(self, max_prompt_len: int, rows: int) -> list[tuple[list[int], SamplingParams]]:
+        sched, batch = self.scheduler, self.batch
+        batch.open = True
+        batch.room = sched.max_batch_size - rows
+        with sched._cond:
+            fits = [r for r in sched._pending if r.key == batch.key and not r.cancelled.is_set()
+                    and len(r.prompt_ids) <= max_prompt_len][: batch.room]
+            if not fits:
+                return []
+            taken = {id(r) for r in fits}
+            sched._pending = [r for r in sched._pending if id(r) not in taken]
+            batch.rows.extend(fits)
+        batch.room -= len(fits)
+        sched.joined_rows += len(fits)
+        sched.max_batch_seen = max(sched.max_batch_seen, rows + len(fits))
+        return [(r.prompt_ids, r.sampling) for r in fits]
+
+    def cancelled(self, index: int) -> bool:
+        return self.batch.rows[index].cancelled.is_set()
 
 
 class SchedulerError(RuntimeError):
@@ -74,8 +111,9 @@ class BatchScheduler:
 
     def __init__(self, engine: EarlyExitEngine, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.02,
                  max_concurrent_batches: int = 2, stall_timeout_s: float = 120.0,
-                 on_batch: Callable[[int], None] | None = None) -> None:
+                 on_batch: Callable[[int], None] | None = None, continuous: bool = True) -> None:
         self.engine = engine
+        self.continuous = continuous
         self.max_batch_size = max_batch_size
         self.batch_wait_timeout_s = batch_wait_timeout_s
         self.max_concurrent_batches = max_concurrent_batches
@@ -93,6 +131,7 @@ class BatchScheduler:
         self.steps = 0
         self.tokens = 0
         self.cancelled_rows = 0
+        self.joined_rows = 0  # requests that joined a running batch
         self.max_batch_seen = 0
         self.recent_batch_sizes: deque[int] = deque(maxlen=64)
 
@@ -131,6 +170,7 @@ class BatchScheduler:
             "steps": self.steps,
             "tokens": self.tokens,
             "cancelled_rows": self.cancelled_rows,
+            "joined_rows": self.joined_rows,
             "max_batch_size_seen": self.max_batch_seen,
             "recent_batch_sizes": list(self.recent_batch_sizes),
         }
@@ -201,10 +241,18 @@ class BatchScheduler:
     def _ready_batch(self, now: float) -> list[GenerationRequest] | None:
         """Under the lock: the next batch to start, or None when the oldest request should wait longer."""
         self._pending = [r for r in self._pending if not r.cancelled.is_set()]
-        if not self._pending:
+        # Requests a running batch will take at its next step stay out of new batches.
+        joining = {b.key: b.room for b in self._active if b.open and b.room > 0}
+        candidates = []
+        for r in self._pending:
+            if joining.get(r.key, 0) > 0:
+                joining[r.key] -= 1
+            else:
+                candidates.append(r)
+        if not candidates:
             return None
-        oldest = self._pending[0]
-        same = [r for r in self._pending if r.key == oldest.key][: self.max_batch_size]
+        oldest = candidates[0]
+        same = [r for r in candidates if r.key == oldest.key][: self.max_batch_size]
         if len(same) < self.max_batch_size and now - oldest.enqueued < self.batch_wait_timeout_s:
             return None
         taken = {id(r) for r in same}
@@ -213,9 +261,10 @@ class BatchScheduler:
 
     def _start_batch(self, rows: list[GenerationRequest]) -> None:
         results = [SequenceResult() for _ in rows]
-        gen = self.engine.stream([r.prompt_ids for r in rows], rows[0].exit_config, [r.sampling for r in rows],
-                                 results=results)
-        self._active.append(_Batch(rows, gen, results))
+        batch = _Batch(list(rows), None, results, key=rows[0].key)
+        batch.gen = self.engine.stream([r.prompt_ids for r in rows], rows[0].exit_config, [r.sampling for r in rows],
+                                       results=results, joiner=_Joiner(self, batch) if self.continuous else None)
+        self._active.append(batch)
         self.batches += 1
         self.max_batch_seen = max(self.max_batch_seen, len(rows))
         self.recent_batch_sizes.append(len(rows))
@@ -241,6 +290,7 @@ class BatchScheduler:
         if all(r.finished or r.cancelled.is_set() for r in batch.rows):
             self._finish_batch(batch)
             return
+        batch.open = False  # until the engine offers again during this step
         try:
             events = next(batch.gen)
         except StopIteration:
@@ -256,7 +306,7 @@ class BatchScheduler:
         by_row: dict[int, list[TokenEvent]] = {}
         for ev in events:
             by_row.setdefault(ev.index, []).append(ev)
-        size = len(batch.rows)
+        size = len(events)  # rows in the engine batch this step (joins and departures change it)
         for index, evs in by_row.items():
             row = batch.rows[index]
             if row.cancelled.is_set() or row.finished:
