@@ -123,6 +123,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-batch-size", type=int, default=None, help="default: --concurrency")
     parser.add_argument("--max-concurrent-batches", type=int, default=2,
                         help="server arg: batches decoded at once (1 = pure dynamic batching)")
+    parser.add_argument("--no-continuous", action="store_true",
+                        help="server arg continuous_batching=false: requests never join a running batch")
     parser.add_argument("--prompts", type=int, default=16, help="distinct prompts (builtin instructions)")
     parser.add_argument("--out", default="outputs/bench/serve_load.json")
     args = parser.parse_args(argv)
@@ -146,6 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
             "model": args.model, "model_name": "bench", "user_config": early, "torch_threads": cpus,
             "max_batch_size": args.max_batch_size or args.concurrency,
             "max_concurrent_batches": args.max_concurrent_batches, "max_tokens_limit": max(args.max_tokens, 16),
+            "continuous_batching": not args.no_continuous,
             "default_max_tokens": min(16, args.max_tokens), "request_timeout_s": 600,
             "deployment_options": {"ray_actor_options": {"num_cpus": cpus},
                                    "max_ongoing_requests": max(32, 2 * args.concurrency)},
@@ -168,7 +171,8 @@ def main(argv: list[str] | None = None) -> dict:
         "command": "benchmarks/serve_load.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "model": args.model, "early_exit_config": early, "concurrency": args.concurrency,
         "duration_s": args.duration, "rounds": args.rounds, "max_tokens": args.max_tokens,
-        "max_concurrent_batches": args.max_concurrent_batches, "cpus": cpus, "setup_s": round(setup_s, 1),
+        "max_concurrent_batches": args.max_concurrent_batches, "continuous_batching": not args.no_continuous,
+        "cpus": cpus, "setup_s": round(setup_s, 1),
         "phases": phases,
         "ratios_early_over_final": {
             "tokens_per_s": e["tokens_per_s"] / f["tokens_per_s"] if f["tokens_per_s"] else float("nan"),

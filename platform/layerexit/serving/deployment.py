@@ -115,7 +115,7 @@ class _Metrics:
                               boundaries=latency, tag_keys=("model", "route"))
         self.latency = Histogram("layerexit_request_latency_seconds", "Time from request to last token.",
                                  boundaries=latency, tag_keys=("model", "route"))
-        self.batch_size = Histogram("layerexit_batch_size", "Requests per engine batch.",
+        self.batch_size = Histogram("layerexit_batch_size", "Rows in the engine batch, per decode step.",
                                     boundaries=[1, 2, 4, 8, 16, 32, 64, 128, 256], tag_keys=("model",))
         self.cancelled = Counter("layerexit_cancelled_requests", "Requests stopped before the end (client "
                                  "disconnected or timed out).", tag_keys=("model", "reason"))
@@ -196,7 +196,7 @@ class EarlyExitLLM:
         self.scheduler = BatchScheduler(
             self.engine, self.args.max_batch_size, self.args.batch_wait_timeout_s, self.args.max_concurrent_batches,
             stall_timeout_s=max(120.0, self.args.request_timeout_s),
-            on_batch=lambda n: self.metrics.batch_size.observe(n), continuous=self.args.continuous_batching,
+            on_step=lambda n: self.metrics.batch_size.observe(n), continuous=self.args.continuous_batching,
         ).start()
         self._thresholds_cache: dict[str, dict[int, float] | None] = {}
         self._running = 0

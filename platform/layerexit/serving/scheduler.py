@@ -111,14 +111,14 @@ class BatchScheduler:
 
     def __init__(self, engine: EarlyExitEngine, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.02,
                  max_concurrent_batches: int = 2, stall_timeout_s: float = 120.0,
-                 on_batch: Callable[[int], None] | None = None, continuous: bool = True) -> None:
+                 on_step: Callable[[int], None] | None = None, continuous: bool = True) -> None:
         self.engine = engine
         self.continuous = continuous
         self.max_batch_size = max_batch_size
         self.batch_wait_timeout_s = batch_wait_timeout_s
         self.max_concurrent_batches = max_concurrent_batches
         self.stall_timeout_s = stall_timeout_s
-        self.on_batch = on_batch
+        self.on_step = on_step  # called with the engine batch's row count after every decode step
         self._cond = threading.Condition()
         self._pending: list[GenerationRequest] = []
         self._active: list[_Batch] = []
@@ -268,11 +268,6 @@ class BatchScheduler:
         self.batches += 1
         self.max_batch_seen = max(self.max_batch_seen, len(rows))
         self.recent_batch_sizes.append(len(rows))
-        if self.on_batch is not None:
-            try:
-                self.on_batch(len(rows))
-            except Exception:  # noqa: BLE001 - metrics must never break generation
-                logger.exception("on_batch callback failed")
 
     def _finish_batch(self, batch: _Batch, error: BaseException | None = None) -> None:
         try:
@@ -307,6 +302,11 @@ class BatchScheduler:
         for ev in events:
             by_row.setdefault(ev.index, []).append(ev)
         size = len(events)  # rows in the engine batch this step (joins and departures change it)
+        if self.on_step is not None:
+            try:
+                self.on_step(size)
+            except Exception:  # noqa: BLE001 - metrics must never break generation
+                logger.exception("on_step callback failed")
         for index, evs in by_row.items():
             row = batch.rows[index]
             if row.cancelled.is_set() or row.finished:
