@@ -171,10 +171,10 @@ async def _late_request(sched: BatchScheduler, first: GenerationRequest, late: G
 @pytest.mark.parametrize("kv", ["recompute", "propagate"])
 def test_a_late_request_joins_the_running_batch(engine, scheduler, kv) -> None:
     config = ExitConfig(policy="final", kv=kv)
-    first = GenerationRequest(PROMPTS[2], config, greedy(40))
+    first = GenerationRequest(PROMPTS[2], config, greedy(200))  # long enough to be running when the late one comes
     late = GenerationRequest(PROMPTS[0], config, greedy(8))
     first_out, late_out, sizes = asyncio.run(_late_request(scheduler, first, late, after=3))
-    assert first_out == engine.generate([PROMPTS[2]], config, greedy(40))[0].token_ids
+    assert first_out == engine.generate([PROMPTS[2]], config, greedy(200))[0].token_ids
     assert late_out == engine.generate([PROMPTS[0]], config, greedy(8))[0].token_ids
     assert scheduler.batches == 1 and scheduler.joined_rows == 1
     assert 2 in sizes and sizes[-1] == 1  # the engine batch grew when it joined and shrank when it finished
@@ -185,7 +185,7 @@ def test_without_continuous_batching_a_late_request_starts_its_own_batch(engine)
                            continuous=False).start()
     try:
         config = ExitConfig(policy="final", kv="propagate")
-        first = GenerationRequest(PROMPTS[2], config, greedy(40))
+        first = GenerationRequest(PROMPTS[2], config, greedy(200))
         late = GenerationRequest(PROMPTS[0], config, greedy(8))
         asyncio.run(_late_request(sched, first, late, after=3))
         assert sched.batches == 2 and sched.joined_rows == 0
@@ -198,7 +198,7 @@ def test_a_cancelled_row_leaves_the_engine_batch(scheduler) -> None:
 
     async def main():
         leaving = GenerationRequest(PROMPTS[0], config, greedy(200))
-        staying = GenerationRequest(PROMPTS[1], config, greedy(30))
+        staying = GenerationRequest(PROMPTS[1], config, greedy(150))
         sizes = []
 
         async def stay():
@@ -215,4 +215,30 @@ def test_a_cancelled_row_leaves_the_engine_batch(scheduler) -> None:
         return sizes
 
     sizes = asyncio.run(main())
-    assert sizes[0] == 2 and sizes[-1] == 1 and len(sizes) <= 30
+    assert sizes[0] == 2 and sizes[-1] == 1 and len(sizes) <= 150
+
+
+def test_a_prompt_too_long_to_join_starts_its_own_batch(engine) -> None:
+    """A running batch can only take prompts up to its current position; a longer one must not wait for it."""
+    scheduler = BatchScheduler(engine, max_batch_size=8, batch_wait_timeout_s=0.01, max_concurrent_batches=2).start()
+    config = ExitConfig(policy="final", kv="propagate")
+    first = GenerationRequest(PROMPTS[1], config, greedy(150))  # positions never reach 200
+    long_prompt = [5 + i % 400 for i in range(200)]
+    late = GenerationRequest(long_prompt, config, greedy(5))
+
+    async def main():
+        task = asyncio.create_task(collect(scheduler, first))
+        while scheduler.steps < 3:
+            await asyncio.sleep(0.001)
+        late_out = await collect(scheduler, late)
+        first_still_running = not task.done()
+        await task
+        return late_out, first_still_running
+
+    try:
+        late_out, first_still_running = asyncio.run(main())
+    finally:
+        scheduler.stop()
+    assert late_out == engine.generate([long_prompt], config, greedy(5))[0].token_ids
+    assert scheduler.batches == 2 and scheduler.joined_rows == 0
+    assert first_still_running, "the long prompt waited for the running batch instead of starting its own"

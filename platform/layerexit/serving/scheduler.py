@@ -69,6 +69,7 @@ class _Batch:
     key: str = ""
     open: bool = False  # the engine offered to take joins at its last step
     room: int = 0  # how many more rows it could take then
+    max_join_len: int = 0  # the longest prompt it could take then (its position; grows by one per step)
 
     def live(self) -> int:
         return sum(1 for r in self.rows if not (r.finished or r.cancelled.is_set()))
@@ -85,6 +86,7 @@ class _Joiner:
         sched, batch = self.scheduler, self.batch
         batch.open = True
         batch.room = sched.max_batch_size - rows
+        batch.max_join_len = max_prompt_len
         with sched._cond:
             fits = [r for r in sched._pending if r.key == batch.key and not r.cancelled.is_set()
                     and len(r.prompt_ids) <= max_prompt_len][: batch.room]
@@ -241,12 +243,14 @@ class BatchScheduler:
     def _ready_batch(self, now: float) -> list[GenerationRequest] | None:
         """Under the lock: the next batch to start, or None when the oldest request should wait longer."""
         self._pending = [r for r in self._pending if not r.cancelled.is_set()]
-        # Requests a running batch will take at its next step stay out of new batches.
-        joining = {b.key: b.room for b in self._active if b.open and b.room > 0}
+        # Requests a running batch will take at its next step stay out of new batches; a prompt longer than
+        # that batch's position so far could not join it yet, so it goes to a new batch rather than wait.
+        room = {b.key: b.room for b in self._active if b.open and b.room > 0}
+        fits = {b.key: b.max_join_len + 1 for b in self._active if b.open and b.room > 0}
         candidates = []
         for r in self._pending:
-            if joining.get(r.key, 0) > 0:
-                joining[r.key] -= 1
+            if room.get(r.key, 0) > 0 and len(r.prompt_ids) <= fits[r.key]:
+                room[r.key] -= 1
             else:
                 candidates.append(r)
         if not candidates:
