@@ -52,18 +52,23 @@ def spacy_similarities(references: Sequence[str], others: Sequence[str]) -> list
 
     en_core_web_sm has no word vectors; spaCy then compares the averaged context tensors (its warning W007).
     """
-    nlp = spacy_model()
     out: list[float] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        docs_a = list(nlp.pipe([r.strip() for r in references]))
-        docs_b = list(nlp.pipe([o.strip() for o in others]))
+        docs_a = _spacy_docs(tuple(r.strip() for r in references))
+        docs_b = _spacy_docs(tuple(o.strip() for o in others))
         for a, b in zip(docs_a, docs_b, strict=True):
             if not a.text or not b.text:
                 out.append(1.0 if a.text == b.text else 0.0)
             else:
                 out.append(float(a.similarity(b)))
     return out
+
+
+@lru_cache(maxsize=4)
+def _spacy_docs(texts: tuple[str, ...]) -> list:
+    """Parsed texts; callers compare one reference set with many candidate sets, so it is parsed once."""
+    return list(spacy_model().pipe(texts))
 
 
 @lru_cache(maxsize=1)
