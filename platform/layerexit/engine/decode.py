@@ -112,17 +112,18 @@ class _Rows:
         return self.tokens.shape[1]
 
     def keep(self, rows: torch.Tensor) -> None:
-        self.tokens, self.valid, self.pad_off = self.tokens[rows], self.valid[rows], self.pad_off[rows]
+        on = rows.to(self.tokens.device)
+        self.tokens, self.valid, self.pad_off = self.tokens[on], self.valid[on], self.pad_off[on]
         self.index, self.counts = self.index[rows], self.counts[rows]
         if self.cache is not None:
-            self.cache.select_rows(rows)
-            self.deep_h = self.deep_h[rows]
+            self.cache.select_rows(on)
+            self.deep_h = self.deep_h[on]
 
     def widen(self, width: int, pad: int) -> None:
         extra = width - self.width
         B = self.tokens.shape[0]
-        self.tokens = torch.cat([self.tokens, torch.full((B, extra), pad, dtype=torch.long)], dim=1)
-        self.valid = torch.cat([self.valid, torch.zeros((B, extra), dtype=torch.bool)], dim=1)
+        self.tokens = torch.cat([self.tokens, self.tokens.new_full((B, extra), pad)], dim=1)
+        self.valid = torch.cat([self.valid, self.valid.new_zeros((B, extra))], dim=1)
         if self.cache is not None:
             self.cache.widen(width)
             self.deep_h = torch.cat([self.deep_h, self.deep_h.new_zeros((B, extra, self.deep_h.shape[2]))], dim=1)
@@ -159,13 +160,13 @@ class _RowSampler:
         self.generators += other.generators
 
     def pick(self, rows: torch.Tensor, logits: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-        # Shape: logits, probs (n, V) for batch rows ``rows`` -> tokens (n,)
-        out = probs.argmax(dim=-1)
+        # Shape: logits, probs (n, V) for batch rows ``rows`` -> tokens (n,), on the CPU
+        out = probs.argmax(dim=-1).cpu()
         for j, r in enumerate(rows.tolist()):
             p = self.params[r]
             if p.temperature <= 0:
                 continue
-            dist = torch.softmax(logits[j] / p.temperature, dim=-1)
+            dist = torch.softmax(logits[j].float().cpu() / p.temperature, dim=-1)  # the row's generator is a CPU one
             if p.top_p < 1.0:
                 sorted_p, idx = dist.sort(descending=True)
                 cut = sorted_p.cumsum(0) - sorted_p > p.top_p
@@ -256,7 +257,8 @@ class EarlyExitEngine:
         mask = valid[:, None, None, :kv] & (k_pos <= q_pos)[None, None]
         mask = mask | (k_pos == q_pos)[None, None]  # a padded query sees itself: no all-masked row, no NaN
         if self.eager:
-            return torch.zeros(mask.shape, dtype=self.dtype).masked_fill(~mask, torch.finfo(self.dtype).min)
+            return torch.zeros(mask.shape, dtype=self.dtype, device=mask.device).masked_fill(
+                ~mask, torch.finfo(self.dtype).min)
         return mask
 
     def positions(self, pad_off: torch.Tensor, q_start: int, n: int) -> torch.Tensor:
@@ -298,8 +300,10 @@ class EarlyExitEngine:
     def decide(self, policy: ExitPolicy, step: int, n: int, hidden_at: Callable[[int], torch.Tensor],
                sampler: _RowSampler, generator: torch.Generator) -> _Decision:
         """Ask the policy for each of n rows; ``hidden_at(k)`` returns last-position hidden (n, H) at layer k,
-        running layers as needed (monotonically)."""
+        running layers as needed (monotonically). Row bookkeeping (tokens, layers, counts) lives on the CPU;
+        hidden states, logits and the policy's scores on the model's device."""
         L = self.L
+        dev = self.device
         layers = torch.full((n,), L, dtype=torch.long)
         heads = torch.zeros(n, dtype=torch.long)
         if not policy.uses_logits:
@@ -315,40 +319,43 @@ class EarlyExitEngine:
                 depth = L
                 for k in policy.exit_layers:
                     rows = undecided.nonzero().squeeze(1)
-                    h = hidden_at(k)[rows]
+                    h = hidden_at(k)[rows.to(dev)]
                     ex, _score = policy.should_exit_hidden(k, self.parts.norm(h))
+                    ex = ex.cpu()
                     probes[rows] += 1
-                    exit_h[rows[ex]] = h[ex]
+                    exit_h[rows[ex].to(dev)] = h[ex.to(dev)]
                     layers[rows[ex]] = k
                     undecided[rows[ex]] = False
                     if not undecided.any():
                         depth = k
                         break
                 if undecided.any():
-                    exit_h[undecided] = hidden_at(L)[undecided]
+                    rest = undecided.nonzero().squeeze(1).to(dev)
+                    exit_h[rest] = hidden_at(L)[rest]
             else:
                 layers = policy.choose_layers(n, step, generator)
                 for k in sorted(set(layers.tolist())):
-                    rows = layers == k
+                    rows = (layers == k).nonzero().squeeze(1).to(dev)
                     exit_h[rows] = hidden_at(k)[rows]
                 depth = int(layers.max())
             logits, probs = self.head_probs(exit_h)
             heads += 1
             all_rows = torch.arange(n)
-            return _Decision(sampler.pick(all_rows, logits, probs), layers, probs.max(dim=-1).values, heads, depth,
-                             probes)
+            return _Decision(sampler.pick(all_rows, logits, probs), layers, probs.max(dim=-1).values.cpu(), heads,
+                             depth, probes)
         tokens = torch.zeros(n, dtype=torch.long)
         conf = torch.zeros(n)
         undecided = torch.ones(n, dtype=torch.bool)
         for k in [*policy.exit_layers, L]:
             rows = undecided.nonzero().squeeze(1)
-            logits, probs = self.head_probs(hidden_at(k)[rows])
+            logits, probs = self.head_probs(hidden_at(k)[rows.to(dev)])
             heads[rows] += 1
-            ex = torch.ones(len(rows), dtype=torch.bool) if k == L else policy.should_exit(k, probs)
+            ex = torch.ones(len(rows), dtype=torch.bool) if k == L else policy.should_exit(k, probs).cpu()
             if ex.any():
                 sel = rows[ex]
-                tokens[sel] = sampler.pick(sel, logits[ex], probs[ex])
-                conf[sel] = probs[ex].max(dim=-1).values
+                on = ex.to(dev)
+                tokens[sel] = sampler.pick(sel, logits[on], probs[on])
+                conf[sel] = probs[on].max(dim=-1).values.cpu()
                 layers[sel] = k
                 undecided[sel] = False
             if not undecided.any():
@@ -363,18 +370,20 @@ class EarlyExitEngine:
         buffers ``width`` positions wide: the prefill and the first token's decision.
         Returns (rows, sampler, decision, layer_flops, full_cost)."""
         B = len(prompts)
+        dev = self.device
         ids, mask = pad_left(prompts, self.pad)
+        ids, mask = ids.to(dev), mask.to(dev)
         P = ids.shape[1]
-        valid = torch.zeros((B, width), dtype=torch.bool)
+        valid = torch.zeros((B, width), dtype=torch.bool, device=dev)
         valid[:, q_start : q_start + P] = mask.bool()
-        tokens = torch.full((B, width), self.pad, dtype=torch.long)
+        tokens = torch.full((B, width), self.pad, dtype=torch.long, device=dev)
         tokens[:, q_start : q_start + P] = ids
         pad_off = q_start + (mask == 0).sum(dim=1)
         cache = deep_h = None
         if kv != "none":
-            cache = ExitKVCache(self.L, B, width, self.kv_heads, self.head_dim, self.dtype, self.device)
+            cache = ExitKVCache(self.L, B, width, self.kv_heads, self.head_dim, self.dtype, dev)
             cache.lengths = [q_start] * self.L  # positions before the prompt are masked out: never read
-            deep_h = torch.zeros((B, width, self.model.config.hidden_size), dtype=self.dtype)
+            deep_h = torch.zeros((B, width, self.model.config.hidden_size), dtype=self.dtype, device=dev)
         rows = _Rows(tokens, valid, pad_off, torch.arange(first_index, first_index + B),
                      torch.zeros(B, dtype=torch.long), cache, deep_h)
         sampler = _RowSampler(params)
@@ -446,6 +455,7 @@ class EarlyExitEngine:
                 sampler.select(keep)
             step += 1
             n = len(batch.index)
+            x = x.to(self.device)
             batch.tokens[:, t] = x
             batch.valid[:, t] = True
             if kv == "none":

@@ -138,9 +138,9 @@ class ClassifierPolicy(ExitPolicy):
         c = self.classifier
         top, gap = top2_features(probs.float())
         x = torch.stack([top, gap], dim=-1)
-        mean = torch.tensor(c.mean[layer])
-        scale = torch.tensor(c.scale[layer])
-        w = torch.tensor(c.coef[layer])
+        mean = torch.tensor(c.mean[layer], device=x.device)
+        scale = torch.tensor(c.scale[layer], device=x.device)
+        w = torch.tensor(c.coef[layer], device=x.device)
         return ((x - mean) / scale) @ w + c.intercept[layer] > 0
 
 
@@ -160,7 +160,7 @@ class ProbePolicy(ExitPolicy):
         self._b = {l: float(probe.bias[l]) for l in layers}
 
     def exit_scores(self, layer, normed):
-        w = self._w[layer].to(normed.dtype)
+        w = self._w[layer].to(normed.device, normed.dtype)
         return torch.sigmoid((normed @ w[:, None]).squeeze(-1).float() + self._b[layer])
 
     def should_exit_hidden(self, layer, normed):

@@ -42,6 +42,8 @@ def hf_greedy_generate(
     cut after the first EOS (which is kept)."""
     eos = eos if eos is not None else eos_ids(model)
     ids, mask = pad_left(prompts, pad_id)
+    device = next(model.parameters()).device
+    ids, mask = ids.to(device), mask.to(device)
     with torch.inference_mode():
         out = model.generate(
             input_ids=ids,

@@ -29,8 +29,8 @@ def stream_self_speculative(engine, prompts: Sequence[Sequence[int]], draft_laye
         P = len(prompt)
         T_max = P + p.max_new_tokens + num_draft + 1
         cache = ExitKVCache(L, 1, T_max, engine.kv_heads, engine.head_dim, engine.dtype, engine.device)
-        valid = torch.ones((1, T_max), dtype=torch.bool)
-        pad_off = torch.zeros(1, dtype=torch.long)
+        valid = torch.ones((1, T_max), dtype=torch.bool, device=engine.device)
+        pad_off = torch.zeros(1, dtype=torch.long, device=engine.device)
 
         def run(first: int, last: int, h: torch.Tensor, start: int) -> torch.Tensor:
             n = h.shape[1]
@@ -41,7 +41,7 @@ def stream_self_speculative(engine, prompts: Sequence[Sequence[int]], draft_laye
                 h = engine.run_layer(k, h, am, pos, rope, cache)
             return h
 
-        ids = torch.tensor([list(prompt)], dtype=torch.long)
+        ids = torch.tensor([list(prompt)], dtype=torch.long, device=engine.device)
         h = run(1, L, engine.parts.embed(ids), 0)
         if results is not None:
             results[index].prefill_flops = L * F.layer(P, P)
@@ -58,7 +58,7 @@ def stream_self_speculative(engine, prompts: Sequence[Sequence[int]], draft_laye
             hidden = []
             x = z
             for i in range(k + 1):
-                hd = run(1, d, engine.parts.embed(torch.tensor([[x]])), t + i)
+                hd = run(1, d, engine.parts.embed(torch.tensor([[x]], device=engine.device)), t + i)
                 flops += d * F.layer(1, t + i + 1)
                 hidden.append(hd)
                 if i < k:

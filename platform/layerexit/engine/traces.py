@@ -24,7 +24,7 @@ def layer_predictions(model, sequence: Sequence[int], prompt_len: int, layers: S
     ``keep_hidden`` a fourth: the final-normed hidden states (len(layers), G, H) in float16."""
     parts = decoder_parts(model)
     layers = check_layers(parts, layers if layers is not None else range(1, parts.num_layers + 1))
-    ids = torch.tensor([list(sequence)], dtype=torch.long)
+    ids = torch.tensor([list(sequence)], dtype=torch.long, device=next(model.parameters()).device)
     sl = slice(prompt_len - 1, len(sequence) - 1)
     g = sl.stop - sl.start
     top1 = torch.empty((len(layers), g), dtype=torch.long)
@@ -35,12 +35,13 @@ def layer_predictions(model, sequence: Sequence[int], prompt_len: int, layers: S
         hidden = collect_hidden_states(model, ids, layers)
         for i, layer in enumerate(layers):
             if keep_hidden:
-                normed[i] = parts.norm(hidden[layer][0, sl]).half()
+                normed[i] = parts.norm(hidden[layer][0, sl]).half().cpu()
             probs = exit_logits(parts, hidden[layer][0, sl]).float().softmax(-1)  # Shape: (G, V)
             top = probs.topk(2, dim=-1)
-            top1[i] = top.indices[:, 0]
-            conf[i] = top.values[:, 0]
-            gap[i] = top.values[:, 0] - top.values[:, 1]
+            values, indices = top.values.cpu(), top.indices.cpu()
+            top1[i] = indices[:, 0]
+            conf[i] = values[:, 0]
+            gap[i] = values[:, 0] - values[:, 1]
     if keep_hidden:
         return top1, conf, gap, normed
     return top1, conf, gap
