@@ -71,9 +71,6 @@ class _Batch:
     room: int = 0  # how many more rows it could take then
     max_join_len: int = 0  # the longest prompt it could take then (its position; grows by one per step)
 
-    def live(self) -> int:
-        return sum(1 for r in self.rows if not (r.finished or r.cancelled.is_set()))
-
 
 class _Joiner:
     """The engine's continuous-batching hooks for one running batch (called on the worker thread)."""
@@ -245,12 +242,12 @@ class BatchScheduler:
         self._pending = [r for r in self._pending if not r.cancelled.is_set()]
         # Requests a running batch will take at its next step stay out of new batches; a prompt longer than
         # that batch's position so far could not join it yet, so it goes to a new batch rather than wait.
-        room = {b.key: b.room for b in self._active if b.open and b.room > 0}
-        fits = {b.key: b.max_join_len + 1 for b in self._active if b.open and b.room > 0}
+        joinable = {b.key: [b.room, b.max_join_len + 1] for b in self._active if b.open and b.room > 0}
         candidates = []
         for r in self._pending:
-            if room.get(r.key, 0) > 0 and len(r.prompt_ids) <= fits[r.key]:
-                room[r.key] -= 1
+            slot = joinable.get(r.key)  # [places left, longest prompt it takes at its next step]
+            if slot and slot[0] > 0 and len(r.prompt_ids) <= slot[1]:
+                slot[0] -= 1
             else:
                 candidates.append(r)
         if not candidates:
