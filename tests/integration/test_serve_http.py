@@ -252,6 +252,35 @@ def test_sixteen_concurrent_requests_succeed_and_are_batched(stack: Stack) -> No
     assert status["batches"] - before < 16 and status["max_batch_size_seen"] > 1
 
 
+def test_a_request_joins_a_running_stream_batch(stack: Stack) -> None:
+    """Continuous batching over HTTP: a request sent while a long stream is decoding joins its batch."""
+    before = stack.status()["scheduler"]
+
+    async def main():
+        client = stack.async_client()
+        try:
+            stream = await client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "Count slowly."}], max_tokens=MAX_TOKENS,
+                temperature=0, stream=True, extra_body={"early_exit": {"policy": "final"}})
+            late, content_chunks = None, 0
+            async for chunk in stream:
+                content_chunks += bool(chunk.choices and chunk.choices[0].delta.content)
+                if late is None and content_chunks >= 3:  # the long one is decoding: send the second now
+                    late = asyncio.create_task(client.chat.completions.create(
+                        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0,
+                        extra_body={"early_exit": {"policy": "final"}}))
+            assert late is not None, "the long answer ended before three content chunks"
+            return await late
+        finally:
+            await client.close()
+
+    late = asyncio.run(asyncio.wait_for(main(), 180))
+    after = stack.status()["scheduler"]
+    assert late.choices[0].finish_reason in ("stop", "length")
+    assert after["joined_rows"] > before["joined_rows"]
+    assert early_exit(late)["batch_size"] == 2
+
+
 # ------------------------------------------------------------------------------------------- bad input
 
 CHAT_OK = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
