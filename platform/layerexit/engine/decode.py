@@ -71,7 +71,6 @@ class _Decision:
     layers: torch.Tensor  # (n,)
     confidence: torch.Tensor  # (n,)
     heads: torch.Tensor  # (n,) LM-head evaluations per row
-    depth: int  # layers the batch ran
     probes: torch.Tensor | None = None  # (n,) probe evaluations per row (probe policy)
 
     def cat(self, other: "_Decision") -> "_Decision":
@@ -79,7 +78,7 @@ class _Decision:
         probes = None if self.probes is None else torch.cat([self.probes, other.probes])
         return _Decision(torch.cat([self.tokens, other.tokens]), torch.cat([self.layers, other.layers]),
                          torch.cat([self.confidence, other.confidence]), torch.cat([self.heads, other.heads]),
-                         max(self.depth, other.depth), probes)
+                         probes)
 
 
 class BatchJoiner(Protocol):
@@ -316,7 +315,6 @@ class EarlyExitEngine:
             if policy.uses_hidden:
                 probes = torch.zeros(n, dtype=torch.long)
                 undecided = torch.ones(n, dtype=torch.bool)
-                depth = L
                 for k in policy.exit_layers:
                     rows = undecided.nonzero().squeeze(1)
                     h = hidden_at(k)[rows.to(dev)]
@@ -327,7 +325,6 @@ class EarlyExitEngine:
                     layers[rows[ex]] = k
                     undecided[rows[ex]] = False
                     if not undecided.any():
-                        depth = k
                         break
                 if undecided.any():
                     rest = undecided.nonzero().squeeze(1).to(dev)
@@ -337,12 +334,11 @@ class EarlyExitEngine:
                 for k in sorted(set(layers.tolist())):
                     rows = (layers == k).nonzero().squeeze(1).to(dev)
                     exit_h[rows] = hidden_at(k)[rows]
-                depth = int(layers.max())
             logits, probs = self.head_probs(exit_h)
             heads += 1
             all_rows = torch.arange(n)
             return _Decision(sampler.pick(all_rows, logits, probs), layers, probs.max(dim=-1).values.cpu(), heads,
-                             depth, probes)
+                             probes)
         tokens = torch.zeros(n, dtype=torch.long)
         conf = torch.zeros(n)
         undecided = torch.ones(n, dtype=torch.bool)
@@ -359,7 +355,7 @@ class EarlyExitEngine:
                 layers[sel] = k
                 undecided[sel] = False
             if not undecided.any():
-                return _Decision(tokens, layers, conf, heads, k)
+                return _Decision(tokens, layers, conf, heads)
         raise AssertionError("unreachable: the final layer always decides")
 
     # ------------------------------------------------------------------------------------------ the loop
