@@ -7,8 +7,8 @@ final norm and LM head, so no new weights exist and a LITE-trained checkpoint lo
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -27,6 +27,9 @@ class DecoderParts:
     norm: nn.Module
     head: nn.Module
     rotary: nn.Module | None
+    # Exit adapters (frozen-base recipe): layer -> module applied to h_l before the shared norm + head.
+    # Empty for LITE checkpoints, whose exits use the shared norm + head directly.
+    adapters: Mapping[int, nn.Module] = field(default_factory=dict)
 
     @property
     def num_layers(self) -> int:
@@ -61,7 +64,24 @@ def decoder_parts(model: nn.Module) -> DecoderParts:
         norm=base.norm,
         head=model.lm_head,
         rotary=getattr(base, "rotary_emb", None),
+        adapters=dict(getattr(model, ADAPTERS_ATTR, None) or {}),
     )
+
+
+# Adapters ride on the model object without being registered as submodules, so the base model's
+# state_dict, save_pretrained and optimizer see the stock weights only.
+ADAPTERS_ATTR = "_layerexit_exit_adapters"
+
+
+def attach_exit_adapters(model: nn.Module, adapters: Mapping[int, nn.Module] | None) -> None:
+    """Make every exit path (engine, traces, alignment, training) use ``adapters`` (layer -> module)."""
+    object.__setattr__(model, ADAPTERS_ATTR, dict(adapters or {}))
+
+
+def exit_hidden(parts: DecoderParts, layer: int | None, hidden: torch.Tensor) -> torch.Tensor:
+    """The hidden state an exit at ``layer`` feeds to the final norm: through its adapter when it has one."""
+    adapter = parts.adapters.get(layer) if layer is not None else None
+    return hidden if adapter is None else adapter(hidden)
 
 
 def check_layers(parts: DecoderParts, layers: Iterable[int]) -> list[int]:
@@ -76,10 +96,10 @@ def check_layers(parts: DecoderParts, layers: Iterable[int]) -> list[int]:
     return layers
 
 
-def exit_logits(parts: DecoderParts, hidden: torch.Tensor) -> torch.Tensor:
-    """Decode a layer's pre-norm hidden state through the final norm and the shared LM head."""
+def exit_logits(parts: DecoderParts, hidden: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+    """Decode a layer's pre-norm hidden state through its adapter (if any), the final norm and the shared LM head."""
     # Shape: hidden (..., H) -> logits (..., V)
-    return parts.head(parts.norm(hidden))
+    return parts.head(parts.norm(exit_hidden(parts, layer, hidden)))
 
 
 def default_position_ids(attention_mask: torch.Tensor | None, input_ids: torch.Tensor, past_length: int = 0) -> torch.Tensor:
