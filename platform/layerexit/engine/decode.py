@@ -46,6 +46,11 @@ class TokenEvent:
     flops_full: int  # what the same token costs at full depth (same KV strategy)
     finished: bool = False
     finish_reason: str | None = None  # "stop" (EOS / stop id) or "length"
+    # Only when the row's SamplingParams.logprobs is set: log-softmax of the chosen token under the full-vocabulary
+    # distribution of the layer the token was taken from (self-speculative: the verifying final layer), and the
+    # top-k (token id, logprob) pairs of that distribution.
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
 
 
 @dataclass
@@ -60,6 +65,8 @@ class SequenceResult:
     prefill_flops: int = 0
     seconds: float = 0.0
     finish_reason: str | None = None
+    logprobs: list[float] = field(default_factory=list)  # filled when SamplingParams.logprobs is set
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -207,6 +214,9 @@ class EarlyExitEngine:
                 r.confidences.append(ev.confidence)
                 r.flops += ev.flops
                 r.flops_full += ev.flops_full
+                if ev.logprob is not None:
+                    r.logprobs.append(ev.logprob)
+                    r.top_logprobs.append(ev.top_logprobs or [])
                 r.seconds = now
                 if ev.finished:
                     r.finish_reason = ev.finish_reason

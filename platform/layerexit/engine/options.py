@@ -24,6 +24,7 @@ from layerexit.errors import ConfigError
 
 KV_STRATEGIES = ("none", "propagate", "recompute")
 DEFAULT_PRESET = "paper-7b"
+MAX_TOP_LOGPROBS = 20
 
 
 class ExitConfig(StrictModel):
@@ -145,6 +146,9 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop_token_ids: set[int] = field(default_factory=set)
+    # Per-token log-probabilities: None = off; 0 = the chosen token's only; k in 1..20 = also the top k. They are
+    # the log-softmax of the raw (temperature-free) full-vocabulary logits of the layer the token was taken from.
+    logprobs: int | None = None
 
     def validate(self) -> "SamplingParams":
         if self.max_new_tokens < 1:
@@ -153,4 +157,7 @@ class SamplingParams:
             raise ConfigError(f"temperature must be >= 0, got {self.temperature}", "use 0 for greedy decoding")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}", "use 1.0 to disable nucleus sampling")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise ConfigError(f"logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {self.logprobs}",
+                              f"ask for at most {MAX_TOP_LOGPROBS} alternatives (0 = the chosen token only)")
         return self
