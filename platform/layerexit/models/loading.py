@@ -4,6 +4,9 @@ Accepted specs: ``smollm2`` (the embedded default), a local Hugging Face directo
 (converted once into the cache), an MLflow model URI (``models:/layerexit-smollm2_lite@trained``, ``runs:/...``;
 downloaded once into ``$LAYEREXIT_HOME/mlflow``), or a hub id such as ``meta-llama/Llama-2-7b-hf`` (only when
 the hub is reachable or the id is already in the local HF cache).
+
+A model directory that ships ``exit_adapters/`` (the frozen-base recipe) is loaded with those adapters attached,
+so every consumer (engine, alignment, bench, Tune, Serve) uses the exits as trained.
 """
 
 from __future__ import annotations
@@ -96,4 +99,19 @@ def load_model_and_tokenizer(
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device)
     model.eval()
+    attach_shipped_adapters(model, tokenizer, resolved.location)
     return model, tokenizer
+
+
+def attach_shipped_adapters(model, tokenizer, location: str | Path) -> dict:
+    """Attach the exit adapters a model directory ships in ``exit_adapters/`` (frozen-base recipe), checking that
+    they were trained for this model and tokenizer; returns them ({} when the directory has none)."""
+    from layerexit.models.adapters import find_adapters_dir, load_adapters
+    from layerexit.models.exits import attach_exit_adapters
+
+    found = find_adapters_dir(location) if Path(str(location)).is_dir() else None
+    if found is None:
+        return {}
+    adapters = load_adapters(found, model, tokenizer, field="model (exit_adapters)")
+    attach_exit_adapters(model, adapters)
+    return adapters
