@@ -9,7 +9,10 @@ Outputs (in output_dir): pareto.png, trials.csv, front.csv, report.md, summary.j
 user_config.yaml, traces.npz, ray_results/. With --serve-config the deployment's user_config block is rewritten
 in place (comments kept); `serve deploy <file>` then applies it without restarting replicas.
 
-Exit status: 0 done; 2 bad input (one line on stderr); 3 no confirmed threshold set reached quality.min (the best
+Check only (load and validate the YAML with its overrides and the search space, start nothing):
+    python jobs/tune_thresholds.py --config tune/smollm2.yaml --check
+
+Exit status: 0 done (or valid, with --check); 2 bad input (one line on stderr); 3 no confirmed threshold set reached quality.min (the best
 found is still reported and exported to output_dir, the Serve config is left unchanged).
 """
 
@@ -19,12 +22,42 @@ import argparse
 import sys
 
 
+def check(config: str, overrides: list[str], serve_config: str | None) -> int:
+    """--check: the same validation ``run_tuning`` does before it starts Ray, and nothing else."""
+    from pathlib import Path
+
+    from layerexit.config import load_config
+    from layerexit.errors import ConfigError, LayerexitError
+    from layerexit.tuning.search import TuneSearchConfig
+    from layerexit.tuning.space import ThresholdSpace
+
+    try:
+        cfg = load_config(TuneSearchConfig, config, list(overrides))
+        space = ThresholdSpace.from_settings(cfg.space).check()
+        if cfg.search.algorithm == "grid" and space.grid_size(cfg.search.grid_points) > cfg.search.num_trials:
+            raise ConfigError(f"search.grid_points: the grid has {space.grid_size(cfg.search.grid_points)} points, "
+                              f"over search.num_trials={cfg.search.num_trials}",
+                              "lower search.grid_points, tune fewer layers, or raise search.num_trials")
+        if serve_config is not None and not Path(serve_config).is_file():
+            raise ConfigError(f"--serve-config {serve_config} does not exist", "pass an existing serve_configs/*.yaml")
+    except LayerexitError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"config {config} is valid: model {cfg.model.spec}, layers {list(space.layers)}, "
+          f"{cfg.search.algorithm} search of {cfg.search.num_trials} trials")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="search YAML, e.g. tune/smollm2.yaml")
     parser.add_argument("--serve-config", default=None, help="Serve config whose user_config to rewrite in place")
+    parser.add_argument("--check", action="store_true",
+                        help="validate the config, its overrides and the search space, then exit (starts nothing)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. search.num_trials=20")
     args = parser.parse_args(argv)
+    if args.check:
+        return check(args.config, args.overrides, args.serve_config)
     from layerexit.tuning.search import tune_command
 
     return tune_command(args.config, args.overrides, args.serve_config)

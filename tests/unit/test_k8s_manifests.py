@@ -4,7 +4,9 @@
   with unknown fields rejected; the CRDs come from ``../shared/kuberay-crds`` (or ``$KUBERAY_CRDS_DIR``).
 - Built-in kinds validate with ``kubernetes_validate`` in strict mode.
 - The RayService's ``serveConfigV2`` is exactly ``serve_configs/7b.yaml`` (``layerexit k8s render``).
-- RayJob entrypoints name files that exist; kustomize wiring (images, namespace, storage class) works.
+- Every RayJob's entrypoint RUNS with ``--check`` (the job's own config and overrides load and validate, offline,
+  in the container's environment); the RayService's serveConfigV2 applications' args go through ``build_app``.
+- Kustomize wiring (images, namespace, storage class) works.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import os
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -405,36 +408,86 @@ def test_serve_config_thresholds_are_the_papers() -> None:
 # -------------------------------------------------------------------------------------- RayJob contents
 
 
-def entrypoint_files(doc: dict[str, Any]) -> list[str]:
-    """Repository-relative .py/.yaml paths named in a RayJob entrypoint (not key=value overrides)."""
-    tokens = shlex.split(doc["spec"]["entrypoint"])
-    return [
-        t
-        for t in tokens
-        if t.endswith((".py", ".yaml", ".yml")) and "=" not in t and not t.startswith("/")
-    ]
+def entrypoint_command(doc: dict[str, Any]) -> tuple[str | None, list[str]]:
+    """(directory the entrypoint cd's into, argv of its python command) for a RayJob's ``spec.entrypoint``."""
+    workdir, argv = None, []
+    for part in doc["spec"]["entrypoint"].split("&&"):
+        tokens = shlex.split(part)
+        if tokens[:1] == ["cd"]:
+            workdir = tokens[1]
+        elif tokens[:1] == ["python"]:
+            argv = tokens
+    assert argv, f"{doc['metadata']['name']}: no `python ...` command in the entrypoint"
+    return workdir, argv
 
 
-@pytest.mark.parametrize(
-    ("job", "expected"),
-    [
-        (TRAIN_JOB, ["jobs/train_lite.py", "jobs/configs/llama2_7b_lite.yaml"]),
-        (TUNE_JOB, ["jobs/tune_thresholds.py", "tune/llama2_7b_lite.yaml"]),
-    ],
-    ids=["train", "tune"],
-)
-def test_rayjob_entrypoint_names_files_that_exist(job: Path, expected: list[str]) -> None:
-    doc = the_doc(job, "RayJob")
-    named = entrypoint_files(doc)
-    assert named == expected
-    missing = [name for name in named if not (REPO / name).is_file()]
-    not_yet = [name for name in missing if name.startswith(("jobs/", "tune/"))]
-    assert missing == not_yet, f"{job.name} names files that do not exist: {missing}"
-    if not_yet:
-        pytest.skip(f"{job.name}: {', '.join(not_yet)} not written yet (other issues)")
-    for name in named:
-        if name.endswith((".yaml", ".yml")):
-            assert isinstance(yaml.safe_load((REPO / name).read_text()), dict), f"{name} is not a YAML mapping"
+def container_env(doc: dict[str, Any]) -> dict[str, str]:
+    """Plain ``value`` env vars of the head container (where a RayJob's entrypoint runs)."""
+    [head] = containers_of(next(t for g, t, _ in pod_templates(doc) if g == "head"))
+    return {e["name"]: e["value"] for e in head.get("env", []) if "value" in e}
+
+
+RAYJOBS = [(p, d) for p, d in RAY_DOCS if d["kind"] == "RayJob"]
+
+
+@pytest.mark.parametrize(("path", "doc"), RAYJOBS, ids=[doc_id(p, d) for p, d in RAYJOBS])
+def test_rayjob_entrypoint_runs_with_check(path: Path, doc: dict[str, Any]) -> None:
+    """The job's own command, overrides included, plus --check: config loads and validates, nothing starts."""
+    workdir, argv = entrypoint_command(doc)
+    assert workdir == "/home/ray/layerexit", "the image puts the repository at /home/ray/layerexit (Dockerfile)"
+    script = REPO / argv[1]
+    assert script.is_file() and script.parent.name == "jobs", f"{argv[1]} is not a job script"
+    env = {**os.environ, **container_env(doc), "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu"}
+    env.pop("RAY_ADDRESS", None)
+    result = subprocess.run([sys.executable, *argv[1:], "--check"], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, f"{path.name}: `{' '.join(argv)} --check` failed:\n{result.stderr[-2000:]}"
+    assert "is valid" in result.stdout
+
+
+def test_rayjob_check_fails_on_a_bad_override() -> None:
+    """The same command with a misspelt override exits non-zero and names the key (what the old manifest did)."""
+    _, argv = entrypoint_command(the_doc(TRAIN_JOB, "RayJob"))
+    result = subprocess.run([sys.executable, *argv[1:], "storage_path=/mnt/x", "--check"], cwd=REPO,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "storage_path" in result.stderr and "unknown key" in result.stderr
+
+
+def serve_applications() -> list[dict[str, Any]]:
+    serve = yaml.safe_load(the_doc(RAYSERVICE, "RayService")["spec"]["serveConfigV2"])
+    return serve["applications"]
+
+
+def test_rayservice_applications_build_through_build_app() -> None:
+    """Every application's args pass ``build_app``'s argument model (and build an Application, starting nothing);
+    every deployment's user_config passes the exit-config model replicas apply in reconfigure()."""
+    ray = pytest.importorskip("ray")
+    from ray.serve import Application
+
+    from layerexit.serving.app import _coerce_cli_args, build_app
+    from layerexit.serving.config import exit_config_from_user_config, parse_serve_args
+
+    apps = serve_applications()
+    assert apps
+    for app in apps:
+        assert app["import_path"] == "layerexit.serving.app:build_app", app["name"]
+        args = parse_serve_args(_coerce_cli_args(app.get("args") or {}), source=f"{app['name']} args")
+        assert isinstance(build_app(app.get("args") or {}), Application)
+        for deployment in app.get("deployments", []):
+            if deployment.get("user_config") is not None:
+                exit_config_from_user_config(deployment["user_config"])
+            ongoing = deployment.get("max_ongoing_requests")
+            assert ongoing is None or ongoing >= args.max_batch_size, f"{app['name']}: a replica cannot hold a batch"
+    assert not ray.is_initialized(), "validating the Serve config must not start Ray"
+
+
+def test_rayservice_validation_rejects_a_bad_arg() -> None:
+    from layerexit.serving.app import build_app
+
+    args = {**serve_applications()[0]["args"], "max_batch_sise": 16}
+    with pytest.raises(ConfigError, match="max_batch_sise"):
+        build_app(args)
 
 
 def test_train_job_shape() -> None:
@@ -442,7 +495,7 @@ def test_train_job_shape() -> None:
     spec = doc["spec"]
     assert spec["shutdownAfterJobFinishes"] is True
     assert spec["ttlSecondsAfterFinished"] > 0
-    assert "storage_path=/mnt/shared/ray-results" in shlex.split(spec["entrypoint"])
+    assert "checkpoint.storage_path=/mnt/shared/ray-results" in entrypoint_command(doc)[1]
     gpus = {name: (template, pods) for name, template, pods in pod_templates(doc)}
     head_template, _ = gpus.pop("head")
     for c in containers_of(head_template):
