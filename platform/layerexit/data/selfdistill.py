@@ -135,3 +135,99 @@ def self_distill(
                 i.id, i.category, i.text, p, r, tokenizer.decode(r, skip_special_tokens=True))
         write_jsonl_atomic(path, [{**asdict(ex), "text_key": key[1]} for key, ex in cached.items()])
     return [cached[(i.id, text_key(i))] for i in instructions], path
+
+
+# ----------------------------------------------------------------------------------------------- sampled answers
+
+SAMPLE_CACHE_VERSION = 1
+
+
+@dataclass
+class SampledExample(DistilledExample):
+    """One sampled (temperature > 0) answer of the base model; ``sample`` numbers the answers of one instruction."""
+
+    sample: int = 0
+
+
+def sample_cache_path(location: str, settings: dict) -> Path:
+    key_src = json.dumps({"v": SAMPLE_CACHE_VERSION, "model": model_fingerprint(location), "settings": settings},
+                         sort_keys=True)
+    return layerexit_home() / "data" / model_id(location) / f"samples-{hashlib.sha1(key_src.encode()).hexdigest()[:16]}.jsonl"
+
+
+def _read_samples(path: Path) -> dict[tuple[str, str, int], SampledExample]:
+    if not path.is_file():
+        return {}
+    rows: dict[tuple[str, str, int], SampledExample] = {}
+    try:
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                obj = json.loads(line)
+                key = obj.pop("text_key")
+                ex = SampledExample(**obj)
+                rows[(ex.id, key, ex.sample)] = ex
+    except (json.JSONDecodeError, TypeError, KeyError):
+        return {}
+    return rows
+
+
+def sample_responses(
+    model_spec: str,
+    instructions: Sequence[Instruction],
+    num_samples: int = 3,
+    temperature: float = 0.8,
+    top_p: float = 0.95,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    seed: int = 0,
+    show_progress: bool = True,
+    model_and_tokenizer=None,
+) -> tuple[list[SampledExample], Path]:
+    """``num_samples`` sampled answers per instruction (bf16, seeded per batch), cached like ``self_distill``.
+
+    More distinct answers per instruction is more training data that does not run out: the exits see the
+    base model's distribution around its greedy path, not one path memorised. Only pass training instructions.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from layerexit.engine.reference import eos_ids, pad_left
+    from layerexit.models.loading import load_model_and_tokenizer, resolve_model
+
+    if num_samples < 1:
+        return [], Path()
+    if not temperature > 0:
+        raise ValueError("sampling temperature must be > 0")
+    location = resolve_model(model_spec).location
+    settings = {"max_new_tokens": max_new_tokens, "decoding": "sample", "temperature": temperature, "top_p": top_p,
+                "num_samples": num_samples, "seed": seed, "dtype": "bfloat16", "template": "chat"}
+    path = sample_cache_path(location, settings)
+    cached = _read_samples(path)
+    missing = [i for i in instructions if any((i.id, text_key(i), s) not in cached for s in range(num_samples))]
+    if missing:
+        model, tokenizer = model_and_tokenizer or load_model_and_tokenizer(model_spec, dtype=torch.bfloat16)
+        eos = eos_ids(model, tokenizer)
+        order = sorted(missing, key=lambda i: len(i.text))
+        batches = [order[j : j + batch_size] for j in range(0, len(order), batch_size)]
+        for b, batch in enumerate(tqdm(batches, desc="sample answers (base model)", disable=not show_progress)):
+            prompts = [format_prompt(tokenizer, i.text) for i in batch]
+            ids, mask = pad_left(prompts, tokenizer.pad_token_id)
+            torch.manual_seed(seed * 1_000_003 + b)
+            with torch.inference_mode():
+                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                     do_sample=True, temperature=temperature, top_p=top_p, top_k=None,
+                                     num_return_sequences=num_samples, pad_token_id=tokenizer.pad_token_id,
+                                     eos_token_id=sorted(eos) if eos else None, use_cache=True)
+            rows = out[:, ids.shape[1]:].tolist()
+            for j, item in enumerate(batch):
+                for s in range(num_samples):
+                    kept: list[int] = []
+                    for tok in rows[j * num_samples + s]:
+                        kept.append(tok)
+                        if tok in eos:
+                            break
+                    cached[(item.id, text_key(item), s)] = SampledExample(
+                        item.id, item.category, item.text, prompts[j], kept,
+                        tokenizer.decode(kept, skip_special_tokens=True), s)
+        write_jsonl_atomic(path, [{**asdict(ex), "text_key": key[1]} for key, ex in cached.items()])
+    return [cached[(i.id, text_key(i), s)] for i in instructions for s in range(num_samples)], path

@@ -1,0 +1,93 @@
+"""The teacher cache: round trip, fingerprint checks, atomic writes (a crashed build leaves nothing trusted)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from layerexit.data.datasets import TokenizedExample
+from layerexit.data.teacher_cache import (
+    META, build_teacher_cache, read_cache, response_positions, write_cache,
+)
+from layerexit.errors import ConfigError
+from layerexit.models.exits import collect_hidden_states, decoder_parts
+
+
+def _examples(vocab: int, n: int = 5) -> list[TokenizedExample]:
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for i in range(n):
+        length = 8 + i
+        ids = torch.randint(3, vocab, (length,), generator=g).tolist()
+        labels = [-100] * 4 + ids[4:]
+        out.append(TokenizedExample(ids, labels, 4))
+    return out
+
+
+def test_round_trip_matches_the_model(tiny_model_and_tokenizer, tmp_path):
+    model, tok = tiny_model_and_tokenizer
+    examples = _examples(model.config.vocab_size)
+    cache = build_teacher_cache("tiny", examples, k=4, temperature=2.0, layers=[2], precision="fp32",
+                                directory=tmp_path / "c", model_and_tokenizer=(model, tok))
+    assert cache.num_positions == sum(len(response_positions(e)) for e in examples)
+    again = read_cache(tmp_path / "c", cache.meta["fingerprint"])
+    for name in ("ids", "logp", "seq", "pos"):
+        assert torch.equal(getattr(again, name), getattr(cache, name))
+    assert torch.equal(again.hidden[2], cache.hidden[2])
+    assert again.meta["size_bytes"] > 0 and again.meta["build_s"] >= 0
+    # Spot-check one position against a direct forward pass.
+    parts = decoder_parts(model)
+    j = 7
+    ex = examples[int(again.seq[j])]
+    t = int(again.pos[j])
+    with torch.no_grad():
+        hidden = collect_hidden_states(model, torch.tensor([ex.input_ids]), [2, parts.num_layers])
+        logp = torch.log_softmax(parts.head(parts.norm(hidden[parts.num_layers][0, t])) / 2.0, -1)
+    top = logp.topk(4)
+    assert again.ids[j].tolist() == top.indices.tolist()
+    assert torch.allclose(again.logp[j], top.values, atol=1e-5)
+    assert torch.allclose(again.hidden[2][j].float(), hidden[2][0, t], atol=2e-2, rtol=2e-2)
+    # Asking again reads the cache instead of recomputing.
+    third = build_teacher_cache("tiny", examples, k=4, temperature=2.0, layers=[2], precision="fp32",
+                                directory=tmp_path / "c", model_and_tokenizer=(model, tok))
+    assert third.meta["build_s"] == cache.meta["build_s"]
+
+
+def test_cache_for_other_settings_or_data_is_rejected(tiny_model_and_tokenizer, tmp_path):
+    model, tok = tiny_model_and_tokenizer
+    examples = _examples(model.config.vocab_size)
+    build_teacher_cache("tiny", examples, k=4, layers=[], precision="fp32", directory=tmp_path / "c",
+                        model_and_tokenizer=(model, tok))
+    with pytest.raises(ConfigError, match="another k"):
+        build_teacher_cache("tiny", examples, k=8, layers=[], precision="fp32", directory=tmp_path / "c",
+                            model_and_tokenizer=(model, tok))
+    with pytest.raises(ConfigError, match="another data"):
+        build_teacher_cache("tiny", examples[:3], k=4, layers=[], precision="fp32", directory=tmp_path / "c",
+                            model_and_tokenizer=(model, tok))
+    with pytest.raises(ConfigError, match="top_k"):
+        build_teacher_cache("tiny", examples, k=10**6, layers=[], precision="fp32", directory=tmp_path / "d",
+                            model_and_tokenizer=(model, tok))
+
+
+def test_crashed_write_leaves_nothing_and_half_written_is_an_error(tmp_path, monkeypatch):
+    import layerexit.data.teacher_cache as tc
+
+    arrays = {"ids": torch.zeros(2, 3, dtype=torch.int32), "logp": torch.zeros(2, 3), "seq": torch.zeros(2, dtype=torch.int32),
+              "pos": torch.zeros(2, dtype=torch.int32)}
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr("safetensors.torch.save_file", boom)
+    with pytest.raises(RuntimeError):
+        write_cache(arrays, {"fingerprint": {}}, tmp_path / "c")
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "teacher.safetensors").write_bytes(b"\x00" * 10)
+    with pytest.raises(ConfigError, match="not a complete teacher cache"):
+        read_cache(tmp_path / "half")
+    (tmp_path / "half" / META).write_text('{"fingerprint": {}}')
+    with pytest.raises(ConfigError, match="cannot be read"):
+        read_cache(tmp_path / "half")
+    assert tc.FORMAT
