@@ -14,8 +14,10 @@ PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]  # unequal lengt
 ALL_POLICIES = ["final", "confidence", "random", "random-uniform", "sequential", "self-speculative"]
 
 
-def _engine(model, eos=()):
-    return EarlyExitEngine(model, eos_token_ids=set(eos), pad_token_id=0)
+def _engine(model, eos=(), keep_cache=False):
+    engine = EarlyExitEngine(model, eos_token_ids=set(eos), pad_token_id=0)
+    engine.keep_last_cache = keep_cache
+    return engine
 
 
 def _tokens(results):
@@ -55,7 +57,7 @@ def test_recompute_cache_equals_full_model_cache(tiny_model):
 
     # sequential cycles exits 1,2,3 then the final layer 4: the last decode step goes to full depth and
     # must carry every skipped position through the deep layers.
-    engine = _engine(tiny_model)
+    engine = _engine(tiny_model, keep_cache=True)
     cfg = ExitConfig(policy="sequential", exit_layers=[1, 2, 3], kv="recompute")
     out = engine.generate(PROMPTS, cfg, SamplingParams(max_new_tokens=4))
     assert [r.exit_layers for r in out][0] == [1, 2, 3, 4]
@@ -77,7 +79,7 @@ def test_recompute_cache_equals_full_model_cache(tiny_model):
 
 
 def test_propagate_cache_differs_but_stays_complete(tiny_model):
-    engine = _engine(tiny_model)
+    engine = _engine(tiny_model, keep_cache=True)
     cfg = ExitConfig(policy="fixed", layer=1, kv="propagate")
     engine.generate(PROMPTS, cfg, SamplingParams(max_new_tokens=5))
     assert len(set(engine.last_cache.lengths)) == 1  # K/V of skipped layers filled every step

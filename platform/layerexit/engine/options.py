@@ -5,9 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from typing import Literal
+
 from pydantic import Field, field_validator, model_validator
 
 from layerexit.config import StrictModel, one_of
+from layerexit.engine.drafters import DRAFT_SOURCES
 from layerexit.engine.policies import (
     POLICY_NAMES,
     ClassifierPolicy,
@@ -39,7 +42,17 @@ class ExitConfig(StrictModel):
     )
     layer: int | None = Field(None, ge=1, description="Exit layer for `fixed`; draft layer for `self-speculative`.")
     kv: str = Field("recompute", description="KV strategy for skipped layers: none, propagate, recompute.")
-    num_draft: int = Field(4, ge=1, le=32, description="Draft tokens per verification (self-speculative).")
+    num_draft: int = Field(4, ge=1, le=32, description="Draft tokens per verification (self-speculative); the most "
+                           "a draft may hold when `draft_stop` is set.")
+    check_vocab: int | Literal["full"] = Field(
+        "full", description="Exit checks over the full vocabulary (\"full\") or over the top-K candidates of a "
+        "token's first check (an int K >= 1: later checks and the exit token score only those K rows).")
+    draft: str = Field("layer", description="Self-speculative draft source: layer, ngram, layer+ngram.")
+    draft_stop: float | None = Field(
+        None, gt=0.0, lt=1.0, description="End a layer draft at the first token whose draft probability is below "
+        "this (dynamic draft length); unset keeps `num_draft` fixed.")
+    draft_vocab: str | None = Field(None, description="Draft vocabulary file (`layerexit draft-vocab`): the layer "
+                                    "draft scores only those tokens (self-speculative).")
     classifier: LinearClassifier | None = Field(None, description="AdaInfer classifier (policy=classifier).")
     probe: LinearProbe | None = Field(None, description="Hidden-state probe (policy=probe).")
 
@@ -47,6 +60,18 @@ class ExitConfig(StrictModel):
     @classmethod
     def _known_policy(cls, value: str) -> str:
         return one_of(value, POLICY_NAMES, "policy")
+
+    @field_validator("draft")
+    @classmethod
+    def _known_draft(cls, value: str) -> str:
+        return one_of(value, DRAFT_SOURCES, "draft source")
+
+    @field_validator("check_vocab")
+    @classmethod
+    def _positive_k(cls, value):
+        if value != "full" and int(value) < 1:
+            raise ValueError(f"check_vocab must be \"full\" or an integer K >= 1, got {value}")
+        return value
 
     @field_validator("kv")
     @classmethod
@@ -66,6 +91,8 @@ class ExitConfig(StrictModel):
     def _policy_needs(self):
         if self.policy == "fixed" and self.layer is None:
             raise ValueError("policy 'fixed' needs `layer`")
+        if isinstance(self.check_vocab, bool):
+            raise ValueError("check_vocab must be \"full\" or an integer K >= 1")
         return self
 
     def resolved_thresholds(self, num_layers: int):
