@@ -93,3 +93,19 @@ def test_loading_a_model_dir_attaches_shipped_adapters(tiny_dir, tmp_path):
         assert torch.equal(parts.adapters[2](h), adapters[2](h))
     # The base checkpoint still loads in plain transformers (the adapters are a separate directory).
     AutoModelForCausalLM.from_pretrained(model_dir)
+
+
+def test_traces_and_alignment_use_the_adapters(tiny_model_and_tokenizer):
+    from layerexit.engine.traces import layer_predictions
+
+    model, _ = tiny_model_and_tokenizer
+    seq = torch.randint(0, model.config.vocab_size, (12,)).tolist()
+    _, conf_plain, _ = layer_predictions(model, seq, 4)
+    attach_exit_adapters(model, _trained(build_adapters([2], model.config.hidden_size, 8), seed=3))
+    try:
+        _, conf_adapted, _ = layer_predictions(model, seq, 4)
+    finally:
+        attach_exit_adapters(model, {})
+    L = decoder_parts(model).num_layers
+    assert not torch.allclose(conf_plain[1], conf_adapted[1])  # layer 2 goes through its adapter
+    assert torch.equal(conf_plain[L - 1], conf_adapted[L - 1])  # the final layer does not change

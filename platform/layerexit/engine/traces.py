@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from layerexit.models.exits import check_layers, collect_hidden_states, decoder_parts, exit_logits
+from layerexit.models.exits import check_layers, collect_hidden_states, decoder_parts, exit_hidden, exit_logits
 
 
 def layer_predictions(model, sequence: Sequence[int], prompt_len: int, layers: Sequence[int] | None = None,
@@ -35,8 +35,8 @@ def layer_predictions(model, sequence: Sequence[int], prompt_len: int, layers: S
         hidden = collect_hidden_states(model, ids, layers)
         for i, layer in enumerate(layers):
             if keep_hidden:
-                normed[i] = parts.norm(hidden[layer][0, sl]).half().cpu()
-            probs = exit_logits(parts, hidden[layer][0, sl]).float().softmax(-1)  # Shape: (G, V)
+                normed[i] = parts.norm(exit_hidden(parts, layer, hidden[layer][0, sl])).half().cpu()
+            probs = exit_logits(parts, hidden[layer][0, sl], layer).float().softmax(-1)  # Shape: (G, V), via adapter
             top = probs.topk(2, dim=-1)
             values, indices = top.values.cpu(), top.indices.cpu()
             top1[i] = indices[:, 0]
