@@ -135,7 +135,7 @@ def prepare_layer_inputs(
         config=parts.config,
         inputs_embeds=inputs_embeds,
         attention_mask=attention_mask,
-        past_key_values=past_key_values,
+        cache=past_key_values,  # transformers 5.24 renamed it (past_key_values is removed in 5.40)
         position_ids=position_ids,
     )
     rope = parts.rotary(inputs_embeds, position_ids=position_ids) if parts.rotary is not None else None
@@ -156,7 +156,7 @@ def run_layers(
             hidden,
             attention_mask=inputs.attention_mask,
             position_ids=inputs.position_ids,
-            past_key_values=past_key_values,
+            cache=past_key_values,  # transformers >= 5.24 name (past_key_values is removed in 5.40)
             use_cache=past_key_values is not None,
             position_embeddings=inputs.position_embeddings,
         )
