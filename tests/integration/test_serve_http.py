@@ -215,6 +215,93 @@ def test_seeded_sampling_is_reproducible(stack: Stack) -> None:
     assert a == b
 
 
+def test_n_choices_each_with_its_own_stats(stack: Stack) -> None:
+    resp = chat(stack, n=3, temperature=1.5, seed=11, max_tokens=10)
+    assert [c.index for c in resp.choices] == [0, 1, 2]
+    assert len({c.message.content for c in resp.choices}) == 3
+    per_choice = [c.model_extra["early_exit"] for c in resp.choices]
+    assert all(1 <= sum(s["exit_layer_histogram"].values()) <= 10 for s in per_choice)
+    assert resp.usage.completion_tokens == sum(sum(s["exit_layer_histogram"].values()) for s in per_choice)
+    assert sum(early_exit(resp)["exit_layer_histogram"].values()) == resp.usage.completion_tokens
+    # streaming: the same seeded choices, each delta tagged with its index, one finish chunk per choice
+    chunks = list(stack.client().chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "What is two plus two?"}], n=3, temperature=1.5, seed=11,
+        max_tokens=10, stream=True))
+    texts = {i: "".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i)
+             for i in range(3)}
+    assert [texts[i] for i in range(3)] == [c.message.content for c in resp.choices]
+    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert sorted(c.choices[0].index for c in finals) == [0, 1, 2]
+    assert all("exit_layer_histogram" in early_exit(c) for c in finals)
+
+
+def test_prompt_list_gives_one_choice_per_prompt(stack: Stack) -> None:
+    client = stack.client()
+    prompts = ["The quick brown fox", "Once upon a time"]
+    both = client.completions.create(model=MODEL, prompt=prompts, max_tokens=6, temperature=0,
+                                     extra_body={"early_exit": {"policy": "final"}})
+    alone = [client.completions.create(model=MODEL, prompt=p, max_tokens=6, temperature=0,
+                                       extra_body={"early_exit": {"policy": "final"}}).choices[0].text for p in prompts]
+    assert [c.index for c in both.choices] == [0, 1] and [c.text for c in both.choices] == alone
+
+
+def test_logprobs_on_chat_and_completions(stack: Stack) -> None:
+    resp = chat(stack, logprobs=True, top_logprobs=3, max_tokens=6, extra_body={"early_exit": {"policy": "fixed",
+                                                                                                "layer": 2}})
+    content = resp.choices[0].logprobs.content
+    assert len(content) == resp.usage.completion_tokens
+    assert all(t.logprob <= 0 and len(t.top_logprobs) == 3 for t in content)
+    assert all(t.top_logprobs[0].logprob >= t.logprob - 1e-6 for t in content)
+    assert "exit layer" in early_exit(resp)["logprobs_from"]
+    comp = stack.client().completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=5, temperature=0,
+                                             logprobs=2)
+    lp = comp.choices[0].logprobs
+    assert len(lp.token_logprobs) == comp.usage.completion_tokens == len(lp.tokens) == len(lp.text_offset)
+    assert all(len(t) <= 2 for t in lp.top_logprobs)
+    # greedy: each chosen token is the likeliest at its exit layer
+    assert all(abs(v - max(t.values())) < 1e-5 for v, t in zip(lp.token_logprobs, lp.top_logprobs))
+    # streamed chat log-probs arrive with their deltas
+    chunks = list(stack.client().chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=6, temperature=0, logprobs=True,
+        stream=True, extra_body={"early_exit": {"policy": "fixed", "layer": 2}}))
+    with_lp = [c for c in chunks if c.choices and c.choices[0].logprobs]
+    assert with_lp and all(len(c.choices[0].logprobs.content) == len(early_exit(c)["exit_layers"]) for c in with_lp)
+
+
+def test_echo_scores_the_prompt_at_full_depth(stack: Stack) -> None:
+    client = stack.client()
+    ids = client.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=1, temperature=0,
+                                    echo=True, logprobs=1)
+    choice = ids.choices[0]
+    lp = choice.logprobs
+    assert choice.text.startswith("The quick brown fox")
+    assert len(lp.token_logprobs) == ids.usage.prompt_tokens + ids.usage.completion_tokens
+    assert lp.token_logprobs[0] is None and all(v is not None and v <= 0 for v in lp.token_logprobs[1:])
+    assert "full-depth prefill" in early_exit(ids)["logprobs_from"]
+    # max_tokens 0: the prompt only, same scores, nothing generated (lm-eval's loglikelihood requests)
+    zero = client.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=0, echo=True, logprobs=1)
+    assert zero.choices[0].text == "The quick brown fox" and zero.usage.completion_tokens == 0
+    assert zero.choices[0].logprobs.token_logprobs == lp.token_logprobs[: ids.usage.prompt_tokens]
+    # prompt scores do not depend on the exit policy (prefill runs every layer)
+    fixed = client.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=0, echo=True, logprobs=1,
+                                      extra_body={"early_exit": {"policy": "fixed", "layer": 1}})
+    assert fixed.choices[0].logprobs.token_logprobs == zero.choices[0].logprobs.token_logprobs
+    # a token-id prompt list, as lm-eval sends it
+    batch = stack.post("/v1/completions", json={"model": MODEL, "prompt": [[5, 6, 7], [8, 9]], "max_tokens": 1,
+                                                "echo": True, "logprobs": 1, "temperature": 0}).json()
+    assert [len(c["logprobs"]["token_logprobs"]) for c in batch["choices"]] == [4, 3]
+
+
+def test_logprobs_with_self_speculative_are_from_the_final_layer(stack: Stack) -> None:
+    spec = chat(stack, logprobs=True, max_tokens=6, extra_body={"early_exit": {"policy": "self-speculative",
+                                                                               "layer": 2}})
+    final = chat(stack, logprobs=True, max_tokens=6, extra_body={"early_exit": {"policy": "final"}})
+    assert spec.choices[0].message.content == final.choices[0].message.content
+    got = [t.logprob for t in spec.choices[0].logprobs.content]
+    want = [t.logprob for t in final.choices[0].logprobs.content]
+    assert got == pytest.approx(want, abs=1e-4)
+
+
 # ------------------------------------------------------------------------------------------- early exit
 
 
@@ -307,7 +394,11 @@ BAD_REQUESTS = [
     ("unknown-preset", with_(early_exit={"thresholds": "paper-70b"}), 400, "early_exit.thresholds"),
     ("prompt-too-long", with_(messages=[{"role": "user", "content": "word " * 200}]), 400, "messages"),
     ("unknown-field", with_(temprature=0.2), 400, "temprature"),
-    ("n-two", with_(n=2), 400, "n"),
+    ("n-above-limit", with_(n=9), 400, "n"),
+    ("top-logprobs-above-20", with_(logprobs=True, top_logprobs=21), 400, "top_logprobs"),
+    ("top-logprobs-without-logprobs", with_(top_logprobs=2), 400, "top_logprobs"),
+    ("tools", with_(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools"),
+    ("response-format-json", with_(response_format={"type": "json_object"}), 400, "response_format.type"),
     ("no-messages", {"model": MODEL}, 400, "messages"),
 ]
 
@@ -330,7 +421,9 @@ def test_bad_input_is_a_4xx_with_an_openai_error(stack: Stack, name, body, statu
 def test_bad_completion_inputs(stack: Stack) -> None:
     base = {"model": MODEL, "prompt": "hi", "max_tokens": 4}
     for body, param in (({**base, "prompt": "word " * 200}, "prompt"), ({**base, "prompt": [10**9]}, "prompt"),
-                        ({**base, "echo": True}, "echo"), ({**base, "max_tokens": 0}, "max_tokens")):
+                        ({**base, "suffix": "x"}, "suffix"), ({**base, "max_tokens": 0}, "max_tokens"),
+                        ({**base, "prompt": ["a"] * 9}, "prompt"), ({**base, "prompt": ["a"] * 3, "n": 3}, "prompt"),
+                        ({**base, "logprobs": 21}, "logprobs"), ({**base, "best_of": 2}, "best_of")):
         resp = stack.post("/v1/completions", json=body)
         assert resp.status_code == 400 and resp.json()["error"]["param"] == param, resp.text
 

@@ -57,8 +57,10 @@ def test_chat_request_accepts_what_the_openai_client_sends() -> None:
         ({**CHAT, "max_tokens": -3}, "max_tokens"),
         ({**CHAT, "temperature": -0.1}, "temperature"),
         ({**CHAT, "top_p": 0}, "top_p"),
-        ({**CHAT, "n": 2}, "n"),
-        ({**CHAT, "logprobs": True}, "logprobs"),
+        ({**CHAT, "n": 0}, "n"),
+        ({**CHAT, "top_logprobs": 21, "logprobs": True}, "top_logprobs"),
+        ({**CHAT, "top_logprobs": 2}, "top_logprobs"),
+        ({**CHAT, "response_format": {"type": "json_object"}}, "response_format.type"),
         ({**CHAT, "tools": [{"type": "function"}]}, "tools"),
         ({**CHAT, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({**CHAT, "temprature": 0.5}, "temprature"),
@@ -83,9 +85,17 @@ def test_completion_request_prompt_forms() -> None:
     assert CompletionRequest.model_validate({"model": "m", "prompt": ["x"]}).single_prompt() == "x"
     assert CompletionRequest.model_validate({"model": "m", "prompt": [1, 2]}).single_prompt() == [1, 2]
     assert CompletionRequest.model_validate({"model": "m", "prompt": [[1, 2]]}).single_prompt() == [1, 2]
-    assert api_error(CompletionRequest, {"model": "m", "prompt": ["a", "b"]}).param == "prompt"
-    assert api_error(CompletionRequest, {"model": "m", "prompt": "a", "echo": True}).param == "echo"
+    assert CompletionRequest.model_validate({"model": "m", "prompt": ["a", "b"]}).prompts() == ["a", "b"]
+    assert CompletionRequest.model_validate({"model": "m", "prompt": [[1], [2, 3]]}).prompts() == [[1], [2, 3]]
+    assert api_error(CompletionRequest, {"model": "m", "prompt": []}).param == "prompt"
     assert api_error(CompletionRequest, {"model": "m", "prompt": "a", "best_of": 3}).param == "best_of"
+    assert api_error(CompletionRequest, {"model": "m", "prompt": "a", "suffix": "z"}).param == "suffix"
+    assert api_error(CompletionRequest, {"model": "m", "prompt": "a", "logprobs": 21}).param == "logprobs"
+    # max_tokens 0 scores the prompt (OpenAI's echo semantics); without echo it is a 400 naming max_tokens
+    echo0 = CompletionRequest.model_validate({"model": "m", "prompt": "a", "echo": True, "max_tokens": 0})
+    assert echo0.max_tokens == 0 and echo0.echo
+    assert api_error(CompletionRequest, {"model": "m", "prompt": "a", "max_tokens": 0}).param == "max_tokens"
+    assert api_error(ChatCompletionRequest, {**CHAT, "max_tokens": 0}).param == "max_tokens"
 
 
 # ----------------------------------------------------------------------------------------- early exit

@@ -55,6 +55,24 @@ class ServeArgs(StrictModel):
         "waiting for a new batch; false = plain dynamic batching.",
     )
     max_prompt_tokens: int = Field(2048, ge=1, description="Longest accepted prompt, in tokens (400 above).")
+    max_choices: int = Field(
+        8, ge=1, le=64,
+        description="Most choices one request may ask for: `n` x the number of prompts in a prompt list (400 above). "
+        "Each choice is decoded as its own row.",
+    )
+    kv_budget_tokens: int | None = Field(
+        None, ge=1,
+        description="KV-cache budget of a replica, in token positions over all running batches (a row reserves its "
+        "prompt + max_tokens, padded to its batch's longest row). Requests that do not fit wait in the queue; one "
+        "that could never fit is a 400. Checked at replica start against the device's memory after the weights. "
+        "None: no budget (only max_batch_size x max_concurrent_batches bounds the cache).",
+    )
+    chat_template: Literal["auto", "model", "alpaca"] = Field(
+        "auto",
+        description="How chat messages become a prompt: `model` = the tokenizer's chat template; `alpaca` = the "
+        "Stanford Alpaca template (what the LLaMA-2 LITE configs train with); `auto` = what the training run "
+        "recorded (MLflow param data.template), else the tokenizer's template, else Alpaca.",
+    )
     max_tokens_limit: int = Field(1024, ge=1, description="Largest accepted `max_tokens` (400 above).")
     default_max_tokens: int = Field(256, ge=1, description="`max_tokens` when a request gives none.")
     default_temperature: float = Field(1.0, ge=0.0, le=2.0, description="`temperature` when a request gives none.")

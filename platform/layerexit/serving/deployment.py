@@ -20,6 +20,7 @@ import hmac
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -33,7 +34,21 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from layerexit.engine.options import ExitConfig, SamplingParams
 from layerexit.errors import LayerexitError
+from layerexit.engine.scoring import score_prompt
+from layerexit.serving.chat_format import ChatFormatError, chat_prompt_ids, choose_chat_format, training_template
+from layerexit.serving.choices import (
+    LOGPROBS_FROM_ECHO,
+    LOGPROBS_FROM_EXIT,
+    ChoicePlan,
+    Outcome,
+    collect,
+    generate_choice,
+    merge,
+    plan_choices,
+)
 from layerexit.serving.config import ServeArgs, exit_config_from_user_config
+from layerexit.serving.kv_budget import check_kv_budget, device_memory_bytes, kv_bytes_per_token
+from layerexit.serving.logprobs import TokenScores, chat_logprobs, completion_logprobs
 from layerexit.serving.protocol import (
     SSE_DONE,
     APIError,
@@ -53,7 +68,6 @@ from layerexit.serving.protocol import (
     ExitStatsAccumulator,
     ModelCard,
     ModelList,
-    TextAssembler,
     Usage,
     config_error_to_api_error,
     exit_config_key,
@@ -63,7 +77,7 @@ from layerexit.serving.protocol import (
     sse,
     validation_error_to_api_error,
 )
-from layerexit.serving.scheduler import BatchScheduler, GenerationRequest, SchedulerError
+from layerexit.serving.scheduler import BatchScheduler, SchedulerError
 
 logger = logging.getLogger("ray.serve")
 
@@ -135,17 +149,6 @@ def _inc(counter, value: float, tags: dict[str, str] | None = None) -> None:
             logger.exception("metric update failed")
 
 
-class _Outcome:
-    """What one generation produced, for the response, metrics and the log line."""
-
-    def __init__(self, stats: ExitStatsAccumulator) -> None:
-        self.stats = stats
-        self.text = ""
-        self.completion_tokens = 0
-        self.finish_reason: str | None = None
-        self.ttft: float | None = None
-
-
 @serve.deployment(
     name="EarlyExitLLM",
     max_ongoing_requests=32,
@@ -192,11 +195,19 @@ class EarlyExitLLM:
         self.created = now()
         self.default_exit = exit_config_from_user_config(self.args.user_config, self.source.local_dir)
         self._check_exit_config(self.default_exit, "user_config")
+        # KV budget vs the device, before any request can allocate (a budget the device cannot hold fails here).
+        self.kv_bytes_per_token = kv_bytes_per_token(self.model.config, getattr(torch, dtype_name))
+        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        check_kv_budget(self.args.kv_budget_tokens, self.kv_bytes_per_token, weights, device_memory_bytes(device))
+        recorded = training_template(self.args.model, self.source.version) if self.args.chat_template == "auto" else None
+        self.chat_format = choose_chat_format(self.args.chat_template, self.tokenizer, recorded)
+        self._score_lock = threading.Lock()  # echo prefills: one at a time beside the engine thread
         self.metrics = _Metrics(self.num_layers, self.model_name)
         self.scheduler = BatchScheduler(
             self.engine, self.args.max_batch_size, self.args.batch_wait_timeout_s, self.args.max_concurrent_batches,
             stall_timeout_s=max(120.0, self.args.request_timeout_s),
             on_step=lambda n: self.metrics.batch_size.observe(n), continuous=self.args.continuous_batching,
+            kv_budget_tokens=self.args.kv_budget_tokens,
         ).start()
         self._thresholds_cache: dict[str, dict[int, float] | None] = {}
         self._running = 0
@@ -206,6 +217,8 @@ class EarlyExitLLM:
         self._log({"event": "replica_ready", "model": self.model_name, "spec": self.args.model,
                    "version": self.source.version, "device": device, "dtype": dtype_name,
                    "num_layers": self.num_layers, "load_s": round(time.perf_counter() - t0, 2),
+                   "chat_format": self.chat_format, "kv_budget_tokens": self.args.kv_budget_tokens,
+                   "kv_bytes_per_token": self.kv_bytes_per_token,
                    "default_exit": self.default_exit.model_dump(exclude_none=True)})
 
     # ------------------------------------------------------------------------------------ Serve hooks
@@ -274,48 +287,61 @@ class EarlyExitLLM:
                            param="model", code="model_not_found")
         return parsed
 
-    def _prompt_ids(self, body: CompletionRequest | ChatCompletionRequest) -> list[int]:
+    def _prompts(self, body: CompletionRequest | ChatCompletionRequest) -> list[tuple[list[int], str]]:
+        """(prompt ids, prompt text) per prompt of the request (a chat has one; a completion prompt list many)."""
         tok = self.tokenizer
+        param = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
         if isinstance(body, ChatCompletionRequest):
-            if not getattr(tok, "chat_template", None):
-                raise APIError(400, "This model has no chat template; use /v1/completions.", param="messages")
             try:
-                ids = tok.apply_chat_template(body.chat_messages(), add_generation_prompt=True, tokenize=True,
-                                              return_dict=False)
-            except Exception as err:  # noqa: BLE001 - jinja TemplateError (e.g. roles must alternate)
-                raise APIError(400, f"The chat template rejected these messages: {err}", param="messages") from None
-            if hasattr(ids, "keys"):
-                ids = ids["input_ids"]
-            ids = list(ids)
+                ids = chat_prompt_ids(tok, body.chat_messages(), self.chat_format)
+            except ChatFormatError as err:
+                raise APIError(400, str(err), param="messages") from None
+            prompts = [(ids, "")]
         else:
-            prompt = body.single_prompt()
-            if isinstance(prompt, str):
-                ids = list(tok(prompt, add_special_tokens=True)["input_ids"])
-            else:
-                vocab = self.model.config.vocab_size
+            items = body.prompts()
+            if len(items) * (body.n or 1) > self.args.max_choices:
+                raise APIError(400, f"{len(items)} prompts x n={body.n or 1} is {len(items) * (body.n or 1)} choices;"
+                               f" this server allows at most {self.args.max_choices} per request.", param="prompt",
+                               code="invalid_value")
+            prompts = []
+            vocab = self.model.config.vocab_size
+            for prompt in items:
+                if isinstance(prompt, str):
+                    prompts.append((list(tok(prompt, add_special_tokens=True)["input_ids"]), prompt))
+                    continue
                 bad = [t for t in prompt if not isinstance(t, int) or not 0 <= t < vocab]
                 if bad:
                     raise APIError(400, f"prompt token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})",
                                    param="prompt")
-                ids = list(prompt)
-        if not ids:
-            raise APIError(400, "The prompt is empty.", param="prompt" if isinstance(body, CompletionRequest)
-                           else "messages")
-        if len(ids) > self.max_prompt_tokens:
-            raise APIError(400, f"The prompt has {len(ids)} tokens; this server accepts at most "
-                           f"{self.max_prompt_tokens}.", param="messages" if isinstance(body, ChatCompletionRequest)
-                           else "prompt", code="context_length_exceeded")
-        return ids
+                prompts.append((list(prompt), tok.decode(prompt, skip_special_tokens=True)))
+        for ids, _text in prompts:
+            if not ids:
+                raise APIError(400, "The prompt is empty.", param=param)
+            if len(ids) > self.max_prompt_tokens:
+                raise APIError(400, f"The prompt has {len(ids)} tokens; this server accepts at most "
+                               f"{self.max_prompt_tokens}.", param=param, code="context_length_exceeded")
+        return prompts
 
-    def _plan(self, body, prompt_ids: list[int]) -> tuple[ExitConfig, SamplingParams]:
+    def _plan(self, body, prompts: list[tuple[list[int], str]]) -> tuple[ExitConfig, SamplingParams, int]:
+        """(exit config, sampling settings, n) for a parsed request; 400s name the field."""
+        n = body.n or 1
+        if n > self.args.max_choices:
+            raise APIError(400, f"n is {n}; this server allows at most {self.args.max_choices} choices per request.",
+                           param="n", code="invalid_value")
         max_tokens = body.max_tokens if body.max_tokens is not None else self.args.default_max_tokens
         if max_tokens > self.args.max_tokens_limit:
             raise APIError(400, f"max_tokens is {max_tokens}; this server allows at most "
                            f"{self.args.max_tokens_limit}.", param="max_tokens", code="invalid_value")
-        if len(prompt_ids) + max_tokens > self.max_positions:
-            raise APIError(400, f"The prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) exceeds the "
+        longest = max(len(ids) for ids, _ in prompts)
+        if longest + max_tokens > self.max_positions:
+            raise APIError(400, f"The prompt ({longest} tokens) plus max_tokens ({max_tokens}) exceeds the "
                            f"model's context of {self.max_positions} tokens.", param="max_tokens",
                            code="context_length_exceeded")
+        budget = self.args.kv_budget_tokens
+        if budget is not None and longest + max_tokens > budget:
+            raise APIError(400, f"The prompt ({longest} tokens) plus max_tokens ({max_tokens}) needs more KV cache "
+                           f"than this server's whole budget ({budget} token positions); lower max_tokens.",
+                           param="max_tokens", code="context_length_exceeded")
         try:
             config = merge_exit_config(self.default_exit, body.early_exit)
         except ValidationError as err:
@@ -327,68 +353,87 @@ class EarlyExitLLM:
         if config.policy == "self-speculative" and temperature > 0:
             raise APIError(400, "policy self-speculative is lossless only for greedy decoding; use temperature 0.",
                            param="temperature", code="invalid_value")
-        sampling = SamplingParams(max_new_tokens=max_tokens, temperature=temperature,
-                                  top_p=body.top_p if body.top_p is not None else 1.0, seed=body.seed)
+        logprobs = body.logprobs_k() if isinstance(body, ChatCompletionRequest) else body.logprobs
+        sampling = SamplingParams(max_new_tokens=max(max_tokens, 1), temperature=temperature,
+                                  top_p=body.top_p if body.top_p is not None else 1.0, seed=body.seed,
+                                  logprobs=logprobs)
         try:
             sampling.validate()
         except LayerexitError as err:
             raise APIError(400, str(err), code="invalid_value") from None
-        return config, sampling
+        return config, sampling, n
 
-    async def _generate(self, route: str, prompt_ids: list[int], config: ExitConfig, sampling: SamplingParams,
-                        stops: list[str], started: float) -> AsyncIterator[tuple[str, list[int], _Outcome]]:
-        """Yield (text delta, exit layers, outcome so far); the outcome is final after the last item."""
-        outcome = _Outcome(ExitStatsAccumulator(config, self.num_layers, self._thresholds(config)))
-        assembler = TextAssembler(self.tokenizer, stops)
-        request = GenerationRequest(prompt_ids, config, sampling, key=exit_config_key(config))
+    def _choice_gen(self, route: str, plan: ChoicePlan, config: ExitConfig, stats: ExitStatsAccumulator,
+                    stops: list[str], started: float):
+        """One choice's generator with metrics, the running gauge and errors mapped to APIError."""
         policy = config.policy
-        self._running += 1
-        self.metrics.running.set(self._running)
-        try:
-            async with contextlib.aclosing(self.scheduler.events(request, self.args.request_timeout_s)) as stream:
-                async for batch in stream:
-                    if outcome.ttft is None:
-                        outcome.ttft = time.perf_counter() - started
-                        outcome.stats.batch_size = batch.batch_size
-                        outcome.stats.prefill_flops = batch.prefill_flops
-                        self.metrics.ttft.observe(outcome.ttft, tags={"route": route})
-                    text, layers, done = "", [], False
-                    for ev in batch.events:
-                        outcome.completion_tokens += 1
-                        outcome.stats.add(ev.exit_layer, ev.flops, ev.flops_full)
-                        self.metrics.exit_layer.observe(ev.exit_layer, tags={"policy": policy})
-                        delta, delta_layers = assembler.add(ev.token_id, ev.exit_layer)
-                        text, layers = text + delta, layers + delta_layers
-                        if assembler.stopped or ev.finished:
-                            outcome.finish_reason = "stop" if assembler.stopped else ev.finish_reason
-                            tail, tail_layers = assembler.finish()
-                            text, layers, done = text + tail, layers + tail_layers, True
-                            break
-                    outcome.text += text
-                    if text or done:
-                        yield text, layers, outcome  # one chunk per engine read, however many tokens it holds
-                    if done:
-                        return
-            if outcome.finish_reason is None:  # the batch ended without a last token for this request
-                tail, tail_layers = assembler.finish()
-                outcome.text += tail
-                outcome.finish_reason = "length"
-                yield tail, tail_layers, outcome
-        except TimeoutError:
-            self.metrics.cancelled.inc(tags={"reason": "timeout"})
-            raise APIError(504, f"The request did not finish within {self.args.request_timeout_s:g} s.",
-                           code="timeout") from None
-        except SchedulerError as err:
-            raise APIError(503, f"The model replica is not able to generate right now ({err}).",
-                           code="engine_unavailable") from None
-        except LayerexitError as err:
-            raise config_error_to_api_error(err, None) from None
-        finally:
-            self._running -= 1
-            self.metrics.running.set(self._running)
-            self._record(outcome, policy)
 
-    def _record(self, outcome: _Outcome, policy: str) -> None:
+        def first(outcome: Outcome, _batch) -> None:
+            self.metrics.ttft.observe(outcome.ttft, tags={"route": route})
+
+        def token(layer: int) -> None:
+            self.metrics.exit_layer.observe(layer, tags={"policy": policy})
+
+        async def run():
+            self._running += 1
+            self.metrics.running.set(self._running)
+            last = None
+            try:
+                async with contextlib.aclosing(generate_choice(
+                        self.scheduler, self.tokenizer, plan, config, stats, stops, self.args.request_timeout_s,
+                        started, on_first=first, on_token=token)) as items:
+                    async for item in items:
+                        last = item[2]
+                        yield item
+            except TimeoutError:
+                self.metrics.cancelled.inc(tags={"reason": "timeout"})
+                raise APIError(504, f"The request did not finish within {self.args.request_timeout_s:g} s.",
+                               code="timeout") from None
+            except SchedulerError as err:
+                raise APIError(503, f"The model replica is not able to generate right now ({err}).",
+                               code="engine_unavailable") from None
+            except LayerexitError as err:
+                raise config_error_to_api_error(err, None) from None
+            finally:
+                self._running -= 1
+                self.metrics.running.set(self._running)
+                if last is not None:
+                    self._record(last, policy)
+
+        return run()
+
+    def _start_choices(self, body, route: str, prompts, config: ExitConfig, sampling: SamplingParams, n: int,
+                       started: float) -> tuple[list[ChoicePlan], list[ExitStatsAccumulator], list]:
+        """Plans, one stats accumulator and one generator per choice (no generators for max_tokens 0)."""
+        plans = plan_choices(prompts, n, sampling)
+        thresholds = self._thresholds(config)
+        stats = [ExitStatsAccumulator(config, self.num_layers, thresholds) for _ in plans]
+        echo = isinstance(body, CompletionRequest) and bool(body.echo)
+        if sampling.logprobs is not None:
+            for s in stats:
+                s.logprobs_from = LOGPROBS_FROM_EXIT + (LOGPROBS_FROM_ECHO if echo else "")
+        gens = []
+        if not (body.max_tokens == 0):
+            gens = [self._choice_gen(route, p, config, s, body.stop_list(), started) for p, s in zip(plans, stats)]
+        return plans, stats, gens
+
+    async def _echo_scores(self, body, plans: list[ChoicePlan], logprobs: int | None) -> None:
+        """Full-depth prompt log-probs for echo + logprobs (one prefill per distinct prompt, off the event loop)."""
+        if not (isinstance(body, CompletionRequest) and body.echo and logprobs is not None):
+            return
+        done: dict[tuple[int, ...], TokenScores] = {}
+        for plan in plans:
+            key = tuple(plan.prompt_ids)
+            if key not in done:
+                scored = await asyncio.to_thread(self._score, plan.prompt_ids, logprobs)
+                done[key] = TokenScores(list(plan.prompt_ids), scored.logprobs, scored.top)
+            plan.echo = done[key]
+
+    def _score(self, ids: list[int], k: int):
+        with self._score_lock:
+            return score_prompt(self.model, ids, top_k=k)
+
+    def _record(self, outcome: Outcome, policy: str) -> None:
         stats = outcome.stats
         tags = {"policy": policy}
         m = self.metrics
@@ -397,25 +442,29 @@ class EarlyExitLLM:
         _inc(m.flops_full, stats.flops_full, tags)
         _inc(m.flops_saved, stats.flops_full - stats.flops, tags)
 
-    def _finish_log(self, route: str, request_id: str, status: int, started: float, *, prompt_ids=None,
-                    outcome: _Outcome | None = None, stream: bool = False, error: APIError | None = None,
-                    prompt_text: Any = None) -> None:
+    def _finish_log(self, route: str, request_id: str, status: int, started: float, *, prompts=None,
+                    stats: list[ExitStatsAccumulator] | None = None, outcomes: list[Outcome] | None = None,
+                    stream: bool = False, error: APIError | None = None, prompt_text: Any = None) -> None:
         latency = time.perf_counter() - started
         self.metrics.requests.inc(tags={"route": route, "status": str(status)})
         record: dict[str, Any] = {"event": "request", "request_id": request_id, "route": route, "status": status,
                                   "stream": stream, "latency_s": round(latency, 4)}
-        if prompt_ids is not None:
-            record["prompt_tokens"] = len(prompt_ids)
-        if outcome is not None:
-            s = outcome.stats.stats()
-            record.update(completion_tokens=outcome.completion_tokens, finish_reason=outcome.finish_reason,
-                          ttft_s=None if outcome.ttft is None else round(outcome.ttft, 4), policy=s.policy, kv=s.kv,
+        if prompts is not None:
+            record["prompt_tokens"] = sum(len(ids) for ids, _ in prompts)
+        if stats:
+            s = ExitStatsAccumulator.merged(stats).stats()
+            outs = [o for o in (outcomes or []) if o is not None]
+            ttfts = [o.ttft for o in outs if o.ttft is not None]
+            record.update(choices=len(stats), completion_tokens=sum(o.completion_tokens for o in outs),
+                          finish_reason=[o.finish_reason for o in outs] if len(outs) > 1
+                          else (outs[0].finish_reason if outs else None),
+                          ttft_s=round(min(ttfts), 4) if ttfts else None, policy=s.policy, kv=s.kv,
                           mean_exit_layer=s.mean_exit_layer, flops_saved_fraction=s.flops_saved_fraction,
                           batch_size=s.batch_size)
             if status == 200:
                 self.metrics.latency.observe(latency, tags={"route": route})
             if self.args.log_prompts:
-                record["completion"] = outcome.text
+                record["completion"] = [o.text for o in outs]
         if error is not None:
             record.update(error_type=error.type, error_code=error.code, error=error.message)
         if self.args.log_prompts and prompt_text is not None:
@@ -486,93 +535,143 @@ class EarlyExitLLM:
             "running_requests": self._running,
             "scheduler": self.scheduler.snapshot(),
             "limits": {"max_prompt_tokens": self.max_prompt_tokens, "max_tokens": self.args.max_tokens_limit,
-                       "max_batch_size": self.args.max_batch_size,
+                       "max_batch_size": self.args.max_batch_size, "max_choices": self.args.max_choices,
+                       "kv_budget_tokens": self.args.kv_budget_tokens,
                        "request_timeout_s": self.args.request_timeout_s},
         })
 
     async def _handle(self, request: Request, route: str, model: type) -> Any:
         started = time.perf_counter()
         rid = new_id("chatcmpl" if model is ChatCompletionRequest else "cmpl")
-        prompt_ids = None
+        prompts = None
         body = None
         try:
             self._authorize(request)
             body = await self._parse(request, model)
-            prompt_ids = self._prompt_ids(body)
-            config, sampling = self._plan(body, prompt_ids)
-            _inc(self.metrics.prompt_tokens, len(prompt_ids))
+            prompts = self._prompts(body)
+            config, sampling, n = self._plan(body, prompts)
+            _inc(self.metrics.prompt_tokens, sum(len(ids) for ids, _ in prompts))
+            plans, stats, gens = self._start_choices(body, route, prompts, config, sampling, n, started)
+            await self._echo_scores(body, plans, sampling.logprobs)
         except APIError as err:
-            self._finish_log(route, rid, err.status, started, prompt_ids=prompt_ids, error=err)
+            self._finish_log(route, rid, err.status, started, prompts=prompts, error=err)
             return _error_response(err)
         prompt_text = None
         if self.args.log_prompts:
-            prompt_text = body.chat_messages() if isinstance(body, ChatCompletionRequest) else body.single_prompt()
-        gen = self._generate(route, prompt_ids, config, sampling, body.stop_list(), started)
+            prompt_text = body.chat_messages() if isinstance(body, ChatCompletionRequest) else [t for _, t in prompts]
         if body.stream:
             return StreamingResponse(
-                self._stream(route, rid, body, prompt_ids, gen, started, prompt_text),
+                self._stream(route, rid, body, prompts, plans, stats, gens, sampling.logprobs, started, prompt_text),
                 media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Request-Id": rid},
             )
-        outcome = None
         try:
-            async with contextlib.aclosing(gen) as items:
-                async for _delta, _layers, outcome in items:
-                    pass
+            outcomes = await collect(gens) if gens else [Outcome(p.index, s, finish_reason="length")
+                                                          for p, s in zip(plans, stats)]
         except APIError as err:
-            self._finish_log(route, rid, err.status, started, prompt_ids=prompt_ids, outcome=outcome, error=err,
+            self._finish_log(route, rid, err.status, started, prompts=prompts, stats=stats, error=err,
                              prompt_text=prompt_text)
             return _error_response(err)
         except asyncio.CancelledError:
             self.metrics.cancelled.inc(tags={"reason": "client_disconnected"})
-            self._finish_log(route, rid, 499, started, prompt_ids=prompt_ids, outcome=outcome,
-                             prompt_text=prompt_text)
+            self._finish_log(route, rid, 499, started, prompts=prompts, stats=stats, prompt_text=prompt_text)
             raise
-        usage = Usage(prompt_tokens=len(prompt_ids), completion_tokens=outcome.completion_tokens,
-                      total_tokens=len(prompt_ids) + outcome.completion_tokens)
-        stats = outcome.stats.stats()
-        if isinstance(body, ChatCompletionRequest):
-            response = ChatCompletionResponse(
-                id=rid, created=now(), model=self.model_name, usage=usage, early_exit=stats,
-                choices=[ChatChoice(message=ChatResponseMessage(content=outcome.text),
-                                    finish_reason=outcome.finish_reason)])
-        else:
-            response = CompletionResponse(
-                id=rid, created=now(), model=self.model_name, usage=usage, early_exit=stats,
-                choices=[CompletionChoice(text=outcome.text, finish_reason=outcome.finish_reason)])
-        self._finish_log(route, rid, 200, started, prompt_ids=prompt_ids, outcome=outcome, prompt_text=prompt_text)
+        response = self._response(body, rid, prompts, plans, outcomes, sampling.logprobs)
+        self._finish_log(route, rid, 200, started, prompts=prompts, stats=stats, outcomes=outcomes,
+                         prompt_text=prompt_text)
         return JSONResponse(response.model_dump(), headers={"X-Request-Id": rid})
 
-    async def _stream(self, route: str, rid: str, body, prompt_ids: list[int], gen, started: float,
+    def _usage(self, prompts, outcomes) -> Usage:
+        prompt_tokens = sum(len(ids) for ids, _ in prompts)
+        completion = sum(o.completion_tokens for o in outcomes if o is not None)
+        return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion, total_tokens=prompt_tokens + completion)
+
+    def _completion_logprobs(self, plan: ChoicePlan, scores: TokenScores, k: int, offset0: int):
+        if plan.echo is not None:
+            echo = plan.echo
+            scores = TokenScores(echo.ids + scores.ids, echo.logprobs + scores.logprobs, echo.top + scores.top)
+        return completion_logprobs(self.tokenizer, scores, k, offset0)
+
+    def _response(self, body, rid: str, prompts, plans: list[ChoicePlan], outcomes: list[Outcome],
+                  k: int | None) -> ChatCompletionResponse | CompletionResponse:
+        usage = self._usage(prompts, outcomes)
+        merged = ExitStatsAccumulator.merged([o.stats for o in outcomes]).stats()
+        if isinstance(body, ChatCompletionRequest):
+            choices = [ChatChoice(index=o.index, message=ChatResponseMessage(content=o.text),
+                                  finish_reason=o.finish_reason, early_exit=o.stats.stats(),
+                                  logprobs=None if k is None else chat_logprobs(
+                                      self.tokenizer, o.scores.slice(0, o.sent_tokens), k))
+                       for o in outcomes]
+            return ChatCompletionResponse(id=rid, created=now(), model=self.model_name, usage=usage,
+                                          early_exit=merged, choices=choices)
+        choices = []
+        for plan, o in zip(plans, outcomes):
+            prefix = plan.prompt_text if body.echo else ""
+            logprobs = None
+            if k is not None:
+                logprobs = self._completion_logprobs(plan, o.scores.slice(0, o.sent_tokens), k, 0)
+            choices.append(CompletionChoice(index=o.index, text=prefix + o.text, finish_reason=o.finish_reason,
+                                            early_exit=o.stats.stats(), logprobs=logprobs))
+        return CompletionResponse(id=rid, created=now(), model=self.model_name, usage=usage, early_exit=merged,
+                                  choices=choices)
+
+    async def _stream(self, route: str, rid: str, body, prompts, plans: list[ChoicePlan],
+                      stats: list[ExitStatsAccumulator], gens: list, k: int | None, started: float,
                       prompt_text: Any) -> AsyncIterator[str]:
         chat = isinstance(body, ChatCompletionRequest)
+        echo = not chat and bool(body.echo)
         created = now()
         include_usage = body.include_usage()
 
-        def chunk(text: str | None, finish: str | None = None, early_exit=None, role: bool = False):
+        def chunk(index: int, text: str | None, finish: str | None = None, early_exit=None, role: bool = False,
+                  logprobs=None):
             if chat:
                 delta = ChatDelta(role="assistant" if role else None, content=text)
                 return ChatCompletionChunk(id=rid, created=created, model=self.model_name, early_exit=early_exit,
-                                           choices=[ChatChunkChoice(delta=delta, finish_reason=finish)])
+                                           choices=[ChatChunkChoice(index=index, delta=delta, finish_reason=finish,
+                                                                    logprobs=logprobs)])
             return CompletionChunk(id=rid, created=created, model=self.model_name, early_exit=early_exit,
-                                   choices=[CompletionChunkChoice(text=text or "", finish_reason=finish)])
+                                   choices=[CompletionChunkChoice(index=index, text=text or "", finish_reason=finish,
+                                                                  logprobs=logprobs)])
 
-        outcome = None
+        outcomes: dict[int, Outcome] = {}
         status = 200
         error = None
         try:
-            if chat:
-                yield sse(chunk("", role=True))
-            async with contextlib.aclosing(gen) as items:
-                async for delta, layers, outcome in items:
-                    if delta:
-                        yield sse(chunk(delta, early_exit=ChunkExit(exit_layers=layers)))
-            stats = outcome.stats.stats()
-            yield sse(chunk(None if chat else "", finish=outcome.finish_reason, early_exit=stats))
+            offsets = {p.index: 0 for p in plans}  # text offset (completions logprobs) and tokens sent per choice
+            sent = {p.index: 0 for p in plans}
+            for plan in plans:
+                if chat:
+                    yield sse(chunk(plan.index, "", role=True))
+                elif echo:
+                    lp = None if k is None else self._completion_logprobs(plan, TokenScores(), k, 0)
+                    offsets[plan.index] = len(plan.prompt_text)
+                    yield sse(chunk(plan.index, plan.prompt_text, logprobs=lp))
+            if gens:
+                async with contextlib.aclosing(merge(gens)) as items:
+                    async for delta, layers, outcome, last in items:
+                        i = outcome.index
+                        outcomes[i] = outcome
+                        if delta or layers:
+                            lp = None
+                            if k is not None:  # the tokens this delta completes: one exit layer each
+                                part = outcome.scores.slice(sent[i], sent[i] + len(layers))
+                                lp = (chat_logprobs(self.tokenizer, part, k) if chat
+                                      else completion_logprobs(self.tokenizer, part, k, offsets[i]))
+                            sent[i] += len(layers)
+                            offsets[i] += len(delta)
+                            if delta or lp is not None:
+                                yield sse(chunk(i, delta, early_exit=ChunkExit(exit_layers=layers), logprobs=lp))
+                        if last:
+                            yield sse(chunk(i, None if chat else "", finish=outcome.finish_reason,
+                                            early_exit=outcome.stats.stats()))
+            else:  # max_tokens 0 (echo only)
+                for plan, st in zip(plans, stats):
+                    outcomes[plan.index] = Outcome(plan.index, st, finish_reason="length")
+                    yield sse(chunk(plan.index, None if chat else "", finish="length", early_exit=st.stats()))
             if include_usage:
-                usage = Usage(prompt_tokens=len(prompt_ids), completion_tokens=outcome.completion_tokens,
-                              total_tokens=len(prompt_ids) + outcome.completion_tokens)
                 cls = ChatCompletionChunk if chat else CompletionChunk
-                yield sse(cls(id=rid, created=created, model=self.model_name, choices=[], usage=usage))
+                yield sse(cls(id=rid, created=created, model=self.model_name, choices=[],
+                              usage=self._usage(prompts, list(outcomes.values()))))
             yield SSE_DONE
         except APIError as err:
             status, error = err.status, err
@@ -587,8 +686,8 @@ class EarlyExitLLM:
                                           type="server_error")
             yield sse(error.body())
         finally:
-            self._finish_log(route, rid, status, started, prompt_ids=prompt_ids, outcome=outcome, stream=True,
-                             error=error, prompt_text=prompt_text)
+            self._finish_log(route, rid, status, started, prompts=prompts, stats=stats,
+                             outcomes=list(outcomes.values()), stream=True, error=error, prompt_text=prompt_text)
 
     async def _safe(self, coro_fn, *args) -> Any:
         try:

@@ -2,8 +2,10 @@
 ``early_exit`` extension, plus the pure logic around it (stop strings, exit statistics, error mapping).
 
 Requests reject unknown fields like OpenAI does (``Unrecognized request argument``): a misspelt parameter is
-a 400 naming it, not a silently ignored setting. Fields OpenAI defines but we cannot honour (``n > 1``,
-``logprobs``, ``tools``...) are accepted only at their neutral value.
+a 400 naming it, not a silently ignored setting. ``n``, ``logprobs``/``top_logprobs``, ``echo`` and prompt lists
+are supported (``logprobs.py`` builds their response shapes); fields OpenAI defines but we cannot honour
+(``tools``, ``response_format`` other than text, ``suffix``, ``best_of`` > 1...) are accepted only at their
+neutral value.
 """
 
 from __future__ import annotations
@@ -77,13 +79,16 @@ def validation_error_to_api_error(err: ValidationError | Sequence[dict], prefix:
         loc = [*prefix, *[p for p in e.get("loc", ()) if p != "body"]]
         # pydantic puts the union member tried into the location (``thresholds.dict[int,float]``); drop those.
         loc = [p for p in loc if not (isinstance(p, str) and ("[" in p or p in ("str", "int", "float", "list")))]
-        param = ".".join(str(p) for p in loc) or None
-        first_param = first_param or param
         msg = e.get("msg", "invalid value")
         if e.get("type") == "extra_forbidden":
             msg = "Unrecognized request argument supplied"
         elif msg.startswith("Value error, "):
             msg = msg[len("Value error, "):]
+        if msg.startswith(_FIELD_MARK):  # a model-level check that names its field (ValueError_at)
+            field, msg = msg[1:].split(_FIELD_MARK, 1)
+            loc = [*loc, *field.split(".")]
+        param = ".".join(str(p) for p in loc) or None
+        first_param = first_param or param
         messages.append(f"{param}: {msg}" if param else msg)
     return APIError(400, "; ".join(dict.fromkeys(messages)) or "invalid request", param=first_param,
                     code="invalid_value")
@@ -166,6 +171,9 @@ class EarlyExitStats(BaseModel):
     prefill_flops: int = Field(0, description="Prompt processing FLOPs (every layer, every policy).")
     batch_size: int = Field(1, description="Requests in the engine batch that generated this response.")
     thresholds: dict[str, float] | None = Field(None, description="Thresholds in force (confidence policy).")
+    logprobs_from: str | None = Field(None, description="Where the returned log-probs come from (set when the "
+                                      "request asked for logprobs): each token's exit layer, or the full-depth "
+                                      "prefill for echoed prompt tokens.")
 
 
 class ExitStatsAccumulator:
@@ -180,6 +188,7 @@ class ExitStatsAccumulator:
         self.flops_full = 0
         self.prefill_flops = 0
         self.batch_size = 1
+        self.logprobs_from: str | None = None
 
     def add(self, exit_layer: int, flops: int, flops_full: int) -> None:
         self.layers.append(int(exit_layer))
@@ -200,10 +209,36 @@ class ExitStatsAccumulator:
             prefill_flops=self.prefill_flops,
             batch_size=self.batch_size,
             thresholds={str(k): v for k, v in sorted(self.thresholds.items())} if self.thresholds else None,
+            logprobs_from=self.logprobs_from,
         )
+
+    @classmethod
+    def merged(cls, parts: Sequence["ExitStatsAccumulator"]) -> "ExitStatsAccumulator":
+        """One accumulator over several choices (the response-level ``early_exit`` of an ``n`` > 1 request)."""
+        first = parts[0]
+        out = cls(first.config, first.num_layers, first.thresholds)
+        for p in parts:
+            out.layers += p.layers
+            out.flops += p.flops
+            out.flops_full += p.flops_full
+            out.prefill_flops += p.prefill_flops
+        out.batch_size = max(p.batch_size for p in parts)
+        out.logprobs_from = first.logprobs_from
+        return out
 
 
 # ------------------------------------------------------------------------------------------- requests
+
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for top_logprobs
+
+
+def ValueError_at(field: str, message: str) -> ValueError:  # noqa: N802 - reads like the exception it builds
+    """A model-level validation error that still names its field (``validation_error_to_api_error`` reads the
+    ``field: message`` prefix)."""
+    return ValueError(f"{_FIELD_MARK}{field}{_FIELD_MARK}{message}")
+
+
+_FIELD_MARK = "\x1f"
 
 
 class StreamOptions(BaseModel):
@@ -224,7 +259,8 @@ class _RequestBase(BaseModel):
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     seed: int | None = None
     stop: str | list[str] | None = None
-    n: int | None = Field(None, ge=1, le=1, description="Only 1 is supported.")
+    n: int | None = Field(None, ge=1, description="Choices per prompt, each decoded as its own row (at most the "
+                          "server's max_choices).")
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = Field(None, ge=0.0, le=0.0, description="Not supported (only 0).")
@@ -236,8 +272,8 @@ class _RequestBase(BaseModel):
     @field_validator("max_tokens")
     @classmethod
     def _positive(cls, value):
-        if value is not None and value < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {value}")
+        if value is not None and value < 0:
+            raise ValueError(f"max_tokens must be at least 1 (0 only with echo), got {value}")
         return value
 
     @field_validator("stop")
@@ -268,33 +304,35 @@ class CompletionRequest(_RequestBase):
     """``POST /v1/completions``."""
 
     prompt: str | list[str] | list[int] | list[list[int]]
-    echo: bool | None = Field(False, description="Not supported (only false).")
-    logprobs: int | None = Field(None, le=0, description="Not supported.")
+    echo: bool | None = Field(False, description="Return the prompt before the completion (with its log-probs "
+                              "from a full-depth prefill when logprobs is set); max_tokens 0 scores the prompt only.")
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="Log-probs of the chosen token plus "
+                                 "this many most likely alternatives per position (from the token's exit layer).")
     best_of: int | None = Field(None, ge=1, le=1, description="Only 1.")
     suffix: str | None = Field(None, max_length=0, description="Not supported.")
 
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, value):
-        if value:
-            raise ValueError("echo is not supported")
-        return value
-
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, value):
-        if isinstance(value, list):
-            if not value:
-                raise ValueError("prompt must not be empty")
-            if isinstance(value[0], (str, list)) and len(value) != 1:
-                raise ValueError("only one prompt per request is supported (batching happens on the server)")
+    def _some_prompt(cls, value):
+        if isinstance(value, list) and not value:
+            raise ValueError("prompt must not be empty")
         return value
 
-    def single_prompt(self) -> str | list[int]:
+    @model_validator(mode="after")
+    def _zero_only_with_echo(self):
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError_at("max_tokens", "max_tokens must be at least 1 (0 only with echo: true)")
+        return self
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts of this request: one string, one token list, or a list of either (one choice each)."""
         p = self.prompt
         if isinstance(p, list) and p and isinstance(p[0], (str, list)):
-            return p[0]
-        return p
+            return list(p)
+        return [p]
+
+    def single_prompt(self) -> str | list[int]:
+        return self.prompts()[0]
 
 
 class TextPart(BaseModel):
@@ -331,21 +369,15 @@ class ChatCompletionRequest(_RequestBase):
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
-    logprobs: bool | None = Field(None, description="Not supported (only false).")
-    top_logprobs: int | None = Field(None, le=0, description="Not supported.")
+    logprobs: bool | None = Field(None, description="Return each output token's log-prob (from its exit layer).")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="Most likely alternatives per "
+                                     "position, 0-20 (needs logprobs: true).")
     response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = Field(None, max_length=0, description="Not supported.")
     tool_choice: Literal["none"] | None = None
     parallel_tool_calls: bool | None = None
     metadata: dict[str, str] | None = None
     store: bool | None = None
-
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, value):
-        if value:
-            raise ValueError("logprobs is not supported")
-        return value
 
     @field_validator("max_completion_tokens")
     @classmethod
@@ -356,11 +388,19 @@ class ChatCompletionRequest(_RequestBase):
 
     @model_validator(mode="after")
     def _one_limit(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError_at("top_logprobs", "top_logprobs needs logprobs: true")
+        if self.max_tokens == 0:
+            raise ValueError_at("max_tokens", "max_tokens must be at least 1")
         if self.max_completion_tokens is not None:
             if self.max_tokens is not None and self.max_tokens != self.max_completion_tokens:
                 raise ValueError("give max_tokens or max_completion_tokens, not two different values")
             self.max_tokens = self.max_completion_tokens
         return self
+
+    def logprobs_k(self) -> int | None:
+        """None: no log-probs; k >= 0: the chosen token's plus k alternatives."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def chat_messages(self) -> list[dict[str, str]]:
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
@@ -385,6 +425,32 @@ class _Choice(BaseModel):
     index: int = 0
     logprobs: None = None
     finish_reason: str | None = None
+    early_exit: EarlyExitStats | ChunkExit | None = Field(None, description="This choice's exit statistics (each "
+                                                          "choice is decoded as its own row).")
+
+
+class CompletionLogprobs(BaseModel):
+    """The legacy completions ``logprobs`` object."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None] | None = None
+    text_offset: list[int]
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob] | None = None
+    refusal: None = None
 
 
 class _Envelope(BaseModel):
@@ -408,6 +474,7 @@ class _Chunk(_Envelope):
 
 class CompletionChoice(_Choice):
     text: str
+    logprobs: CompletionLogprobs | None = None
 
 
 class ChatResponseMessage(BaseModel):
@@ -418,6 +485,7 @@ class ChatResponseMessage(BaseModel):
 
 class ChatChoice(_Choice):
     message: ChatResponseMessage
+    logprobs: ChatLogprobs | None = None
 
 
 class CompletionResponse(_Response):
@@ -437,6 +505,7 @@ class ChatDelta(BaseModel):
 
 class ChatChunkChoice(_Choice):
     delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
 
 
 CompletionChunkChoice = CompletionChoice  # a streamed completion choice has the same fields

@@ -13,6 +13,9 @@ Each step's tokens go to the requests' asyncio queues through ``loop.call_soon_t
 client went away (or that hit a stop string or its timeout) sets its ``cancelled`` flag: its tokens are dropped,
 and a batch whose rows are all cancelled or finished is closed at once, so abandoned work stops within a step.
 The event loop never runs model code, so the replica stays responsive (health checks, new requests, metrics).
+
+With a KV budget (``kv_budget_tokens``), a request starts or joins a batch only while the positions reserved by
+all running batches (``kv_budget.batch_reservation``) stay within it; the others wait in the queue, in order.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from typing import Any
 
 from layerexit.engine.decode import EarlyExitEngine, SequenceResult, TokenEvent
 from layerexit.engine.options import ExitConfig, SamplingParams
+from layerexit.serving.kv_budget import batch_reservation, request_reservation
 
 logger = logging.getLogger("ray.serve")
 
@@ -49,6 +53,11 @@ class GenerationRequest:
     def __post_init__(self) -> None:
         if not self.key:
             self.key = self.exit_config.model_dump_json(exclude_none=True)
+
+    @property
+    def kv_tokens(self) -> int:
+        """KV positions this row may need (prompt + max_new_tokens)."""
+        return request_reservation(len(self.prompt_ids), self.sampling.max_new_tokens)
 
 
 @dataclass
@@ -87,6 +96,7 @@ class _Joiner:
         with sched._cond:
             fits = [r for r in sched._pending if r.key == batch.key and not r.cancelled.is_set()
                     and len(r.prompt_ids) <= max_prompt_len][: batch.room]
+            fits = sched._within_budget(fits, batch, rows)
             if not fits:
                 return []
             taken = {id(r) for r in fits}
@@ -110,8 +120,10 @@ class BatchScheduler:
 
     def __init__(self, engine: EarlyExitEngine, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.02,
                  max_concurrent_batches: int = 2, stall_timeout_s: float = 120.0,
-                 on_step: Callable[[int], None] | None = None, continuous: bool = True) -> None:
+                 on_step: Callable[[int], None] | None = None, continuous: bool = True,
+                 kv_budget_tokens: int | None = None) -> None:
         self.engine = engine
+        self.kv_budget_tokens = kv_budget_tokens
         self.continuous = continuous
         self.max_batch_size = max_batch_size
         self.batch_wait_timeout_s = batch_wait_timeout_s
@@ -132,6 +144,7 @@ class BatchScheduler:
         self.cancelled_rows = 0
         self.joined_rows = 0  # requests that joined a running batch
         self.max_batch_seen = 0
+        self.kv_waits = 0  # times a request that had a place waited for KV budget
         self.recent_batch_sizes: deque[int] = deque(maxlen=64)
 
     # ------------------------------------------------------------------------------------ lifecycle
@@ -171,6 +184,9 @@ class BatchScheduler:
             "cancelled_rows": self.cancelled_rows,
             "joined_rows": self.joined_rows,
             "max_batch_size_seen": self.max_batch_seen,
+            "kv_budget_tokens": self.kv_budget_tokens,
+            "kv_reserved_tokens": self._kv_reserved(),
+            "kv_waits": self.kv_waits,
             "recent_batch_sizes": list(self.recent_batch_sizes),
         }
 
@@ -237,6 +253,33 @@ class BatchScheduler:
         except RuntimeError:  # loop closed in the meantime
             pass
 
+    @staticmethod
+    def _live_reservations(batch: _Batch) -> list[int]:
+        return [r.kv_tokens for r in batch.rows if not (r.finished or r.cancelled.is_set())]
+
+    def _kv_reserved(self, skip: _Batch | None = None) -> int:
+        """KV positions the running batches hold (all but ``skip``)."""
+        return sum(batch_reservation(self._live_reservations(b)) for b in list(self._active) if b is not skip)
+
+    def _within_budget(self, rows: list[GenerationRequest], batch: _Batch | None = None,
+                       engine_rows: int = 0) -> list[GenerationRequest]:
+        """The longest prefix of ``rows`` that fits the KV budget, as a new batch or (``batch``) joined to one
+        whose engine batch holds ``engine_rows`` rows."""
+        if self.kv_budget_tokens is None or not rows:
+            return rows
+        others = self._kv_reserved(skip=batch)
+        have = [] if batch is None else self._live_reservations(batch)
+        held = max(engine_rows - len(have), 0)  # rows still in the engine batch (finished, not yet dropped)
+        widest = max(have, default=0)
+        taken: list[GenerationRequest] = []
+        for r in rows:
+            widest = max(widest, r.kv_tokens)
+            if others + (len(have) + held + len(taken) + 1) * widest > self.kv_budget_tokens:
+                self.kv_waits += 1
+                break
+            taken.append(r)
+        return taken
+
     def _ready_batch(self, now: float) -> list[GenerationRequest] | None:
         """Under the lock: the next batch to start, or None when the oldest request should wait longer."""
         self._pending = [r for r in self._pending if not r.cancelled.is_set()]
@@ -255,6 +298,9 @@ class BatchScheduler:
         oldest = candidates[0]
         same = [r for r in candidates if r.key == oldest.key][: self.max_batch_size]
         if len(same) < self.max_batch_size and now - oldest.enqueued < self.batch_wait_timeout_s:
+            return None
+        same = self._within_budget(same)  # the rest wait for running batches to free KV positions
+        if not same:
             return None
         taken = {id(r) for r in same}
         self._pending = [r for r in self._pending if id(r) not in taken]
