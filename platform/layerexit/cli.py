@@ -102,6 +102,10 @@ def generate(
     seed: Annotated[Optional[int], typer.Option(help="Sampling / random-policy seed.")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Prompts decoded together.")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per prompt.")] = False,
+    early_exit: Annotated[Optional[str], typer.Option(
+        "--early-exit", help="JSON early_exit object whose fields override the options above, e.g. "
+        "'{\"draft\": \"ngram\", \"num_draft\": 10}' or '{\"check_vocab\": 64}'.")] = None,
+    dtype: Annotated[str, typer.Option(help="float32 or bfloat16.")] = "float32",
 ) -> None:
     """Generate with early exit; report exit layers and FLOPs per token."""
     from layerexit.data.prompts import format_prompt
@@ -111,10 +115,16 @@ def generate(
     from layerexit.engine.reference import eos_ids
     from layerexit.models.loading import load_model_and_tokenizer
 
-    cfg = exit_config_from_options(policy, thresholds, kv, layer, exit_layers)
+    import torch
+
+    from layerexit.errors import ConfigError
+
+    if dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"--dtype {dtype!r} is not supported", "use float32 or bfloat16")
+    cfg = exit_config_from_options(policy, thresholds, kv, layer, exit_layers, extra=early_exit)
     sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed).validate()
     items = _prompt_texts(prompt, prompts)
-    m, tok = load_model_and_tokenizer(model)
+    m, tok = load_model_and_tokenizer(model, dtype=getattr(torch, dtype))
     cfg.build_policy(m.config.num_hidden_layers)  # fail on layer/threshold mismatch before generating
     engine = EarlyExitEngine(m, eos_ids(m, tok), tok.pad_token_id)
     ids = [format_prompt(tok, p.prompt) for p in items]
@@ -160,33 +170,60 @@ def generate(
 @app.command("bench")
 def bench(
     model: ModelOpt,
-    prompts: Annotated[Path, typer.Option(help="JSONL prompt file.")],
-    policies: Annotated[str, typer.Option(help="Comma-separated policies to run besides the HF baseline.")] =
+    prompts: Annotated[Path, typer.Option(help="JSONL prompt file (e.g. from `layerexit heldout-prompts`).")],
+    policies: Annotated[str, typer.Option(help="Comma-separated policies to run besides the HF baseline "
+                                          "(empty: only the --config ones and `final`).")] =
         "final,confidence,self-speculative",
     thresholds: ThresholdsOpt = "paper-7b",
     kv: Annotated[str, typer.Option(help="Comma-separated KV strategies for lossy policies.")] = "recompute",
     layer: Annotated[Optional[int], typer.Option(help="Exit layer for fixed / draft layer for self-speculative.")] = None,
+    config: Annotated[Optional[list[str]], typer.Option(
+        "--config", help="NAME=JSON, JSON an early_exit object, e.g. 'spec={\"policy\": \"self-speculative\", "
+        "\"draft\": \"ngram\", \"num_draft\": 10}' (repeatable).")] = None,
+    dtype: Annotated[str, typer.Option(help="float32 or bfloat16 (engine and baseline alike).")] = "float32",
+    threads: Annotated[Optional[int], typer.Option(min=1, help="torch threads (default: torch's).")] = None,
     limit: Annotated[Optional[int], typer.Option(min=1, help="Use the first N prompts.")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
     batch_size: Annotated[int, typer.Option(min=1)] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Print rows as JSON.")] = False,
     markdown: Annotated[Optional[Path], typer.Option(help="Also write the Markdown table here.")] = None,
 ) -> None:
-    """Tokens/s and FLOPs/token of each configuration vs transformers generate (KV cache, greedy)."""
+    """Tokens/s and FLOPs/token of each configuration vs transformers generate (KV cache, greedy), with the
+    weights-only floor and, for n-gram drafting, transformers' prompt-lookup decoding."""
+    import torch
+
     from layerexit.data.prompts import format_prompt
     from layerexit.engine.bench import bench_markdown, run_bench
+    from layerexit.errors import ConfigError
     from layerexit.engine.cli_support import exit_config_from_options
+    from layerexit.engine.options import ExitConfig
     from layerexit.engine.reference import eos_ids
     from layerexit.models.loading import load_model_and_tokenizer
 
+    if dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"--dtype {dtype!r} is not supported", "use float32 or bfloat16")
+    if threads is not None:
+        torch.set_num_threads(threads)
     configs = {}
     for pol in [p.strip() for p in policies.split(",") if p.strip()]:
         lossless = pol in ("final", "self-speculative")
         for strategy in (["recompute"] if lossless else [k.strip() for k in kv.split(",")]):
             name = pol if lossless else f"{pol}/{strategy}"
             configs[name] = exit_config_from_options(pol, thresholds, strategy, layer)
+    for item in config or []:
+        name, sep, spec = item.partition("=")
+        if not sep or not name:
+            raise ConfigError(f"--config {item!r} is not NAME=JSON", "e.g. --config 'ngram={\"policy\": "
+                              "\"self-speculative\", \"draft\": \"ngram\"}'")
+        try:
+            configs[name] = ExitConfig(**json.loads(spec))
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"--config {name}: not JSON ({err})", "pass an early_exit object as JSON") from err
+        except ValueError as err:
+            raise ConfigError(f"--config {name}: {err}", "fix the early_exit object") from err
+    configs.setdefault("final", ExitConfig(policy="final"))  # the reference for agreement / identical
     items = _prompt_texts(None, prompts, limit)
-    m, tok = load_model_and_tokenizer(model)
+    m, tok = load_model_and_tokenizer(model, dtype=getattr(torch, dtype))
     for cfg in configs.values():
         cfg.build_policy(m.config.num_hidden_layers)
     ids = [format_prompt(tok, p.prompt) for p in items]

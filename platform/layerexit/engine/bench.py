@@ -18,6 +18,28 @@ from layerexit.engine.options import ExitConfig, SamplingParams
 from layerexit.engine.reference import hf_greedy_generate
 
 BASELINE = "hf-generate"
+FLOOR = "floor (weights only)"
+PROMPT_LOOKUP = "hf-prompt-lookup"
+PROMPT_LOOKUP_TOKENS = 10  # transformers' documented setting, and what the issue measured
+
+
+def weights_floor_tokens_per_s(model, repeats: int = 30) -> float:
+    """Tokens/s if a decode step were nothing but one matrix-vector product per weight matrix (every decoder
+    projection and the LM head, for one token): the memory-bound ceiling at batch 1 on this machine."""
+    import torch
+    from torch import nn
+
+    mats = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
+    dtype = mats[0].dtype
+    xs = {w.shape[1]: torch.randn(1, w.shape[1], dtype=dtype, device=w.device) for w in mats}
+    with torch.inference_mode():
+        for w in mats:  # warm-up
+            torch.nn.functional.linear(xs[w.shape[1]], w)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            for w in mats:
+                torch.nn.functional.linear(xs[w.shape[1]], w)
+        return repeats / (time.perf_counter() - t0)
 
 
 @dataclass
@@ -55,8 +77,10 @@ def _batches(items, size):
 
 def run_bench(model, prompt_ids: Sequence[Sequence[int]], configs: dict[str, ExitConfig], eos: set[int],
               pad_id: int, max_new_tokens: int = 64, batch_size: int = 1, show_progress: bool = True,
-              ) -> tuple[list[BenchRow], dict[str, list[SequenceResult]]]:
-    """Benchmark transformers generate (greedy, KV cache) and each named configuration on the same prompts."""
+              floor: bool = True) -> tuple[list[BenchRow], dict[str, list[SequenceResult]]]:
+    """Benchmark transformers generate (greedy, KV cache) and each named configuration on the same prompts.
+    Adds the weights-only floor row and, when a configuration drafts from n-grams, transformers' own
+    prompt-lookup decoding (``hf-prompt-lookup``) on the same prompts."""
     fm = FlopsModel.from_config(model.config)
     engine = EarlyExitEngine(model, eos, pad_id)
     sampling = SamplingParams(max_new_tokens=max_new_tokens)
@@ -80,6 +104,24 @@ def run_bench(model, prompt_ids: Sequence[Sequence[int]], configs: dict[str, Exi
     )
     base = BenchRow(BASELINE, hf_tokens, hf_seconds, hf_tokens / hf_seconds, hf_flops / max(1, hf_tokens))
     rows.append(base)
+    if floor:
+        tps = weights_floor_tokens_per_s(model)
+        floor_flops = fm.num_layers * fm.layer_linear + fm.head(1)
+        rows.append(BenchRow(FLOOR, 0, 0.0, tps, floor_flops, speedup=tps / base.tokens_per_s,
+                             flops_ratio=floor_flops / base.flops_per_token))
+    if any(cfg.policy == "self-speculative" and "ngram" in cfg.draft for cfg in configs.values()):
+        t0 = time.perf_counter()
+        pl_out = []
+        for batch in tqdm(batches, desc=PROMPT_LOOKUP, disable=not show_progress):
+            pl_out.extend(hf_greedy_generate(model, batch, max_new_tokens, pad_id, eos, prompt_lookup=PROMPT_LOOKUP_TOKENS))
+        secs = time.perf_counter() - t0
+        n = sum(len(o) for o in pl_out)
+        row = BenchRow(PROMPT_LOOKUP, n, secs, n / secs, base.flops_per_token)
+        row.speedup = row.tokens_per_s / base.tokens_per_s
+        rows.append(row)
+        extra_outputs = {PROMPT_LOOKUP: pl_out}
+    else:
+        extra_outputs = {}
     outputs: dict[str, list[SequenceResult]] = {}
     for name, cfg in configs.items():
         results: list[SequenceResult] = []
@@ -98,9 +140,16 @@ def run_bench(model, prompt_ids: Sequence[Sequence[int]], configs: dict[str, Exi
         rows.append(row)
     reference = [r.token_ids for r in outputs["final"]] if "final" in outputs else hf_out
     for row in rows:
-        seqs = hf_out if row.name == BASELINE else [r.token_ids for r in outputs[row.name]]
+        if row.name == FLOOR:
+            continue
+        seqs = hf_out if row.name == BASELINE else extra_outputs[row.name] if row.name in extra_outputs else \
+            [r.token_ids for r in outputs[row.name]]
         row.agreement, row.identical = token_agreement(seqs, reference)
     return rows, outputs
+
+
+def _pct(value: float | None, digits: int) -> str:
+    return "" if value is None else f"{100 * value:.{digits}f}%"
 
 
 def bench_markdown(rows: list[BenchRow]) -> str:
@@ -112,7 +161,7 @@ def bench_markdown(rows: list[BenchRow]) -> str:
     for r in rows:
         lines.append(
             f"| {r.name} | {r.tokens} | {r.tokens_per_s:.1f} | {r.speedup:.2f} | {r.flops_per_token / 1e6:.1f} | "
-            f"{r.flops_ratio:.2f} | {100 * (r.agreement or 0):.1f}% | {100 * (r.identical or 0):.0f}% | "
+            f"{r.flops_ratio:.2f} | {_pct(r.agreement, 1)} | {_pct(r.identical, 0)} | "
             f"{'' if r.mean_exit_layer is None else f'{r.mean_exit_layer:.1f}'} |"
             + (f" {'' if r.similarity is None else f'{r.similarity:.3f}'} |" if with_sim else "")
         )

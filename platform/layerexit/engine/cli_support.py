@@ -23,7 +23,9 @@ def parse_thresholds(value: str | None):
 
 def exit_config_from_options(policy: str, thresholds: str | None = None, kv: str = "recompute",
                              layer: int | None = None, exit_layers: str | None = None,
-                             num_draft: int = 4) -> ExitConfig:
+                             num_draft: int = 4, extra: str | None = None) -> ExitConfig:
+    """An ExitConfig from command-line options; ``extra`` is a JSON early_exit object whose fields win
+    (check_vocab, draft, draft_stop, draft_vocab, ...)."""
     data = {"policy": policy, "kv": kv, "num_draft": num_draft}
     if thresholds is not None:
         data["thresholds"] = parse_thresholds(thresholds)
@@ -34,4 +36,15 @@ def exit_config_from_options(policy: str, thresholds: str | None = None, kv: str
             data["exit_layers"] = [int(x) for x in exit_layers.split(",")]
         except ValueError:
             raise ConfigError(f"cannot read exit layers {exit_layers!r}", "write them like 8,12,16") from None
+    if extra:
+        import json
+
+        try:
+            more = json.loads(extra)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"--early-exit is not JSON ({err})", "pass an early_exit object, e.g. "
+                              "'{\"draft\": \"ngram\", \"num_draft\": 10}'") from None
+        if not isinstance(more, dict):
+            raise ConfigError("--early-exit must be a JSON object", "e.g. '{\"check_vocab\": 64}'")
+        data.update(more)
     return validate_config(ExitConfig, data, "(command line)")

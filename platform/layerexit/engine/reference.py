@@ -37,9 +37,11 @@ def hf_greedy_generate(
     max_new_tokens: int,
     pad_id: int,
     eos: set[int] | None = None,
+    prompt_lookup: int | None = None,
 ) -> list[list[int]]:
     """Greedy ``model.generate`` (KV cache) on a left-padded batch; returns each sequence's new tokens,
-    cut after the first EOS (which is kept)."""
+    cut after the first EOS (which is kept). ``prompt_lookup``: transformers' own prompt-lookup decoding
+    (``prompt_lookup_num_tokens``), the n-gram drafter a user would otherwise reach for."""
     eos = eos if eos is not None else eos_ids(model)
     ids, mask = pad_left(prompts, pad_id)
     device = next(model.parameters()).device
@@ -56,6 +58,7 @@ def hf_greedy_generate(
             temperature=None,
             top_p=None,
             top_k=None,
+            **({"prompt_lookup_num_tokens": prompt_lookup} if prompt_lookup else {}),
         )
     results = []
     for row in out[:, ids.shape[1] :].tolist():
