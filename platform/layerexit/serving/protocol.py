@@ -118,6 +118,11 @@ class EarlyExitRequest(BaseModel):
     layer: int | None = Field(None, description="Exit layer for fixed; draft layer for self-speculative.")
     kv: str | None = Field(None, description="none, propagate or recompute.")
     num_draft: int | None = Field(None, description="Draft tokens per verification (self-speculative).")
+    check_vocab: int | str | None = Field(None, description="Exit checks over the full vocabulary (\"full\") or the top-K "
+                                          "candidates of a token's first check (an int K).")
+    draft: str | None = Field(None, description="Self-speculative draft source: layer, ngram or layer+ngram.")
+    draft_stop: float | None = Field(None, description="Draft-confidence threshold that ends a layer draft "
+                                     "(dynamic draft length); unset keeps num_draft fixed.")
 
     @field_validator("thresholds")
     @classmethod

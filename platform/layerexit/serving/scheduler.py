@@ -348,7 +348,7 @@ class BatchScheduler:
         by_row: dict[int, list[TokenEvent]] = {}
         for ev in events:
             by_row.setdefault(ev.index, []).append(ev)
-        size = len(events)  # rows in the engine batch this step (joins and departures change it)
+        size = len(by_row)  # rows in the engine batch this step (a verified draft gives a row several events)
         if self.on_step is not None:
             try:
                 self.on_step(size)
