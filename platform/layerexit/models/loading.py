@@ -42,7 +42,7 @@ def _gguf_cache_dir(gguf: Path) -> Path:
 def resolve_model(spec: str, fetch: bool = True) -> ResolvedModel:
     """Resolve ``spec`` to a loadable location, fetching/converting the embedded model or a GGUF if needed."""
     from layerexit.models import embedded
-    from layerexit.serving.model_source import download_mlflow_model, is_mlflow_uri
+    from layerexit.models.mlflow_source import download_mlflow_model, is_mlflow_uri
 
     if spec.lower() in EMBEDDED_ALIASES:
         target = embedded.smollm2_dir()
