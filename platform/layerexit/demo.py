@@ -78,7 +78,7 @@ def run_demo(model_spec: str = "smollm2", max_new_tokens: int = 64, answers: int
             "paper-7b": ExitConfig(policy="confidence", thresholds="paper-7b"),
             "paper-7b-aggressive": ExitConfig(policy="confidence", thresholds="paper-7b-aggressive"),
         }
-        timed("eval", lambda: run_demo_eval(console, trained, configs, out / "eval"))
+        timed("eval", lambda: run_demo_eval(console, trained, configs, out / "eval", mlflow=True))
     user_config = {"policy": "confidence", "thresholds": "paper-7b", "kv": "recompute"}
     if "tune" in stages:
         from layerexit.tuning.demo_stage import run_demo_tuning

@@ -166,13 +166,16 @@ def test_mlflow_run_with_nested_runs_and_stable_metric_names(evaluated):
     assert parent.data.metrics["tiny/exit-first/cost_improvement_pct"] == pytest.approx(
         report.summary()["exit-first"]["cost_improvement_pct"])
     assert parent.data.metrics["tiny/final/similarity_spacy"] == pytest.approx(1.0, abs=1e-6)
-    assert "alignment/" + cfg.model.replace("/", "_") + "/L4" in parent.data.metrics
+    assert "alignment/" + cfg.model.replace("/", "_") + "/layer_04" in parent.data.metrics
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert sorted(r.info.run_name for r in children) == sorted(m.name for m in cfg.methods)
     child = next(r for r in children if r.info.run_name == "fixed-2")
     assert child.data.params["policy"] == "fixed" and child.data.params["layer"] == "2"
-    assert child.data.metrics["tiny/exit_share/L2"] == 1.0
+    assert child.data.metrics["tiny/exit_share/layer_02"] == 1.0
+    # the one-glance figure is the run's first artifact
+    assert [a.path for a in client.list_artifacts(parent.info.run_id, "0-overview")] == [
+        "0-overview/cost_quality.png"]
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert {"report/report.md", "report/report.json", "report/alignment.png"} <= artifacts
 

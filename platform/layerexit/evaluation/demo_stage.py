@@ -23,12 +23,16 @@ def run_demo_eval(
     model_and_tokenizer=None,
     alignment: bool = False,
     mlflow: bool = False,
+    experiment: str = "layerexit-demo",
+    run_name: str = "demo-eval",
     show_progress: bool = True,
 ) -> dict[str, Any]:
     """Evaluate ``exit_configs`` ({name: ExitConfig}) against the final layer on ``limit`` held-out prompts (or
     ``prompts_path``), print the headline table, and return its rows plus where the report was written.
 
-    Pass ``model_and_tokenizer`` to reuse an already loaded model (e.g. the demo's freshly trained one).
+    Pass ``model_and_tokenizer`` to reuse an already loaded model (e.g. the demo's freshly trained one). With
+    ``mlflow``, the evaluation is logged like ``jobs/evaluate.py`` logs it (one parent run, one nested run per
+    configuration) into ``experiment`` of the default store, beside the demo's training run.
     """
     from layerexit.evaluation.cli_eval import headline_table
     from layerexit.evaluation.report import run_evaluation
@@ -43,7 +47,7 @@ def run_demo_eval(
         max_new_tokens=max_new_tokens,
         output_dir=str(out_dir),
         alignment={"enabled": alignment},
-        mlflow={"enabled": mlflow},
+        mlflow={"enabled": mlflow, "experiment": experiment, "run_name": run_name},
         show_progress=show_progress,
     )
     report = run_evaluation(cfg, model_and_tokenizer=model_and_tokenizer, console=console)
@@ -51,6 +55,9 @@ def run_demo_eval(
                                  f"{report.data['prompt_sets'][prompt_set.name]['num_prompts']} prompts, "
                                  f"{max_new_tokens} tokens"))
     console.print(f"report: {report.markdown_path}")
+    if report.mlflow_run_id:
+        console.print(f"MLflow: evaluation run {report.mlflow_run_id} (experiment {experiment}, one nested run per "
+                      "configuration)")
     return {
         "headline": report.headline_rows(),
         "report": str(report.markdown_path),

@@ -6,11 +6,18 @@ Built on ``layerexit.tracking`` (``tracked_run``, ``RunLogger``). The two helper
 Metric names (stable across runs, so two evaluations line up in the MLflow UI):
 - parent run:  ``<prompt_set>/<method>/<metric>``
 - nested run:  ``<prompt_set>/<metric>`` (one nested run per method, named after it)
+- per-layer metrics end in ``layer_08`` (zero-padded, ``layer_key``) so the UI sorts them by layer, not as text
+  (l1, l10, l11, ..., l2).
+
+The run's first artifact is a one-glance figure (``log_overview_png``: ``0-overview/cost_quality.png``, the
+cost/quality table as a chart); the full report directory follows under ``report/``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import shutil
+import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -25,6 +32,27 @@ METRIC_FIELDS = (
     "mean_exit_layer", "judge_reference_score", "judge_candidate_score", "judge_parse_failures",
     "judge_request_failures", "judge_scored_pairs",
 )
+
+
+OVERVIEW_DIR = "0-overview"  # the MLflow UI lists folders first, alphabetically: this one comes first
+
+
+def layer_key(layer: int | str, width: int = 2) -> str:
+    """``layer_08``: a per-layer metric suffix that sorts by layer (pad wider for models with >= 100 layers)."""
+    return f"layer_{int(layer):0{width}d}"
+
+
+def log_overview_png(run: RunLogger, png: str | Path, name: str) -> str | None:
+    """Log ``png`` as ``0-overview/<name>.png``, the first entry of the run's artifact tree in the MLflow UI (which
+    lists folders before files, alphabetically). Returns its artifact path, None when ``png`` does not exist."""
+    png = Path(png)
+    if not png.is_file():
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        target = Path(tmp) / f"{name}.png"
+        shutil.copyfile(png, target)
+        run.log_artifact(target, OVERVIEW_DIR)
+    return f"{OVERVIEW_DIR}/{target.name}"
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "", sep: str = ".") -> dict[str, Any]:
@@ -62,7 +90,7 @@ def _metrics(summary: Mapping[str, Any], prefix: str) -> dict[str, float]:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             out[f"{prefix}{key}"] = float(value)
     for layer, share in (summary.get("exit_share") or {}).items():
-        out[f"{prefix}exit_share/L{layer}"] = float(share)
+        out[f"{prefix}exit_share/{layer_key(layer)}"] = float(share)
     return out
 
 
@@ -72,6 +100,9 @@ def log_evaluation(report: Mapping[str, Any], out_dir: str | Path, experiment: s
     cfg = report["config"]
     with tracked_run(experiment, run_name=run_name, tracking_uri=tracking_uri,
                      tags={"layerexit.kind": "evaluation", "layerexit.model": str(cfg["model"])}) as parent:
+        figures = report.get("figures") or {}
+        if "cost_quality" in figures:  # the one-glance figure first: cost vs quality of every configuration
+            log_overview_png(parent, Path(out_dir) / figures["cost_quality"], "cost_quality")
         parent.log_params({
             "model": cfg["model"], "num_layers": report["model"]["num_layers"], "kv": cfg["kv"],
             "max_new_tokens": cfg["max_new_tokens"], "batch_size": cfg["batch_size"], "seed": cfg["seed"],
@@ -86,7 +117,7 @@ def log_evaluation(report: Mapping[str, Any], out_dir: str | Path, experiment: s
         for label, rows in (report.get("alignment") or {}).items():
             safe = "".join(c if c.isalnum() or c in "_-." else "_" for c in label)
             for row in rows["rows"]:
-                metrics[f"alignment/{safe}/L{row['layer']}"] = float(row["alignment"])
+                metrics[f"alignment/{safe}/{layer_key(row['layer'])}"] = float(row["alignment"])
         parent.log_metrics(metrics)
         parent.set_tags({f"judge_status.{s}": b["judge_status"] for s, b in report["prompt_sets"].items()})
         for method_cfg in cfg["methods"]:

@@ -531,6 +531,10 @@ def _log_outcome(run, outcome: TuneOutcome, cfg: TuneSearchConfig, info) -> None
     run.log_metrics(metrics)
     run.set_tags({"constraint_met": str(outcome.constraint_met).lower(),
                   "chosen_thresholds": json.dumps({str(k): v for k, v in outcome.thresholds.items()})})
+    if "pareto_png" in outcome.files:  # the one-glance figure first (listed first in the MLflow UI)
+        from layerexit.evaluation.mlflow_report import log_overview_png
+
+        log_overview_png(run, outcome.files["pareto_png"], "pareto_front")
     for key in ("pareto_png", "trials", "front", "report", "summary", "user_config"):
         if key in outcome.files:
             run.log_artifact(outcome.files[key], "tune")
