@@ -34,6 +34,32 @@ def resolve_tracking_uri(configured: str | None = None) -> str:
     return uri
 
 
+FILE_SCHEMES = ("sqlite", "file")
+KNOWN_SCHEMES = ("http", "https", "sqlite", "file", "databricks", "databricks-uc", "postgresql", "mysql", "mssql")
+
+
+def is_file_based_uri(uri: str) -> bool:
+    """True for stores that live on one machine's disk: ``sqlite:///...``, ``file:...`` and plain paths."""
+    if uri.startswith("databricks"):
+        return False
+    if "://" not in uri and not uri.startswith("file:"):
+        return True  # a plain directory: MLflow's file store
+    return uri.split(":", 1)[0].lower().split("+")[0] in FILE_SCHEMES
+
+
+def check_tracking_uri(uri: str | None, field: str = "mlflow.tracking_uri") -> None:
+    """Reject a tracking URI whose scheme MLflow does not know (``htp://``, ``sqllite:///``), naming ``field``."""
+    from layerexit.errors import ConfigError
+
+    if uri is None or "://" not in uri:
+        return  # unset (environment/default) or a plain path: the file store
+    scheme = uri.split("://", 1)[0].lower().split("+")[0]
+    if scheme not in KNOWN_SCHEMES:
+        raise ConfigError(f"{field}: unknown scheme {scheme!r} in {uri}",
+                          "use http(s)://host:port for an MLflow server, sqlite:///path/mlflow.db for a local file, "
+                          "or a database URI (postgresql://, mysql://)")
+
+
 def setup_tracking(configured: str | None = None) -> str:
     """Point the MLflow client at the resolved URI and return it."""
     import mlflow

@@ -4,6 +4,17 @@ own final norm and LM head, averaged with the final layer's loss: ``Loss = sum(w
 Memory: each exit's logits are computed in sequence chunks inside ``torch.utils.checkpoint``, so at most one
 chunk of full-vocabulary logits is alive at a time, in the forward and in the backward pass. LITE's peak
 memory then stays close to standard fine-tuning, whose logits tensor is one (B, T, V) block.
+
+INVARIANT (ZeRO-3, every loss that calls the LM head, here and in the distillation losses): the number of calls
+of ``head`` (and ``norm``) per micro-batch depends only on the batch's SHAPE and the config, never on its data.
+Under ZeRO-3 each call of the head module all-gathers its weights collectively, in the forward pass and again when
+``torch.utils.checkpoint`` recomputes the chunk in the backward pass, so two ranks that call it a different number
+of times deadlock or exchange the wrong tensors. Hence: no "skip a chunk without labels" shortcuts (a label-free
+chunk contributes an exact zero instead), no data-dependent branches around head calls, and the training and
+evaluation batches are padded to one width agreed by all ranks (``training.loop.epoch_batches``/``eval_batches``),
+so equal shapes give equal call counts. A loss that needs a slice of the head (top-k rows) must still go through
+a call of the head module or a ``deepspeed.zero.GatheredParameters`` made on every rank: under ZeRO-3 the
+parameter itself is an empty shard outside those. ``head_calls_per_micro_batch`` states the count.
 """
 
 from __future__ import annotations
@@ -106,13 +117,23 @@ def chunked_exit_cross_entropy(
     for start in range(0, hidden.shape[1], chunk_size):
         h = hidden[:, start : start + chunk_size]
         y = labels[:, start : start + chunk_size]
-        if not bool((y != IGNORE_INDEX).any()):
-            continue  # nothing to learn here; skip the head entirely
+        # A chunk without labels is NOT skipped (it adds an exact 0): the head-call count must not depend on
+        # the data (see the module docstring; ZeRO-3 gathers the head's weights collectively on every call).
         if torch.is_grad_enabled() and h.requires_grad:
             total = total + checkpoint(_chunk_ce_sum, h, y, norm, head, use_reentrant=False)
         else:
             total = total + _chunk_ce_sum(h, y, norm, head)
     return total, n_valid
+
+
+def head_calls_per_micro_batch(seq_len: int, num_weighted_layers: int, chunk_size: int | None,
+                                distill: bool = False) -> int:
+    """Head calls in the forward pass of :func:`lite_loss` for a (B, ``seq_len``) batch (the backward pass
+    recomputes each checkpointed chunk once more). A function of the shape only: the ZeRO-3 invariant."""
+    positions = max(seq_len - 1, 0)
+    chunks = 1 if chunk_size is None else -(-positions // chunk_size)
+    kl_calls = 2 * (num_weighted_layers - 1) * chunks if distill else 0  # teacher + student per exit chunk
+    return num_weighted_layers * chunks + kl_calls
 
 
 def lite_loss(

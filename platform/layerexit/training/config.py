@@ -98,6 +98,30 @@ class DeepSpeedSection(StrictModel):
     offload_optimizer: bool = Field(False, description="ZeRO-Offload optimizer state to CPU (GPU runs only).")
     extra: dict[str, Any] = Field(default_factory=dict, description="Raw DeepSpeed config entries merged last.")
 
+    @model_validator(mode="after")
+    def _consistent(self) -> DeepSpeedSection:
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("deepspeed.offload_optimizer needs ZeRO: set deepspeed.zero_stage to 1, 2 or 3")
+        # Entries the job derives from other fields: setting them in `extra` would silently contradict those.
+        owned = {"train_batch_size": "optim.micro_batch_size/grad_accum", "train_micro_batch_size_per_gpu":
+                 "optim.micro_batch_size", "gradient_accumulation_steps": "optim.grad_accum",
+                 "gradient_clipping": "optim.grad_clip", "bf16": "deepspeed.precision", "fp16": "deepspeed.precision",
+                 "optimizer": "optim.* (the job builds AdamW itself)", "scheduler": "optim.schedule/warmup_*"}
+        zero_owned = {"stage": "deepspeed.zero_stage", "offload_optimizer": "deepspeed.offload_optimizer"}
+        for key, field in owned.items():
+            if key in self.extra:
+                raise ValueError(f"deepspeed.extra.{key} is set by the job from {field}; set it there instead")
+        zero = self.extra.get("zero_optimization") or {}
+        if not isinstance(zero, dict):
+            raise ValueError("deepspeed.extra.zero_optimization must be a mapping of ZeRO options")
+        for key, field in zero_owned.items():
+            if key in zero:
+                raise ValueError(f"deepspeed.extra.zero_optimization.{key} is set by the job from {field}; "
+                                 "set it there instead")
+        if zero.get("offload_param") and self.zero_stage != 3:
+            raise ValueError("deepspeed.extra.zero_optimization.offload_param needs deepspeed.zero_stage=3")
+        return self
+
 
 class ScalingSection(StrictModel):
     """Ray Train ScalingConfig."""
@@ -116,12 +140,34 @@ class CheckpointSection(StrictModel):
     num_to_keep: int | None = Field(2, ge=1, description="Keep only the newest N checkpoints (null keeps all).")
     max_failures: int = Field(2, ge=-1, description="Restart from the latest checkpoint after this many worker failures.")
 
+    @field_validator("storage_path")
+    @classmethod
+    def _local_path(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("is empty; give a directory, e.g. /mnt/shared/ray-results")
+        if "://" in value:
+            raise ValueError(f"{value} is a URI; this job reads and writes checkpoints as files, so give a directory "
+                             "every node mounts at the same path (e.g. /mnt/shared/ray-results on an NFS/EFS volume)")
+        return value
+
 
 class MlflowSection(StrictModel):
     """MLflow tracking (rank 0 logs). Tracking URI: this value, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
     in the driver's working directory."""
 
     tracking_uri: str | None = Field(None, description="MLflow tracking URI.")
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _known_scheme(cls, value: str | None) -> str | None:
+        from layerexit.errors import ConfigError
+        from layerexit.tracking import check_tracking_uri
+
+        try:
+            check_tracking_uri(value, "tracking_uri")
+        except ConfigError as err:
+            raise ValueError(str(err).removeprefix("tracking_uri: ")) from None
+        return value
     experiment: str = Field("layerexit-train", description="Experiment name.")
     register_model: bool = Field(True, description="Log the final model and register it as layerexit-<name>.")
     registered_name: str | None = Field(None, description="Registered model name (default layerexit-<name>).")

@@ -68,8 +68,8 @@ def anchor_kl(hidden: torch.Tensor, teacher_hidden: torch.Tensor, labels: torch.
     step = chunk_size or hidden.shape[1]
     for start in range(0, hidden.shape[1], step):
         sl = slice(start, start + step)
-        if not bool((labels[:, sl] != IGNORE_INDEX).any()):
-            continue
+        # No skipping of label-free chunks: head calls per micro-batch must not depend on the data (ZeRO-3,
+        # see layerexit.losses.lite).
         t_logp = F.log_softmax(teacher_logits(teacher_hidden[:, sl]).float(), dim=-1)  # Shape: (B, c, V)
         if torch.is_grad_enabled() and hidden.requires_grad:
             total = total + checkpoint(_anchor_chunk, hidden[:, sl], t_logp, labels[:, sl], norm, head,
@@ -193,31 +193,57 @@ def steps_per_epoch(num_examples: int, micro_batch: int, world: int, grad_accum:
     return num_examples // (micro_batch * world * grad_accum)
 
 
+def pad_to_width(batch: dict[str, torch.Tensor], width: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a collated micro-batch to ``width`` columns (padding: ``pad_id``, label -100, mask 0)."""
+    extra = width - batch["input_ids"].shape[1]
+    if extra <= 0:
+        return batch
+    fill = {"input_ids": pad_id, "labels": IGNORE_INDEX, "attention_mask": 0}
+    return {k: F.pad(v, (0, extra), value=fill.get(k, 0)) for k, v in batch.items()}
+
+
+def shared_widths(shards: Sequence[Sequence[TokenizedExample]], micro_batch: int) -> list[int]:
+    """Width of micro-batch b = the longest example in micro-batch b of ANY rank's shard.
+
+    Every rank computes the same list from the same (seeded) order, without communication, so micro-batch b has
+    the same shape on every rank and the LM head is called the same number of times (the ZeRO-3 invariant in
+    ``layerexit.losses.lite``): a rank whose batch is short pads to the width of the longest one.
+    """
+    n_batches = max((-(-len(s) // micro_batch) for s in shards), default=0)
+    return [max((len(e.input_ids) for s in shards for e in s[b * micro_batch : (b + 1) * micro_batch]), default=1)
+            for b in range(n_batches)]
+
+
 def epoch_batches(examples: Sequence[TokenizedExample], *, micro_batch: int, world: int, rank: int,
                   grad_accum: int, epoch: int, seed: int, pad_id: int, skip: int = 0,
                   device: torch.device | str = "cpu") -> Iterator[dict[str, torch.Tensor]]:
-    """This rank's micro-batches for one epoch: a seeded shuffle, equal share per rank, ``skip`` already done."""
+    """This rank's micro-batches for one epoch: a seeded shuffle, equal share per rank, ``skip`` already done.
+    Micro-batch b has the same width on every rank (``shared_widths``)."""
     per_step = micro_batch * world * grad_accum
     usable = (len(examples) // per_step) * per_step
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     order = torch.randperm(len(examples), generator=g)[:usable].tolist()
-    mine = order[rank::world]
+    shards = [[examples[i] for i in order[r::world]] for r in range(world)]
+    widths = shared_widths(shards, micro_batch)
+    mine = shards[rank]
     for b, start in enumerate(range(0, len(mine), micro_batch)):
         if b < skip:
             continue
-        batch = collate([examples[i] for i in mine[start : start + micro_batch]], pad_id)
+        batch = pad_to_width(collate(mine[start : start + micro_batch], pad_id), widths[b], pad_id)
         yield {k: v.to(device) for k, v in batch.items()}
 
 
 def eval_batches(examples: Sequence[TokenizedExample], *, micro_batch: int, world: int, rank: int, pad_id: int,
                  device: torch.device | str = "cpu") -> list[dict[str, torch.Tensor]]:
-    """This rank's share of the held-out examples (every rank gets the same number of batches)."""
-    mine = list(examples[rank::world])
+    """This rank's share of the held-out examples: every rank gets the same number of batches, and batch b has
+    the same width on every rank (``shared_widths``)."""
     per_rank = len(examples) // world if world > 1 else len(examples)
-    mine = mine[:per_rank]
+    shards = [list(examples[r::world])[:per_rank] for r in range(world)]
+    widths = shared_widths(shards, micro_batch)
+    mine = shards[rank]
     out = []
-    for start in range(0, len(mine), micro_batch):
-        batch = collate(mine[start : start + micro_batch], pad_id)
+    for b, start in enumerate(range(0, len(mine), micro_batch)):
+        batch = pad_to_width(collate(mine[start : start + micro_batch], pad_id), widths[b], pad_id)
         out.append({k: v.to(device) for k, v in batch.items()})
     return out
 

@@ -9,7 +9,6 @@ part in checkpoints (``ray.train.report``) and evaluation.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from layerexit.data.datasets import PreparedData, TokenizedExample, finish_example
+from layerexit.deploy.cluster import package_runtime_env
 from layerexit.errors import ConfigError
 from layerexit.training.config import TrainConfig, validate_train_config
 from layerexit.training.loop import steps_per_epoch
@@ -154,6 +154,23 @@ def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
     return merge(ds, cfg.deepspeed.extra)
 
 
+def build_optimizer(cfg: TrainConfig, groups: list[dict[str, Any]]):
+    """AdamW for ``cfg``: torch's, or DeepSpeed's CPU Adam when the optimizer state is offloaded to the CPU.
+
+    With ``deepspeed.offload_optimizer`` the optimizer steps on the CPU copy of the fp32 weights; DeepSpeed refuses a
+    torch optimizer there (it would be several times slower), so DeepSpeedCPUAdam (AdamW mode, the same
+    hyper-parameters and groups) is used. Its C++ op is compiled on first use (ninja and a C++ compiler in the
+    image, see the Dockerfile) and cached.
+    """
+    import torch
+
+    if cfg.deepspeed.offload_optimizer:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), adamw_mode=True)
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
+
+
 def _worker_env(cfg: TrainConfig) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k.startswith(("LAYEREXIT_", "HF_", "TRANSFORMERS_"))}
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -195,11 +212,30 @@ def _metric_series(tracking_uri: str, run_id: str, prefix: str) -> tuple[dict[in
     return dict(sorted(first.items())), dict(sorted(last.items()))
 
 
+def check_cluster(cfg: TrainConfig, ray_init_kwargs: dict[str, Any] | None = None) -> bool:
+    """Start (or attach to) Ray and fail fast when a multi-node run has node-local tracking or storage.
+    Returns whether the run spans several nodes (then the package travels to every node as ``py_modules``)."""
+    import ray
+
+    from layerexit.deploy.cluster import alive_nodes, check_multi_node, is_multi_node
+    from layerexit.tracking import resolve_tracking_uri
+
+    if not ray.is_initialized():
+        ray.init(**(ray_init_kwargs or {}))
+    nodes = ray.nodes()
+    per_worker = {"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1.0} if cfg.scaling.use_gpu else {})}
+    multi = is_multi_node(nodes, cfg.scaling.num_workers, per_worker)
+    check_multi_node(resolve_tracking_uri(cfg.mlflow.tracking_uri), cfg.checkpoint.storage_path, multi_node=multi,
+                     num_nodes=len(alive_nodes(nodes)))
+    return multi
+
+
 def run_training(cfg: TrainConfig, *, console=None, show_progress: bool = True,
                  ray_init_kwargs: dict[str, Any] | None = None) -> TrainResult:
     """Validate, prepare data, train on Ray Train + DeepSpeed, log to MLflow, register the model."""
     t0 = time.time()
     depth = validate_train_config(cfg)  # user errors surface here, before Ray or any worker starts
+    multi_node = check_cluster(cfg, ray_init_kwargs)  # and these, before data preparation and workers
     data = prepare_training_data(cfg, show_progress=show_progress)
     data.eval_prompts = data.eval_prompts[: cfg.eval.alignment_prompts]
     steps = total_steps(cfg, len(data.train))
@@ -252,7 +288,7 @@ def run_training(cfg: TrainConfig, *, console=None, show_progress: bool = True,
                 storage_path=str(storage),
                 failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
-                worker_runtime_env={"env_vars": _worker_env(cfg)},
+                worker_runtime_env=package_runtime_env(_worker_env(cfg), multi_node=multi_node),
             ),
         )
         result = trainer.fit()
@@ -297,25 +333,33 @@ def _maybe_inject_fault(step: int, rank: int) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-@contextlib.contextmanager
-def full_weights_for_inference(engine, zero_stage: int):
-    """Make every rank hold full weights and switch ZeRO-3's fetch hooks off (for generate/eval); no-op below 3."""
-    if zero_stage != 3:
-        yield
-        return
-    import deepspeed
+def rank0_inference_copy(engine, hf, device, rank: int):
+    """Under ZeRO-3: a plain, full copy of the model on rank 0 (``None`` elsewhere), for generation.
 
-    offload = engine.optimizer.parameter_offload
-    params = list(engine.module.parameters())
-    with deepspeed.zero.GatheredParameters(params):
-        for p in params:
-            p.ds_active_sub_modules.clear()
-        offload._remove_module_hooks()
-        offload.forward_hooks, offload.backward_hooks = [], []
-        try:
-            yield
-        finally:
-            offload.setup_zero_stage3_hooks()
+    Collective: every rank must call it. The weights are gathered one module at a time
+    (``_zero3_consolidated_16bit_state_dict``: each module's shards are all-gathered, copied to rank 0's CPU and
+    released), so ranks other than 0 never hold more than one module's full weights, unlike gathering every
+    parameter on every rank at once. Rank 0 then holds one 16-bit copy (CPU dict -> its device) while it generates.
+    """
+    import torch
+
+    state = engine._zero3_consolidated_16bit_state_dict()
+    if rank != 0:
+        return None
+    prefix = "model." if hf is not engine.module else ""
+    state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    with torch.device("meta"):
+        copy = type(hf)(hf.config)
+    copy.load_state_dict(state, strict=False, assign=True)
+    for name, buf in hf.named_buffers():  # non-persistent buffers (rotary inv_freq) are not in the state dict
+        owner, _, attr = name.rpartition(".")
+        copy.get_submodule(owner).register_buffer(attr, buf.detach().clone(), persistent=False)
+    if getattr(hf.config, "tie_word_embeddings", False):
+        copy.get_output_embeddings().weight = copy.get_input_embeddings().weight
+    left = [n for n, t in [*copy.named_parameters(), *copy.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"ZeRO-3 inference copy: no weights for {left[:5]}")
+    return copy.to(device).eval()
 
 
 def _load_model(spec: str, dtype):
@@ -365,8 +409,7 @@ def train_worker(config: dict[str, Any]) -> None:
         teacher = FrozenTeacher(t_model.to(device))
 
     warmup = max(cfg.optim.warmup_steps, int(cfg.optim.warmup_ratio * steps))
-    optimizer = torch.optim.AdamW(param_groups(objective, cfg.optim.weight_decay), lr=cfg.optim.lr,
-                                  betas=tuple(cfg.optim.betas))
+    optimizer = build_optimizer(cfg, param_groups(objective, cfg.optim.weight_decay))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(steps, warmup, cfg.optim.schedule, cfg.optim.min_lr_ratio))
     engine, _, _, _ = deepspeed.initialize(model=objective, optimizer=optimizer, lr_scheduler=scheduler,
@@ -410,14 +453,38 @@ def train_worker(config: dict[str, Any]) -> None:
                   f"lr {metrics['lr']:.2e} {metrics['tokens_per_s']:.0f} tok/s", flush=True)
         _maybe_inject_fault(st.step, rank)
 
+    def alignment_report() -> AlignmentReport | None:
+        if zero_stage != 3:
+            return sharded_alignment(hf, data.eval_prompts, cfg.eval.alignment_max_new_tokens, pad_id, eos)
+        # ZeRO-3: generation stops at EOS, so ranks would run different numbers of forwards and the per-module
+        # all-gathers would not match. Rank 0 generates alone on a copy gathered module by module.
+        copy = rank0_inference_copy(engine, hf, device, rank)
+        report = None
+        if copy is not None:
+            from layerexit.engine.reference import hf_greedy_generate_batched
+            from layerexit.evaluation.alignment import alignment_from_generations
+
+            prompts = [list(p) for p in data.eval_prompts]
+            responses = hf_greedy_generate_batched(copy, prompts, cfg.eval.alignment_max_new_tokens, pad_id,
+                                                   eos=eos, show_progress=False)
+            report = alignment_from_generations(copy, prompts, responses, show_progress=False)
+            del copy
+        if world > 1:
+            box = [report]
+            torch.distributed.broadcast_object_list(box, src=0)
+            report = box[0]
+        return report
+
     def on_eval(st: TrainState) -> dict[str, float]:
         nonlocal start_report
         engine.eval()
-        with torch.no_grad(), full_weights_for_inference(engine, zero_stage):
+        with torch.no_grad():
+            # Under ZeRO-3 the fetch hooks stay on: each module is gathered when it runs and released after, and
+            # every rank makes the same calls (equal batch counts and widths, no skipped chunks).
             metrics = eval_loss_metrics(hf, ev_batches, eval_layers, weights, cfg.lite.chunk_size, autocast)
             report = None
             if cfg.eval.alignment_prompts and data.eval_prompts:
-                report = sharded_alignment(hf, data.eval_prompts, cfg.eval.alignment_max_new_tokens, pad_id, eos)
+                report = alignment_report()
         engine.train()
         metrics.update(alignment_metrics(report, eval_layers))
         if report is not None and start_report is None and st.step == 0:

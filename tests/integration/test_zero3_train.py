@@ -1,0 +1,185 @@
+"""ZeRO-3 with several ranks, for real (issue 15): Ray Train, 2 CPU workers, gloo, DeepSpeed ZeRO-3, a tiny model.
+
+- The data has deliberately different lengths (answers of 1 word and of ~40 words), so the ranks' natural batch
+  widths differ; small LM-head chunks make many label-free chunks. Before the fix the ranks called the LM head a
+  different number of times and ZeRO-3's collective weight gathers hung. Here a few steps finish, with evaluation
+  (loss with ZeRO-3 hooks on, alignment on a copy gathered module by module onto rank 0) in between.
+- The checkpoint's HF directory is gathered (not the empty ZeRO-3 shards) and loads in plain transformers.
+- Running again with the same name resumes from that checkpoint and finishes.
+- ZeRO-Offload: ``deepspeed.offload_optimizer`` steps with DeepSpeedCPUAdam (torch AdamW made DeepSpeed raise).
+- Multi-node: a real 2-node Ray cluster (two raylets on this machine) with a sqlite tracking URI fails before any
+  worker starts, naming mlflow.tracking_uri and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    from layerexit.models.tiny import save_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("zero3")
+    save_tiny_checkpoint(root / "tiny", num_layers=4)
+    rng = random.Random(0)
+    words = ["sea", "sky", "fox", "dog", "tree", "sun", "moon", "star"]
+    with open(root / "data.jsonl", "w") as fh:
+        for i in range(72):
+            a, b = rng.choice(words), rng.choice(words)
+            long = i % 3 == 0  # every third answer is ~40 words, the others one word
+            out = " ".join([a, b] * 20) + "." if long else a
+            fh.write(json.dumps({"instruction": f"Say {a} and {b}.", "input": "", "output": out}) + "\n")
+    return root
+
+
+def zero3_config(workdir: Path, name: str, max_steps: int) -> dict:
+    return {
+        "name": name,
+        "model": {"spec": str(workdir / "tiny")},
+        "data": {"source": "alpaca", "path": str(workdir / "data.jsonl"), "template": "chat", "max_length": 96,
+                 "eval_fraction": 0.15, "max_eval_examples": 9},
+        "lite": {"exit_layers": [1, 2, 3], "weights": "uniform", "chunk_size": 8},
+        "optim": {"lr": 3e-3, "warmup_steps": 1, "schedule": "constant", "micro_batch_size": 2, "grad_accum": 2,
+                  "max_steps": max_steps},
+        "deepspeed": {"zero_stage": 3, "precision": "fp32"},
+        "scaling": {"num_workers": 2, "cpus_per_worker": 1},
+        "checkpoint": {"storage_path": str(workdir / "ray_results"), "every_steps": 2, "max_failures": 0},
+        "mlflow": {"tracking_uri": f"sqlite:///{workdir / 'mlflow.db'}", "experiment": "test-zero3",
+                   "log_system_metrics": False, "register_model": False},
+        "eval": {"every_steps": 2, "at_start": True, "alignment_prompts": 3, "alignment_max_new_tokens": 4},
+    }
+
+
+def train(cfg: dict):
+    from layerexit.training import TrainConfig
+    from layerexit.training.ray_trainer import run_training
+
+    return run_training(TrainConfig.model_validate(cfg), show_progress=False)
+
+
+def history(result, key: str) -> list[float]:
+    from mlflow import MlflowClient
+
+    hist = MlflowClient(tracking_uri=result.tracking_uri).get_metric_history(result.run_id, key)
+    return [m.value for m in sorted(hist, key=lambda m: (m.step, m.timestamp))]
+
+
+def test_zero3_two_ranks_different_lengths_train_gather_resume(ray_local, workdir) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    first = train(zero3_config(workdir, "tiny_zero3", max_steps=4))
+    assert first.checkpoint_dir.name == "checkpoint_000004"
+    losses = history(first, "train/loss")
+    assert len(losses) == 4 and all(v == v for v in losses)  # 4 steps, no NaN
+    assert len(history(first, "eval/loss")) == 3  # at start, step 2, step 4
+    assert set(first.alignment_after) == {1, 2, 3, 4} and first.alignment_after[4] == 1.0
+
+    # The HF directory holds the gathered weights: plain transformers loads it, shapes as configured, trained.
+    trained = AutoModelForCausalLM.from_pretrained(first.hf_model_dir)
+    start = AutoModelForCausalLM.from_pretrained(workdir / "tiny")
+    for (name, p), (_, q) in zip(trained.named_parameters(), start.named_parameters(), strict=True):
+        assert p.shape == q.shape and p.numel() > 0, name
+    tok = AutoTokenizer.from_pretrained(first.hf_model_dir)
+    ids = torch.tensor([tok("Say sea and sky.")["input_ids"]])
+    assert not torch.allclose(trained(ids).logits, start(ids).logits)
+
+    # Same name, more steps: resumes from step 4 (DeepSpeed ZeRO-3 shards + trainer state) and finishes.
+    resumed = train(zero3_config(workdir, "tiny_zero3", max_steps=6))
+    assert resumed.run_id == first.run_id
+    assert resumed.checkpoint_dir.name == "checkpoint_000006"
+    assert resumed.metrics["resumed_from_step"] == 4
+    assert len(history(resumed, "train/loss")) == 6
+    AutoModelForCausalLM.from_pretrained(resumed.hf_model_dir)
+
+
+def test_multi_node_run_with_a_file_tracking_uri_fails_before_workers(workdir, tmp_path) -> None:
+    """Two real raylets (ray.cluster_utils.Cluster): a sqlite URI is refused, naming the field and the fix."""
+    code = f"""
+import json, sys
+import ray
+from ray.cluster_utils import Cluster
+from layerexit.errors import ConfigError
+from layerexit.training import TrainConfig
+from layerexit.training.ray_trainer import run_training
+cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 1, "include_dashboard": False}})
+cluster.add_node(num_cpus=1)
+cfg = json.loads(sys.argv[1])
+try:
+    run_training(TrainConfig.model_validate(cfg), show_progress=False,
+                 ray_init_kwargs={{"address": cluster.address}})
+except ConfigError as err:
+    print("CONFIG-ERROR", err)
+finally:
+    ray.shutdown()
+    cluster.shutdown()
+"""
+    cfg = zero3_config(workdir, "tiny_multinode", max_steps=2)
+    cfg["checkpoint"]["storage_path"] = str(tmp_path / "shared")
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    env.pop("RAY_ADDRESS", None)
+    result = subprocess.run([sys.executable, "-c", code, json.dumps(cfg)], capture_output=True, text=True,
+                            timeout=240, env=env, cwd=tmp_path)
+    assert "CONFIG-ERROR" in result.stdout, result.stdout[-2000:] + result.stderr[-3000:]
+    line = next(l for l in result.stdout.splitlines() if "CONFIG-ERROR" in l)
+    assert "mlflow.tracking_uri" in line and "2 alive" in line and "http://" in line
+    assert not (tmp_path / "shared" / "tiny_multinode").exists(), "nothing may start before the check"
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_offload_optimizer_steps_with_deepspeed_cpu_adam(stage: int, tmp_path) -> None:
+    """The optimizer the job builds for offload_optimizer=true is accepted by DeepSpeed and steps (one rank)."""
+    code = f"""
+import os, torch
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["PORT"], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+import deepspeed
+from layerexit.training.config import TrainConfig
+from layerexit.training.loop import param_groups
+from layerexit.training.ray_trainer import build_optimizer, deepspeed_config
+cfg = TrainConfig.model_validate({{"name": "x", "model": {{"spec": "tiny"}}, "optim": {{"micro_batch_size": 2}},
+    "deepspeed": {{"zero_stage": {stage}, "offload_optimizer": True, "precision": "fp32"}},
+    "scaling": {{"num_workers": 1, "use_gpu": True}}}})
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 1))
+engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(cfg, param_groups(model, 0.0)),
+                                  config=deepspeed_config(cfg))
+x = torch.randn(2, 8)
+losses = []
+for _ in range(5):
+    loss = engine(x).pow(2).mean(); engine.backward(loss); engine.step(); losses.append(float(loss))
+assert losses[-1] < losses[0], losses
+print("OFFLOAD-OK", type(engine.optimizer).__name__)
+"""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PORT": str(port)}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env,
+                            cwd=tmp_path)
+    assert "OFFLOAD-OK" in result.stdout, result.stderr[-3000:]
