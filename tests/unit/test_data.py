@@ -214,3 +214,16 @@ def test_self_distill_generates_once_and_caches(tiny_dir, tmp_path, monkeypatch)
     _, other = selfdistill.self_distill(str(tiny_dir), items[:1], max_new_tokens=6, show_progress=False)
     assert other != path  # different generation settings -> a different cache file
     assert not list(path.parent.glob(".*.tmp"))  # atomic writes leave no temp files
+
+
+def test_alpaca_with_input_gets_the_stanford_with_input_template(tok):
+    rec = {"instruction": "Summarise the text.", "input": "The cat sat on the mat.", "output": "A cat sat."}
+    ids, labels, plen = ds.tokenize_alpaca_record(tok, rec)
+    prompt = tok.decode(ids[:plen])
+    assert "### Input:" in prompt and "paired with an input" in prompt
+    assert "The cat sat on the mat." in prompt.split("### Input:")[1]
+    no_input = {"instruction": "Say hi.", "input": "", "output": "Hi."}
+    ids2, _, plen2 = ds.tokenize_alpaca_record(tok, no_input)
+    assert "### Input:" not in tok.decode(ids2[:plen2])
+    examples, _ = ds.tokenize_records(tok, [rec], "alpaca", "alpaca", max_length=512)
+    assert examples[0].input_ids == ids

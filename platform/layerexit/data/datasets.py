@@ -45,6 +45,8 @@ class TokenizedExample:
     input_ids: list[int]
     labels: list[int]
     prompt_len: int  # tokens before the first response token (the prompt of the first assistant turn)
+    # Distillation targets (teacher cache rows of this example): positions (n,), top-k ids (n, k), log-probs (n, k).
+    teacher: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def num_response_tokens(self) -> int:
@@ -282,12 +284,24 @@ def finish_example(ids: list[int], labels: list[int], prompt_len: int, max_lengt
     return TokenizedExample(list(ids), list(labels), min(prompt_len, len(ids)))
 
 
+def tokenize_alpaca_record(tokenizer, rec: dict) -> tuple[list[int], list[int], int]:
+    """An Alpaca record under the Alpaca template: the Stanford "with input" template when ``input`` is non-empty
+    (instruction and input in their own sections), the no-input template otherwise."""
+    prompt = _ids(tokenizer(alpaca_prompt(rec), add_special_tokens=True))
+    response = _ids(tokenizer(rec["output"], add_special_tokens=False)) + _eos(tokenizer)
+    return prompt + response, [IGNORE_INDEX] * len(prompt) + response, len(prompt)
+
+
 def tokenize_records(tokenizer, records: Sequence[dict], fmt: RecordFormat, template: Template,
                      max_length: int) -> tuple[list[TokenizedExample], TokenizeStats]:
     stats = TokenizeStats()
     out = []
     for rec in records:
-        ex = tokenize_example(tokenizer, to_messages(rec, fmt), template, max_length, stats)
+        if fmt == "alpaca" and template == "alpaca":
+            ids, labels, prompt_len = tokenize_alpaca_record(tokenizer, rec)
+            ex = finish_example(ids, labels, prompt_len, max_length, stats)
+        else:
+            ex = tokenize_example(tokenizer, to_messages(rec, fmt), template, max_length, stats)
         if ex is not None:
             out.append(ex)
     return out, stats
@@ -340,7 +354,25 @@ def collate(examples: Sequence[TokenizedExample], pad_id: int, pad_to_multiple_o
         ids[i, :n] = torch.tensor(e.input_ids, dtype=torch.long)
         labels[i, :n] = torch.tensor(e.labels, dtype=torch.long)
         mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if examples and all(e.teacher is not None for e in examples):
+        batch.update(collate_teacher(examples, width))
+    return batch
+
+
+def collate_teacher(examples: Sequence[TokenizedExample], width: int) -> dict[str, torch.Tensor]:
+    """Teacher top-k per position, sequence axis LAST (``teacher_ids``/``teacher_logp`` (B, k, T), ``teacher_mask``
+    (B, T)), so right-padding a batch along its last axis pads positions, whatever the tensor's rank."""
+    k = examples[0].teacher[1].shape[1]
+    ids = torch.zeros((len(examples), k, width), dtype=torch.long)
+    logp = torch.zeros((len(examples), k, width), dtype=torch.float32)
+    tmask = torch.zeros((len(examples), width), dtype=torch.float32)
+    for i, e in enumerate(examples):
+        pos, t_ids, t_logp = e.teacher
+        ids[i, :, pos.long()] = t_ids.long().T
+        logp[i, :, pos.long()] = t_logp.float().T
+        tmask[i, pos.long()] = 1.0
+    return {"teacher_ids": ids, "teacher_logp": logp, "teacher_mask": tmask}
 
 
 def prepare_sft_data(tokenizer, source: str, *, template: Template = "chat", max_length: int = 512,
@@ -357,7 +389,8 @@ def prepare_sft_data(tokenizer, source: str, *, template: Template = "chat", max
         eval_recs = eval_recs[:max_eval_examples]
     train, train_stats = tokenize_records(tokenizer, train_recs, fmt, template, max_length)
     evals, eval_stats = tokenize_records(tokenizer, eval_recs, fmt, template, max_length)
-    eval_prompts = [prompt_ids_for(tokenizer, to_messages(r, fmt), template) for r in eval_recs]
+    eval_prompts = [_ids(tokenizer(alpaca_prompt(r), add_special_tokens=True)) if fmt == "alpaca" and template == "alpaca"
+                    else prompt_ids_for(tokenizer, to_messages(r, fmt), template) for r in eval_recs]
     return PreparedData(train, evals, eval_prompts, info={
         "source": source, "format": fmt, "template": template, "records": len(records),
         "train": train_stats.as_dict(), "eval": eval_stats.as_dict(),

@@ -48,6 +48,11 @@ class DataSection(StrictModel):
     distill_max_new_tokens: int = Field(64, ge=1, description="instructions: length of the self-distilled answers.")
     distill_batch_size: int = Field(8, ge=1, description="instructions: prompts per generate() batch.")
     seed: int = Field(0, description="Seed for the held-out split of alpaca/chat data.")
+    samples_per_instruction: int = Field(
+        0, ge=0, description="instructions: extra answers sampled from the base model per TRAINING instruction "
+        "(temperature > 0), added to the greedy one; cached. Held-out instructions are never sampled.")
+    sample_temperature: float = Field(0.8, gt=0.0, description="Sampling temperature of those extra answers.")
+    sample_top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus (top-p) of those extra answers.")
 
     @model_validator(mode="after")
     def _path_needed(self) -> DataSection:
@@ -64,6 +69,40 @@ class LiteSection(LiteLossConfig):
         description="Weight of KL(original model's final layer || current final layer) on response tokens, "
         "computed with a frozen copy of the starting model; 0 disables it (and the copy).",
     )
+
+
+class DistillSection(StrictModel):
+    """Teacher = the frozen base model's final layer, stored as top-k ids + log-probs (the teacher cache).
+    Used by ``recipe: distill`` (full fine-tuning) and ``recipe: adapters`` (frozen base, exit adapters)."""
+
+    top_k: int = Field(64, ge=1, description="Teacher tokens kept per position (<= the vocabulary size).")
+    temperature: float = Field(1.0, description="Softmax temperature of teacher and student (> 0).")
+    full_every: int = Field(
+        8, ge=0, description="Every n-th position also runs the full LM head, which scores the mass outside the "
+        "teacher's top-k (keeps confidence calibrated); 1 = everywhere (exact), 0 = never (top-k only).")
+    anchor_weight: float = Field(1.0, ge=0.0, description="recipe distill: weight of the same KL at the final layer "
+                                                          "towards the base model (keeps the final layer).")
+    chunk_size: int | None = Field(256, ge=1, description="Positions per LM-head chunk (activation checkpointed).")
+    cache_dir: str | None = Field(None, description="Teacher cache directory (default: $LAYEREXIT_HOME/teacher_cache/"
+                                                    "<fingerprint>); one built for other model/data/k is an error.")
+    cache_precision: Literal["fp32", "autocast_bf16"] = Field("autocast_bf16",
+                                                              description="Precision of the teacher's forward pass.")
+    cache_tasks: int = Field(2, ge=1, description="Ray tasks that build the cache (one CPU each).")
+
+    @field_validator("temperature")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        if not value > 0:
+            raise ValueError("must be > 0 (1.0 uses the teacher as is)")
+        return value
+
+
+class AdapterSection(StrictModel):
+    """``recipe: adapters``: one RMSNorm + low-rank residual SiLU MLP per exit (zero-initialised output), trained on
+    cached exit hidden states with every base weight frozen."""
+
+    rank: int = Field(256, ge=1, description="Bottleneck width of each adapter.")
+    positions_per_batch: int = Field(512, ge=1, description="Cached positions per worker micro-batch.")
 
 
 class OptimSection(StrictModel):
@@ -201,8 +240,14 @@ class TrainConfig(StrictModel):
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
                       description="Run name: Ray Train run directory and MLflow run/registered model name.")
     model: ModelSection
+    recipe: Literal["lite", "distill", "adapters"] = Field(
+        "lite", description="lite: the paper's CE-LITE (full fine-tuning, labels); distill: full fine-tuning towards "
+        "the base model's top-k distribution at every exit plus a final-layer anchor; adapters: frozen base, one "
+        "small adapter per exit trained by distillation (final layer = base model exactly).")
     data: DataSection = Field(default_factory=DataSection)
     lite: LiteSection = Field(default_factory=LiteSection)
+    distill: DistillSection = Field(default_factory=DistillSection)
+    adapters: AdapterSection = Field(default_factory=AdapterSection)
     optim: OptimSection = Field(default_factory=OptimSection)
     deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
     scaling: ScalingSection = Field(default_factory=ScalingSection)
@@ -219,6 +264,11 @@ class TrainConfig(StrictModel):
                 f"micro_batch_size ({self.optim.micro_batch_size}) * grad_accum ({self.optim.grad_accum}) * "
                 f"scaling.num_workers ({self.scaling.num_workers}) = {per_step}"
             )
+        if self.recipe == "distill" and self.deepspeed.zero_stage == 3:
+            raise ValueError("recipe=distill scores exits on gathered LM-head rows and is not supported with "
+                             "deepspeed.zero_stage=3; use zero_stage 2 (or recipe=adapters, whose base is frozen)")
+        if self.recipe != "lite" and not self.lite.exit_layers:
+            raise ValueError(f"recipe={self.recipe} needs lite.exit_layers (the exits to train)")
         if self.deepspeed.offload_optimizer and not self.scaling.use_gpu:
             raise ValueError("deepspeed.offload_optimizer needs scaling.use_gpu=true (the optimizer is on CPU already)")
         return self
@@ -316,6 +366,40 @@ def validate_against_model(cfg: TrainConfig, depth: int) -> None:
             raise ConfigError(f"eval.layers: {bad} do not exist (the model has layers 1..{depth})")
 
 
+def model_vocab_size(cfg: TrainConfig) -> int | None:
+    """The model's vocabulary size from its config.json (None when it cannot be read offline)."""
+    import json
+
+    from layerexit.models.loading import resolve_model
+
+    try:
+        location = resolve_model(cfg.model.spec).location
+    except LayerexitError:
+        return None
+    path = Path(location) / "config.json"
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    return data.get("text_config", data).get("vocab_size")
+
+
+def validate_recipe(cfg: TrainConfig) -> None:
+    """distill/adapters settings that need the model: k within the vocabulary, a named cache that exists."""
+    if cfg.recipe == "lite":
+        return
+    vocab = model_vocab_size(cfg)
+    if vocab is not None and cfg.distill.top_k > vocab:
+        raise ConfigError(f"distill.top_k={cfg.distill.top_k} is larger than the vocabulary ({vocab})",
+                          f"choose a k between 1 and {vocab}, e.g. 64")
+    if cfg.distill.cache_dir:
+        from layerexit.data.teacher_cache import META
+
+        path = Path(cfg.distill.cache_dir).expanduser()
+        if path.exists() and any(path.iterdir()) and not (path / META).is_file():
+            raise ConfigError(f"distill.cache_dir: {path} holds no complete teacher cache (half written?)",
+                              "delete it or choose an empty directory; the job rebuilds it")
+
+
 def validate_data(cfg: TrainConfig) -> None:
     from layerexit.data.datasets import check_data_path
 
@@ -345,6 +429,7 @@ def validate_train_config(cfg: TrainConfig) -> int:
     validate_data(cfg)
     depth = model_depth(cfg)
     validate_against_model(cfg, depth)
+    validate_recipe(cfg)
     return depth
 
 
