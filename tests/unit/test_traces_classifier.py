@@ -72,7 +72,7 @@ def test_bench_cli_reports_ratios(tiny_dir, prompts_file, capsys):
                "final,fixed,self-speculative", "--layer", "2", "--max-new-tokens", "4", "--json"])
     assert rc == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
-    assert set(rows) == {"hf-generate", "final", "fixed/recompute", "self-speculative"}
+    assert set(rows) == {"hf-generate", "floor (weights only)", "final", "fixed/recompute", "self-speculative"}
     assert rows["final"]["agreement"] == 1.0 and rows["self-speculative"]["identical"] == 1.0
     assert rows["hf-generate"]["agreement"] == 1.0  # engine `final` equals transformers generate
     assert rows["fixed/recompute"]["flops_ratio"] < 1.0

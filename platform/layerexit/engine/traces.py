@@ -18,10 +18,14 @@ from layerexit.models.exits import check_layers, collect_hidden_states, decoder_
 
 
 def layer_predictions(model, sequence: Sequence[int], prompt_len: int, layers: Sequence[int] | None = None,
-                      keep_hidden: bool = False):
+                      keep_hidden: bool = False, check_vocab: int | str | None = None):
     """Top-1 token, top-1 probability and top1-top2 gap of each layer at the positions predicting the
     response tokens. Returns three tensors shaped (len(layers), G), G = len(sequence) - prompt_len, and with
-    ``keep_hidden`` a fourth: the final-normed hidden states (len(layers), G, H) in float16."""
+    ``keep_hidden`` a fourth: the final-normed hidden states (len(layers), G, H) in float16.
+
+    ``check_vocab=K``: as the engine's candidate-set checks see them, the first layer's full logits pick each
+    position's top-K candidates and the later intermediate layers score those K tokens only. The final layer
+    stays full-vocabulary: it is the reference agreement is measured against."""
     parts = decoder_parts(model)
     layers = check_layers(parts, layers if layers is not None else range(1, parts.num_layers + 1))
     ids = torch.tensor([list(sequence)], dtype=torch.long, device=next(model.parameters()).device)
@@ -31,17 +35,29 @@ def layer_predictions(model, sequence: Sequence[int], prompt_len: int, layers: S
     conf = torch.empty((len(layers), g))
     gap = torch.empty((len(layers), g))
     normed = torch.empty((len(layers), g, model.config.hidden_size), dtype=torch.float16) if keep_hidden else None
+    K = None if check_vocab in (None, "full") else int(check_vocab)
+    if K is not None and not 1 <= K <= model.config.vocab_size:
+        raise ValueError(f"check_vocab {K} is outside 1..{model.config.vocab_size}")
+    cand = None
     with torch.inference_mode():
         hidden = collect_hidden_states(model, ids, layers)
         for i, layer in enumerate(layers):
             if keep_hidden:
                 normed[i] = parts.norm(exit_hidden(parts, layer, hidden[layer][0, sl])).half().cpu()
-            probs = exit_logits(parts, hidden[layer][0, sl], layer).float().softmax(-1)  # Shape: (G, V), via adapter
-            top = probs.topk(2, dim=-1)
-            values, indices = top.values.cpu(), top.indices.cpu()
+            logits = exit_logits(parts, hidden[layer][0, sl], layer).float()  # Shape: (G, V), via adapter
+            if K is not None and cand is not None and layer != parts.num_layers:
+                logits = logits.gather(1, cand)  # Shape: (G, K)
+            elif K is not None and cand is None:
+                cand = logits.topk(K, dim=-1).indices
+            probs = logits.softmax(-1)
+            top = probs.topk(min(2, probs.shape[-1]), dim=-1)
+            values, indices = top.values, top.indices
+            if probs.shape[-1] == K and layer != parts.num_layers and i > 0:
+                indices = cand.gather(1, indices)  # candidate columns -> token ids
+            values, indices = values.cpu(), indices.cpu()
             top1[i] = indices[:, 0]
             conf[i] = values[:, 0]
-            gap[i] = values[:, 0] - values[:, 1]
+            gap[i] = values[:, 0] - (values[:, 1] if values.shape[1] > 1 else 0.0)
     if keep_hidden:
         return top1, conf, gap, normed
     return top1, conf, gap
@@ -78,9 +94,11 @@ class ExitTraces:
 
 
 def record_traces(model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
-                  exit_layers: Sequence[int], show_progress: bool = True, keep_hidden: bool = False) -> ExitTraces:
+                  exit_layers: Sequence[int], show_progress: bool = True, keep_hidden: bool = False,
+                  check_vocab: int | str | None = None) -> ExitTraces:
     """Trace every exit layer (and the final layer) along each (prompt, final-layer response) pair.
-    ``keep_hidden`` also keeps the final-normed hidden states (needed to train a probe)."""
+    ``keep_hidden`` also keeps the final-normed hidden states (needed to train a probe); ``check_vocab=K``
+    records the confidences candidate-set checks see (see ``layer_predictions``)."""
     L = decoder_parts(model).num_layers
     layers = [*sorted(set(l for l in exit_layers if l < L)), L]
     cols = {k: [] for k in ("top1", "conf", "gap", "context", "sequence", "hidden")}
@@ -88,7 +106,8 @@ def record_traces(model, prompts: Sequence[Sequence[int]], responses: Sequence[S
                                                 disable=not show_progress)):
         if not response:
             continue
-        out = layer_predictions(model, [*prompt, *response], len(prompt), layers, keep_hidden=keep_hidden)
+        out = layer_predictions(model, [*prompt, *response], len(prompt), layers, keep_hidden=keep_hidden,
+                                check_vocab=check_vocab)
         top1, conf, gap = out[:3]
         if keep_hidden:
             cols["hidden"].append(out[3].transpose(0, 1).numpy())

@@ -29,6 +29,15 @@ Checks are priced as the policy pays them. ``check="head"`` (confidence): every 
 the exit's own check yields the token. ``check="probe"``: the traces' ``conf`` columns hold the probe's
 probabilities (``probe_traces``), every check costs one probe evaluation (2 x hidden FLOPs) and the head runs once
 per token, at the exit; that is the engine's ``probe`` policy.
+
+``check_vocab=K`` prices head checks as the engine's candidate-set checks do: a token's first check is a full head
+(it picks the K candidates), every later check (the final layer's included) scores K rows, 2 x hidden x K FLOPs.
+Decisions on traces stay those of full-vocabulary confidences, which never exceed the candidate-set ones (the same
+top logits renormalised over fewer tokens): with K < V the engine exits at least as early, so the traced
+agreement is an estimate there and the FLOPs an upper bound.
+
+``batch_size=b`` scores as Serve runs a batch: b sequences decode together and each step runs every row to the
+deepest exit among them (the batch rule); a row still takes its token (and its agreement) from its own exit.
 """
 
 from __future__ import annotations
@@ -68,12 +77,22 @@ class TraceScorer:
     """Model-free: arrays from ``ExitTraces`` and the per-position FLOPs costs. Cheap to pickle into Ray's store."""
 
     def __init__(self, traces: ExitTraces, flops: FlopsModel, accounting: str = "recompute",
-                 check: str = "head") -> None:
+                 check: str = "head", check_vocab: int | str | None = None, batch_size: int = 1) -> None:
         if accounting not in ACCOUNTING:
             raise ValueError(f"unknown FLOPs accounting {accounting!r}; use one of {', '.join(ACCOUNTING)}")
         if check not in CHECKS:
             raise ValueError(f"unknown check pricing {check!r}; use one of {', '.join(CHECKS)}")
         self.check = check
+        if check_vocab in (None, "full"):
+            self.check_k = None
+        else:
+            self.check_k = int(check_vocab)
+            if not 1 <= self.check_k <= flops.vocab:
+                raise ValueError(f"check_vocab {self.check_k} is outside 1..{flops.vocab}")
+        self.candidate = float(2 * flops.hidden * self.check_k) if self.check_k else None
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = int(batch_size)
         self.probe = float(flops.probe(1))
         self.layers = [int(l) for l in traces.layers]
         self.col = {l: j for j, l in enumerate(self.layers)}
@@ -101,6 +120,12 @@ class TraceScorer:
             self.flops_full = float(self.L * self.per_query[not_first].sum() + n * self.head)
         # For catch-up: index of each token's predecessor in its sequence (-1 for first tokens).
         self._idx = np.arange(n)
+        # Batch groups: sequences b at a time, one group per (batch, step within the sequence).
+        starts = np.maximum.accumulate(np.where(self.first, self._idx, 0))
+        step = self._idx - starts
+        seq_rank = np.cumsum(self.first) - 1
+        key = (seq_rank // self.batch_size) * (int(step.max()) + 1 if n else 1) + step
+        _, self._group = np.unique(key, return_inverse=True)
 
     # -------------------------------------------------------------------------------------------- rules
     def threshold_exits(self, thresholds: Mapping[int, float]) -> tuple[np.ndarray, np.ndarray]:
@@ -143,12 +168,20 @@ class TraceScorer:
         """Decode FLOPs of the traced tokens given each one's exit layer and number of checks (the final layer's
         counted as one; ``num_checked``: intermediate layers checked, needed for probe pricing)."""
         checks = np.asarray(checks)
-        if self.check == "head":
+        if self.check == "head" and self.check_k is not None:
+            # The first check is a full head (it picks the candidates); later ones score K rows.
+            check_flops = len(checks) * self.head + (checks - 1).sum() * self.candidate
+        elif self.check == "head":
             check_flops = checks.sum() * self.head
         else:  # probes at every checked layer up to the exit, the head once
             m = len(self.layers) - 1 if num_checked is None else int(num_checked)
             check_flops = np.minimum(checks, m).sum() * self.probe + len(checks) * self.head
-        return float(check_flops + self._layer_flops(np.asarray(exit_layer)))
+        exit_layer = np.asarray(exit_layer)
+        if self.batch_size > 1:  # the batch rule: every row of a step runs to the deepest exit among them
+            deepest = np.zeros(int(self._group.max()) + 1, dtype=exit_layer.dtype)
+            np.maximum.at(deepest, self._group, exit_layer)
+            exit_layer = deepest[self._group]
+        return float(check_flops + self._layer_flops(exit_layer))
 
     def _layer_flops(self, exit_layer: np.ndarray) -> float:
         not_first = ~self.first
