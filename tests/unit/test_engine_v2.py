@@ -202,3 +202,12 @@ def test_draft_vocabulary_file_round_trip_and_foreign_tokenizer(tiny_model_and_t
 def test_bad_draft_options_name_the_field(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ExitConfig(policy="self-speculative", **kwargs)
+
+
+def test_draft_vocab_builder_counts_the_models_own_answers(tiny_model_and_tokenizer, tmp_path):
+    from layerexit.engine.draft_vocab import build_for_model
+
+    model, tok = tiny_model_and_tokenizer
+    ids = build_for_model(model, tok, 50, limit=4, max_new_tokens=6, show_progress=False)
+    assert len(ids) == 50 and len(set(ids)) == 50
+    assert all(0 <= t < model.config.vocab_size for t in ids)

@@ -136,14 +136,16 @@ def load_draft_vocab(path: str | Path, tokenizer=None, vocab_size: int | None = 
     """Token ids of a draft vocabulary file; rejects a file made for another tokenizer (when one is given)."""
     path = Path(path)
     if not path.exists():
-        raise ConfigError(f"draft_vocab file {path} does not exist", "build one with `layerexit draft-vocab`")
+        raise ConfigError(f"draft_vocab file {path} does not exist",
+                          "build one with `python -m layerexit.engine.draft_vocab`")
     data = json.loads(path.read_text())
     if data.get("format") != "layerexit-draft-vocab/1":
-        raise ConfigError(f"draft_vocab {path} is not a draft vocabulary file", "build one with `layerexit draft-vocab`")
+        raise ConfigError(f"draft_vocab {path} is not a draft vocabulary file",
+                          "build one with `python -m layerexit.engine.draft_vocab`")
     if tokenizer is not None and data.get("tokenizer") != tokenizer_fingerprint(tokenizer):
         raise ConfigError(f"draft_vocab {path} was built for another tokenizer",
-                          "rebuild it for this model with `layerexit draft-vocab`")
+                          "rebuild it with `python -m layerexit.engine.draft_vocab`")
     if vocab_size is not None and data.get("vocab_size", vocab_size) > vocab_size:
         raise ConfigError(f"draft_vocab {path} was built for a {data['vocab_size']}-token vocabulary, "
-                          f"this model has {vocab_size}", "rebuild it for this model with `layerexit draft-vocab`")
+                          f"this model has {vocab_size}", "rebuild it with `python -m layerexit.engine.draft_vocab`")
     return [int(t) for t in data["token_ids"]]

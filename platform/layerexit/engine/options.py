@@ -51,7 +51,7 @@ class ExitConfig(StrictModel):
     draft_stop: float | None = Field(
         None, gt=0.0, lt=1.0, description="End a layer draft at the first token whose draft probability is below "
         "this (dynamic draft length); unset keeps `num_draft` fixed.")
-    draft_vocab: str | None = Field(None, description="Draft vocabulary file (`layerexit draft-vocab`): the layer "
+    draft_vocab: str | None = Field(None, description="Draft vocabulary file (`python -m layerexit.engine.draft_vocab`): the layer "
                                     "draft scores only those tokens (self-speculative).")
     classifier: LinearClassifier | None = Field(None, description="AdaInfer classifier (policy=classifier).")
     probe: LinearProbe | None = Field(None, description="Hidden-state probe (policy=probe).")
