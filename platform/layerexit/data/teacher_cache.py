@@ -212,7 +212,7 @@ def build_teacher_cache(model_spec: str, examples: Sequence[TokenizedExample], *
         import ray
 
         if not ray.is_initialized():
-            ray.init(address="local", include_dashboard=False, log_to_driver=False)
+            ray.init(address=os.environ.get("RAY_ADDRESS", "local"))
         del model
         task = ray.remote(num_cpus=1)(_shard_task)
         size = -(-len(examples) // num_tasks)
