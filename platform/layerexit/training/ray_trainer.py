@@ -238,7 +238,11 @@ def run_training(cfg: TrainConfig, *, console=None, show_progress: bool = True,
     multi_node = check_cluster(cfg, ray_init_kwargs)  # and these, before data preparation and workers
     data = prepare_training_data(cfg, show_progress=show_progress)
     data.eval_prompts = data.eval_prompts[: cfg.eval.alignment_prompts]
-    steps = total_steps(cfg, len(data.train))
+    from layerexit.training import recipes
+
+    recipes.add_sampled_examples(cfg, data, show_progress=show_progress)
+    cache = recipes.prepare_teacher(cfg, data, console) if cfg.recipe != "lite" else None
+    steps = recipes.steps_for_cache(cfg, cache) if cfg.recipe == "adapters" else total_steps(cfg, len(data.train))
     if not data.eval:
         raise ConfigError("data: the held-out split is empty", "raise data.eval_fraction or add data")
 
@@ -251,7 +255,7 @@ def run_training(cfg: TrainConfig, *, console=None, show_progress: bool = True,
     uri = tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri)
     storage = cfg.storage_dir()
     storage.mkdir(parents=True, exist_ok=True)
-    _log(console, f"[bold]{cfg.name}[/]: {cfg.model.spec} ({depth} layers), exits {cfg.lite.exit_layers} + {depth}, "
+    _log(console, f"[bold]{cfg.name}[/] ({cfg.recipe}): {cfg.model.spec} ({depth} layers), exits {cfg.lite.exit_layers} + {depth}, "
                   f"weights {cfg.lite.weights}; {len(data.train)} train / {len(data.eval)} eval examples; "
                   f"{steps} steps of {cfg.train_batch_size} sequences; {cfg.scaling.num_workers} workers, "
                   f"ZeRO-{cfg.deepspeed.zero_stage}, {cfg.precision}")
@@ -270,6 +274,12 @@ def run_training(cfg: TrainConfig, *, console=None, show_progress: bool = True,
                         "derived.train_batch_size": cfg.train_batch_size, "derived.train_examples": len(data.train),
                         "derived.eval_examples": len(data.eval)})
         run.log_dict(data.info, "data_info.json")
+        if cache is not None:
+            run.log_metrics({"teacher_cache/size_mib": cache.meta["size_bytes"] / 2**20,
+                             "teacher_cache/build_s": cache.meta["build_s"],
+                             "teacher_cache/positions": cache.num_positions,
+                             "teacher_cache/mean_topk_mass": cache.meta.get("mean_topk_mass", 0.0)})
+            run.log_dict(cache.meta, "teacher_cache.json")
         run.log_dict(deepspeed_config(cfg), "deepspeed_config.json")
         if previous:
             _log(console, f"resuming MLflow run {run.run_id}")
@@ -279,7 +289,8 @@ def run_training(cfg: TrainConfig, *, console=None, show_progress: bool = True,
         trainer = TorchTrainer(
             train_worker,
             train_loop_config={"config": cfg.model_dump(mode="json"), "data_ref": data_ref, "total_steps": steps,
-                               "num_layers": depth, "run_id": run.run_id, "tracking_uri": uri},
+                               "num_layers": depth, "run_id": run.run_id, "tracking_uri": uri,
+                               "cache_dir": str(cache.path) if cache is not None else None},
             scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                          resources_per_worker=resources),
             torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
@@ -301,6 +312,10 @@ def run_training(cfg: TrainConfig, *, console=None, show_progress: bool = True,
         registered = None
         if cfg.mlflow.register_model:
             registered = tracking.log_hf_model(hf_dir, cfg.registered_model_name, cfg.mlflow.alias)
+            if cfg.recipe == "adapters":  # also the small artifact on its own, beside the registered model
+                from layerexit.models.adapters import ADAPTERS_DIR
+
+                run.log_artifacts(hf_dir / ADAPTERS_DIR, ADAPTERS_DIR)
             _log(console, f"registered {registered['registered_name']} version {registered['version']} "
                           f"(alias {registered['alias']})")
         run.set_tags({"layerexit.checkpoint": str(ckpt_dir)})
@@ -402,9 +417,28 @@ def train_worker(config: dict[str, Any]) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     weights = exit_weights(cfg.lite.exit_layers, depth, cfg.lite.weights)
-    objective = LiteObjective(model, weights, cfg.lite.chunk_size, cfg.lite.distill_weight, cfg.lite.anchor_weight)
+    from layerexit.training import recipes
+
+    cache = None
+    if cfg.recipe == "adapters":
+        from layerexit.data.teacher_cache import read_cache
+        from layerexit.models.adapters import build_adapters
+        from layerexit.models.exits import attach_exit_adapters
+
+        cache = read_cache(config["cache_dir"])
+        adapters = build_adapters(cfg.lite.exit_layers, model.config.hidden_size, cfg.adapters.rank,
+                                  getattr(model.config, "rms_norm_eps", 1e-6))
+        objective = recipes.AdapterObjective(model, adapters, weights, cfg.distill.temperature,
+                                             cfg.distill.full_every, cfg.distill.chunk_size)
+        attach_exit_adapters(model, objective.adapter_map())  # eval and alignment see the exits as trained
+    elif cfg.recipe == "distill":
+        objective = recipes.DistillObjective(model, weights, cfg.distill.temperature, cfg.distill.full_every,
+                                             cfg.distill.chunk_size, cfg.distill.anchor_weight)
+    else:
+        objective = LiteObjective(model, weights, cfg.lite.chunk_size, cfg.lite.distill_weight,
+                                  cfg.lite.anchor_weight)
     teacher = None
-    if cfg.lite.anchor_weight > 0:
+    if cfg.recipe == "lite" and cfg.lite.anchor_weight > 0:
         t_model, _ = _load_model(cfg.model.spec, torch.float32 if precision == "fp32" else torch.bfloat16)
         teacher = FrozenTeacher(t_model.to(device))
 
@@ -511,6 +545,8 @@ def train_worker(config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory(prefix="layerexit-ckpt-") as tmp:
             target = ckpts.write_checkpoint(engine, tokenizer, Path(tmp) / name, st, zero_stage=zero_stage,
                                             rank=rank, extra=extra)
+            if cfg.recipe == "adapters" and rank == 0:
+                recipes.save_checkpoint_adapters(objective, ckpts.hf_model_dir(target), tokenizer)
             report_metrics = {k: float(v) for k, v in metrics.items()}
             report_metrics.update({"step": st.step, "epoch": st.epoch,
                                    "resumed_from_step": -1 if st.resumed_from_step is None else st.resumed_from_step})
@@ -518,6 +554,10 @@ def train_worker(config: dict[str, Any]) -> None:
                              checkpoint_dir_name=name)
 
     def batches(epoch: int, skip: int):
+        if cache is not None:
+            return recipes.cache_epoch_batches(cache, sorted(objective.weights), positions=cfg.adapters.positions_per_batch,
+                                               world=world, rank=rank, grad_accum=cfg.optim.grad_accum, epoch=epoch,
+                                               seed=cfg.optim.seed, skip=skip, device=device)
         return epoch_batches(data.train, micro_batch=cfg.optim.micro_batch_size, world=world, rank=rank,
                              grad_accum=cfg.optim.grad_accum, epoch=epoch, seed=cfg.optim.seed, pad_id=pad_id,
                              skip=skip, device=device)
