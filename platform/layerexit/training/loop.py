@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from layerexit.data.datasets import IGNORE_INDEX, TokenizedExample, collate
 from layerexit.evaluation.alignment import AlignmentReport, LayerAlignment, alignment_from_generations
 from layerexit.losses import chunked_exit_cross_entropy, lite_loss
-from layerexit.models.exits import collect_hidden_states, decoder_parts
+from layerexit.models.exits import collect_hidden_states, decoder_parts, exit_hidden
 
 # ----------------------------------------------------------------------------------------------- objective
 
@@ -291,7 +291,8 @@ def exit_losses(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], la
             hidden = collect_hidden_states(model, batch["input_ids"], layers, batch["attention_mask"])
             n = 0
             for l in layers:
-                s, n = chunked_exit_cross_entropy(hidden[l], batch["labels"], parts.norm, parts.head, chunk_size)
+                h = exit_hidden(parts, l, hidden[l])  # through the exit's adapter when it has one
+                s, n = chunked_exit_cross_entropy(h, batch["labels"], parts.norm, parts.head, chunk_size)
                 sums[l] += float(s)
         count += n
     return {l: (sums[l], count) for l in layers}
@@ -428,6 +429,11 @@ class _Window:
             self.sums[k] = self.sums.get(k, 0.0) + v
 
 
+def batch_tokens(batch: Mapping[str, torch.Tensor]) -> float:
+    """Tokens a micro-batch trains on: non-padding tokens of sequences, or the rows of a batch of cached positions."""
+    return float(batch["attention_mask"].sum()) if "attention_mask" in batch else float(batch["mask"].sum())
+
+
 def train_loop(
     engine,
     batches_for_epoch: Callable[[int, int], Iterable[dict[str, torch.Tensor]]],
@@ -455,7 +461,7 @@ def train_loop(
         produced = False
         for batch in batches_for_epoch(state.epoch, state.micro_in_epoch):
             produced = True
-            device_type = batch["input_ids"].device.type
+            device_type = next(iter(batch.values())).device.type
             ctx = torch.autocast(device_type, dtype=torch.bfloat16) if settings.autocast else contextlib.nullcontext()
             with ctx:
                 out = engine(**batch, **kwargs)
@@ -463,7 +469,7 @@ def train_loop(
             boundary = engine.is_gradient_accumulation_boundary()
             engine.step()
             state.micro_in_epoch += 1
-            window.add(out, float(batch["attention_mask"].sum()))
+            window.add(out, batch_tokens(batch))
             if not boundary:
                 continue
             state.step += 1
