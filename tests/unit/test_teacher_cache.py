@@ -91,3 +91,14 @@ def test_crashed_write_leaves_nothing_and_half_written_is_an_error(tmp_path, mon
     with pytest.raises(ConfigError, match="cannot be read"):
         read_cache(tmp_path / "half")
     assert tc.FORMAT
+
+
+def test_a_cache_with_more_layers_serves_a_request_for_fewer(tiny_model_and_tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setenv("LAYEREXIT_HOME", str(tmp_path))
+    model, tok = tiny_model_and_tokenizer
+    examples = _examples(model.config.vocab_size)
+    wide = build_teacher_cache("tiny", examples, k=4, layers=[1, 2], precision="fp32", model_and_tokenizer=(model, tok))
+    narrow = build_teacher_cache("tiny", examples, k=4, layers=[], precision="fp32", model_and_tokenizer=(model, tok))
+    assert narrow.path == wide.path and torch.equal(narrow.ids, wide.ids)
+    other_k = build_teacher_cache("tiny", examples, k=3, layers=[], precision="fp32", model_and_tokenizer=(model, tok))
+    assert other_k.path != wide.path

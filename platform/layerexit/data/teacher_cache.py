@@ -180,6 +180,23 @@ def read_cache(directory: str | Path, expected: dict | None = None, field: str =
     return TeacherCache(arrays["ids"], arrays["logp"], arrays["seq"], arrays["pos"], hidden, meta, directory)
 
 
+def find_wider_cache(fp: dict) -> Path | None:
+    """A complete default-location cache whose fingerprint equals ``fp`` except that it stores the hidden states of
+    a superset of ``fp``'s layers (the teacher's top-k is the same, the extra hidden states are ignored)."""
+    root = layerexit_home() / "teacher_cache"
+    if not root.is_dir():
+        return None
+    for meta_path in sorted(root.glob(f"*/{META}")):
+        try:
+            found = json.loads(meta_path.read_text()).get("fingerprint", {})
+        except (OSError, json.JSONDecodeError):
+            continue
+        same = all(found.get(k) == fp.get(k) for k in fp if k != "layers")
+        if same and set(fp["layers"]) <= set(found.get("layers", [])) and (meta_path.parent / WEIGHTS).is_file():
+            return meta_path.parent
+    return None
+
+
 def build_teacher_cache(model_spec: str, examples: Sequence[TokenizedExample], *, k: int, temperature: float = 1.0,
                         layers: Sequence[int] = (), precision: str = "autocast_bf16", directory: str | Path | None = None,
                         num_tasks: int = 2, model_and_tokenizer=None, console=None) -> TeacherCache:
@@ -200,6 +217,10 @@ def build_teacher_cache(model_spec: str, examples: Sequence[TokenizedExample], *
     target = Path(directory).expanduser() if named else default_cache_dir(fp)
     if (target / META).is_file():
         return read_cache(target, fp)  # mismatch -> ConfigError (named dir) ; default dirs are keyed by fp
+    if not named:
+        wider = find_wider_cache(fp)
+        if wider is not None:  # same teacher on the same data, with more layers' hidden states: reuse it
+            return read_cache(wider, {**fp, "layers": json.loads((wider / META).read_text())["fingerprint"]["layers"]})
     if named and target.exists() and any(target.iterdir()):
         raise ConfigError(f"distill.cache_dir: {target} exists but holds no complete teacher cache",
                           "delete it or choose an empty directory")
