@@ -45,7 +45,7 @@ def _config(workdir, name, recipe, **extra):  # noqa: F811
 
 def _gain(result) -> float:
     """Mean over exits of (agreement after - agreement before)."""
-    return sum(history(result, f"align/l{l}")[-1] - history(result, f"align/l{l}")[0] for l in EXITS) / len(EXITS)
+    return sum(history(result, f"align/l{l:02d}")[-1] - history(result, f"align/l{l:02d}")[0] for l in EXITS) / len(EXITS)
 
 
 @pytest.fixture(scope="module")

@@ -114,14 +114,14 @@ def test_two_workers_zero2_train_checkpoint_track_resume(lite_run, workdir):
     train_loss = history(res, "train/loss")
     assert len(train_loss) == 8 and train_loss[-1] < train_loss[0] - 0.5
     for l in (1, 2, 3, 4):
-        ev = history(res, f"eval/loss_l{l}")
+        ev = history(res, f"eval/loss_l{l:02d}")
         assert len(ev) == 2 and ev[1] < ev[0]  # evaluated before the first step and at the end
     client = MlflowClient(tracking_uri=res.tracking_uri)
     run = client.get_run(res.run_id)
     assert run.info.status == "FINISHED"
     metrics = run.data.metrics
-    for key in ("train/loss_l1", "train/loss_l2", "train/loss_l3", "train/loss_l4", "eval/loss", "lr",
-                "tokens_per_s", "align/l1", "align/l3", "conf/l2"):
+    for key in ("train/loss_l01", "train/loss_l02", "train/loss_l03", "train/loss_l04", "eval/loss", "lr",
+                "tokens_per_s", "align/l01", "align/l03", "conf/l02"):
         assert key in metrics, key
     assert run.data.params["lite.exit_layers"] == "[1, 2, 3]" and run.data.params["deepspeed.zero_stage"] == "2"
     artifacts = [a.path for a in client.list_artifacts(res.run_id, "alignment")]
@@ -156,10 +156,10 @@ def test_lite_beats_final_only_on_intermediate_exits(lite_run, workdir):
                              mlflow__register_model=False))
     for l in (1, 2, 3):
         # [1]: after step 8 in both runs (the LITE run may since have been resumed to step 10).
-        lite_l, it_l = history(lite_run, f"eval/loss_l{l}")[1], history(base, f"eval/loss_l{l}")[1]
+        lite_l, it_l = history(lite_run, f"eval/loss_l{l:02d}")[1], history(base, f"eval/loss_l{l:02d}")[1]
         assert lite_l < it_l, (l, lite_l, it_l)
     # Only the final layer was trained in the baseline.
-    assert "train/loss_l1" not in base.metrics and "train/loss_l4" in base.metrics
+    assert "train/loss_l01" not in base.metrics and "train/loss_l04" in base.metrics
 
 
 def test_worker_killed_mid_run_resumes_from_checkpoint(ray_local, workdir, monkeypatch):
@@ -260,7 +260,7 @@ def test_ray_job_submit_succeeds_and_cluster_stops(workdir):
         runs = mlc.search_runs([mlc.get_experiment_by_name("test-train").experiment_id],
                                "attributes.run_name = 'tiny_job'")
         assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-        assert "train/loss_l2" in runs[0].data.metrics
+        assert "train/loss_l02" in runs[0].data.metrics
         ckpt = workdir / "ray_results" / "tiny_job" / "checkpoint_000004"
         assert (ckpt / "hf_model" / "model.safetensors").is_file() and (ckpt / "COMPLETE").is_file()
     finally:

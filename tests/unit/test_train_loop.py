@@ -100,7 +100,7 @@ def test_loop_counts_steps_accumulation_and_epochs():
     assert state.step == 10 and state.epoch == 1 and state.micro_in_epoch == 4
     assert engine.global_steps == 10 and engine.micro_steps == 20
     assert [s for s, _ in logged] == list(range(1, 11)) and ckpts == [10]
-    assert {"train/loss", "train/loss_l1", "train/loss_l2", "lr", "tokens_per_s"} <= set(logged[0][1])
+    assert {"train/loss", "train/loss_l01", "train/loss_l02", "lr", "tokens_per_s"} <= set(logged[0][1])
     assert TrainState.from_dict(state.to_dict()) == state
 
 
@@ -117,7 +117,7 @@ def test_lite_trains_intermediate_exits_better_than_final_only():
         _train(model, weights, steps=24)
         results[scheme] = eval_loss_metrics(model, held, layers, weights, chunk_size=4)
     for l in (1, 2, 3):
-        assert results["uniform"][f"eval/loss_l{l}"] < results["final_only"][f"eval/loss_l{l}"] - 0.1
+        assert results["uniform"][f"eval/loss_l{l:02d}"] < results["final_only"][f"eval/loss_l{l:02d}"] - 0.1
 
 
 def test_anchor_keeps_final_layer_close_to_the_start():

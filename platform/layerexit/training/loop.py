@@ -301,7 +301,7 @@ def exit_losses(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], la
 def eval_loss_metrics(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], layers: Sequence[int],
                       weights: Mapping[int, float], chunk_size: int | None = 128,
                       autocast: bool = False) -> dict[str, float]:
-    """``eval/loss_l{l}`` per layer (token-mean over all ranks) and ``eval/loss`` (LITE-weighted over ``weights``)."""
+    """``eval/loss_l{l:02d}`` per layer (token-mean over all ranks) and ``eval/loss`` (LITE-weighted over ``weights``)."""
     need = sorted(set(layers) | set(weights))
     local = exit_losses(model, batches, need, chunk_size, autocast)
     flat = {f"s{l}": s for l, (s, _) in local.items()}
@@ -309,7 +309,7 @@ def eval_loss_metrics(model: nn.Module, batches: Sequence[dict[str, torch.Tensor
     total = all_reduce_sum(flat)
     n = max(total["n"], 1.0)
     per_layer = {l: total[f"s{l}"] / n for l in need}
-    metrics = {f"eval/loss_l{l}": per_layer[l] for l in sorted(layers)}
+    metrics = {f"eval/loss_l{l:02d}": per_layer[l] for l in sorted(layers)}
     wsum = sum(weights.values())
     metrics["eval/loss"] = sum(per_layer[l] * w for l, w in weights.items()) / wsum
     metrics["eval/tokens"] = total["n"]
@@ -361,11 +361,11 @@ def sharded_alignment(model: nn.Module, prompt_ids: Sequence[Sequence[int]], max
 
 
 def alignment_metrics(report: AlignmentReport | None, conf_layers: Sequence[int] = ()) -> dict[str, float]:
-    """``align/l{l}`` for every layer and ``conf/l{l}`` (mean top-1 probability) for ``conf_layers``."""
+    """``align/l{l:02d}`` for every layer and ``conf/l{l:02d}`` (zero-padded: the MLflow UI sorts them by layer) (mean top-1 probability) for ``conf_layers``."""
     if report is None:
         return {}
-    out = {f"align/l{r.layer}": r.alignment for r in report.rows}
-    out.update({f"conf/l{r.layer}": r.mean_confidence for r in report.rows if r.layer in conf_layers})
+    out = {f"align/l{r.layer:02d}": r.alignment for r in report.rows}
+    out.update({f"conf/l{r.layer:02d}": r.mean_confidence for r in report.rows if r.layer in conf_layers})
     return out
 
 
@@ -421,8 +421,8 @@ class _Window:
         self.micro += 1
         self.tokens += tokens
         vals = {"train/loss": float(out["loss"].detach())}
-        vals.update({f"train/loss_l{l}": float(v) for l, v in out.get("per_layer", {}).items()})
-        vals.update({f"train/distill_l{l}": float(v) for l, v in out.get("distill", {}).items()})
+        vals.update({f"train/loss_l{int(l):02d}": float(v) for l, v in out.get("per_layer", {}).items()})
+        vals.update({f"train/distill_l{int(l):02d}": float(v) for l, v in out.get("distill", {}).items()})
         if "anchor" in out:
             vals["train/anchor_kl"] = float(out["anchor"])
         for k, v in vals.items():

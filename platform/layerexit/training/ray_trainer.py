@@ -196,7 +196,7 @@ def _previous_run_id(cfg: TrainConfig, tracking_uri: str) -> str | None:
 
 
 def _metric_series(tracking_uri: str, run_id: str, prefix: str) -> tuple[dict[int, float], dict[int, float]]:
-    """First and last value of every ``<prefix><layer>`` metric (e.g. align/l8) in a run."""
+    """First and last value of every ``<prefix><layer>`` metric (e.g. align/l08) in a run."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri)
@@ -481,8 +481,8 @@ def train_worker(config: dict[str, Any]) -> None:
     def on_log(st: TrainState, metrics: dict[str, float]) -> None:
         if logger is not None:
             logger.log_metrics(metrics, step=st.step)
-            exits = " ".join(f"l{l}={metrics[f'train/loss_l{l}']:.3f}" for l in sorted(weights)
-                             if f"train/loss_l{l}" in metrics)
+            exits = " ".join(f"l{l}={metrics[f'train/loss_l{l:02d}']:.3f}" for l in sorted(weights)
+                             if f"train/loss_l{l:02d}" in metrics)
             print(f"[layerexit] step {st.step}/{steps} loss {metrics['train/loss']:.4f} ({exits}) "
                   f"lr {metrics['lr']:.2e} {metrics['tokens_per_s']:.0f} tok/s", flush=True)
         _maybe_inject_fault(st.step, rank)
@@ -532,9 +532,12 @@ def train_worker(config: dict[str, Any]) -> None:
                     png = plot_alignment(reports, Path(tmp) / f"alignment_step{st.step:06d}.png",
                                          highlight_layers=[l for l in eval_layers if l != depth][:6] or None)
                     logger.log_artifact(png, "alignment")
+                    from layerexit.evaluation.mlflow_report import log_overview_png
+
+                    log_overview_png(logger, png, "figure5_alignment")  # the latest, first in the artifact tree
                     logger.log_dict(report.to_dict(), f"alignment/alignment_step{st.step:06d}.json")
-            shown = " ".join(f"l{l}={metrics[f'align/l{l}']:.0%}" for l in eval_layers
-                             if l != depth and f"align/l{l}" in metrics)
+            shown = " ".join(f"l{l}={metrics[f'align/l{l:02d}']:.0%}" for l in eval_layers
+                             if l != depth and f"align/l{l:02d}" in metrics)
             print(f"[layerexit] eval step {st.step}: loss {metrics['eval/loss']:.4f}"
                   + (f"; alignment {shown}" if shown else ""), flush=True)
         return metrics
