@@ -211,3 +211,25 @@ def test_draft_vocab_builder_counts_the_models_own_answers(tiny_model_and_tokeni
     ids = build_for_model(model, tok, 50, limit=4, max_new_tokens=6, show_progress=False)
     assert len(ids) == 50 and len(set(ids)) == 50
     assert all(0 <= t < model.config.vocab_size for t in ids)
+
+
+@pytest.mark.parametrize("cfg", [ExitConfig(policy="final"), ExitConfig(policy="fixed", layer=2, kv="propagate"),
+                                 ExitConfig(policy="self-speculative", layer=2, draft="layer+ngram")])
+def test_fused_projections_decode_the_same_tokens(tiny_model, cfg):
+    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    fused = EarlyExitEngine(tiny_model, set(), 0, fused=True)
+    stock = EarlyExitEngine(tiny_model, set(), 0, fused=False)
+    assert fused.fused is not None and stock.fused is None
+    a = fused.generate(REPEATING, cfg, SamplingParams(max_new_tokens=10))
+    b = stock.generate(REPEATING, cfg, SamplingParams(max_new_tokens=10))
+    assert [r.token_ids for r in a] == [r.token_ids for r in b]
+    assert [r.flops for r in a] == [r.flops for r in b]
+    after = tiny_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the model's own weights are untouched
+
+
+def test_fused_projections_respect_their_memory_budget(tiny_model):
+    from layerexit.engine.layers import fuse_layers
+
+    assert fuse_layers(tiny_model.model.layers, budget=10) is None
+    assert fuse_layers(tiny_model.model.layers) is not None

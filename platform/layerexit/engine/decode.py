@@ -29,6 +29,7 @@ import torch
 
 from layerexit.engine.flops import FlopsModel
 from layerexit.engine.heads import CandidateHead, FullHead, adapter_flops, normed_exit
+from layerexit.engine.layers import fuse_layers
 from layerexit.engine.options import ExitConfig, SamplingParams
 from layerexit.errors import ConfigError
 from layerexit.models.exits import decoder_parts
@@ -88,7 +89,9 @@ class BatchJoiner(Protocol):
 class EarlyExitEngine:
     """Early-exit generation for a LLaMA-family ``*ForCausalLM`` on token ids."""
 
-    def __init__(self, model, eos_token_ids: set[int] | Sequence[int], pad_token_id: int) -> None:
+    def __init__(self, model, eos_token_ids: set[int] | Sequence[int], pad_token_id: int, fused: bool = True) -> None:
+        """``fused``: decode with Q/K/V and gate/up fused into one product each (``engine/layers.py``), when the
+        layout allows and the copies fit its memory budget; the stock layers otherwise."""
         self.model = model
         self.parts = decoder_parts(model)
         self.L = self.parts.num_layers
@@ -104,6 +107,7 @@ class EarlyExitEngine:
         self.full_head = FullHead(self.parts)
         self.candidate_head = CandidateHead(self.parts)
         self.vocab = self.full_head.vocab
+        self.fused = fuse_layers(self.parts.layers) if fused else None
         # Tests and debugging only: keep the last batch's cache after it ends. Off by default, so the engine
         # never holds a finished batch's memory.
         self.keep_last_cache = False
@@ -182,6 +186,8 @@ class EarlyExitEngine:
 
     def run_layer(self, k: int, h: torch.Tensor, mask, pos: torch.Tensor, rope, cache) -> torch.Tensor:
         """Decoder layer k (1-based) on h (B, n, H)."""
+        if self.fused is not None and rope is not None:
+            return self.fused[k - 1](h, mask, pos, rope, cache)
         # transformers 5.24 renamed the layer's cache argument to ``cache`` (``past_key_values`` is deprecated
         # and removed in 5.40).
         out = self.parts.layers[k - 1](
