@@ -7,6 +7,8 @@ Routes: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completion
   and thresholds live; ``check_health`` fails when the engine worker died or stalled.
 - Generation runs on the ``BatchScheduler`` worker thread (dynamic batching, see ``scheduler.py``); a request
   whose client disconnects, times out or hits a stop string is cancelled and stops using the engine.
+- A request's choices (``n`` x its prompt list) are decoded as separate rows (``choices.py``); ``logprobs`` come
+  from each token's exit layer, ``echo`` prompt log-probs from a full-depth prefill (``engine/scoring.py``).
 - Every bad input is a 4xx with an OpenAI error object; unexpected failures are a 500 with the same shape.
 - Metrics go through ``ray.serve.metrics`` (Prometheus, Ray's metrics export port); one JSON log line per
   request, without prompt or completion text unless ``log_prompts`` is set.
