@@ -3,8 +3,10 @@
 Run:  .venv/bin/python benchmarks/engine_bench.py --model smollm2 --prompts 32 --max-new-tokens 64 \
           --out outputs/bench/engine_smollm2.md
 
-Prompts are the held-out split of the project's instruction set (never trained on). Thresholds default to
-the paper's `paper-7b` preset mapped to the model's layers. Results (Markdown + JSON) go to --out.
+Prompts are the held-out split of the project's instruction set (never trained on), or --prompt-file (JSONL, e.g.
+the quoting set from benchmarks/quoting_prompts.py). Thresholds default to the paper's `paper-7b` preset mapped
+to the model's layers. Rows include the weights-only floor and, when a --config drafts from n-grams, transformers'
+prompt-lookup decoding. Results (Markdown + JSON) go to --out. `layerexit bench` is the same benchmark as a command.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--prompts", type=int, default=32, help="number of held-out prompts")
+    parser.add_argument("--prompt-file", default=None, help="JSONL prompts instead of the held-out split")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--thresholds", default="paper-7b", help="preset, thresholds file, or JSON {layer: threshold}")
@@ -49,8 +52,13 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     model, tok = load_model_and_tokenizer(args.model, dtype=getattr(torch, args.dtype))
     L = model.config.num_hidden_layers
-    items = heldout_instructions()[: args.prompts]
-    ids = [format_prompt(tok, it.text) for it in items]
+    if args.prompt_file:
+        from layerexit.data.prompts import read_prompts
+
+        texts = [p.prompt for p in read_prompts(args.prompt_file, limit=args.prompts)]
+    else:
+        texts = [it.text for it in heldout_instructions()[: args.prompts]]
+    ids = [format_prompt(tok, text) for text in texts]
     thresholds = json.loads(args.thresholds) if args.thresholds.lstrip().startswith("{") else args.thresholds
     configs: dict[str, ExitConfig] = {}
     for pol in filter(None, args.policies.split(",")):

@@ -104,6 +104,9 @@ class EarlyExitEngine:
         self.eager = getattr(cfg, "_attn_implementation", "sdpa") == "eager"
         self.dtype = next(model.parameters()).dtype
         self.device = next(model.parameters()).device
+        if self.dtype == torch.bfloat16 and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ConfigError(f"{torch.cuda.get_device_name(self.device)} has no bfloat16 support",
+                              "load the model with dtype float16 or float32")
         self.full_head = FullHead(self.parts)
         self.candidate_head = CandidateHead(self.parts)
         self.vocab = self.full_head.vocab
