@@ -89,12 +89,30 @@ def run_bench(model, prompt_ids: Sequence[Sequence[int]], configs: dict[str, Exi
     hf_greedy_generate(model, batches[0][:1], 4, pad_id, eos)
     engine.generate(batches[0][:1], ExitConfig(), SamplingParams(max_new_tokens=4))
 
-    rows: list[BenchRow] = []
-    t0 = time.perf_counter()
-    hf_out = []
-    for batch in tqdm(batches, desc=BASELINE, disable=not show_progress):
+    # Interleaved: every batch runs through every configuration before the next batch, so load that comes and
+    # goes on a shared machine hits all of them alike (sequential blocks made ratios swing by 2-3x there).
+    lookup = any(cfg.policy == "self-speculative" and "ngram" in cfg.draft for cfg in configs.values())
+    seconds = {name: 0.0 for name in [BASELINE, *([PROMPT_LOOKUP] if lookup else []), *configs]}
+    hf_out: list[list[int]] = []
+    pl_out: list[list[int]] = []
+    outputs: dict[str, list[SequenceResult]] = {name: [] for name in configs}
+    floors: list[float] = []
+    for i, batch in enumerate(tqdm(batches, desc="bench", disable=not show_progress)):
+        t0 = time.perf_counter()
         hf_out.extend(hf_greedy_generate(model, batch, max_new_tokens, pad_id, eos))
-    hf_seconds = time.perf_counter() - t0
+        seconds[BASELINE] += time.perf_counter() - t0
+        if lookup:
+            t0 = time.perf_counter()
+            pl_out.extend(hf_greedy_generate(model, batch, max_new_tokens, pad_id, eos,
+                                             prompt_lookup=PROMPT_LOOKUP_TOKENS))
+            seconds[PROMPT_LOOKUP] += time.perf_counter() - t0
+        for name, cfg in configs.items():
+            t0 = time.perf_counter()
+            outputs[name].extend(engine.generate(batch, cfg, sampling))
+            seconds[name] += time.perf_counter() - t0
+        if floor and (i % max(1, len(batches) // 4) == 0 or i == len(batches) - 1):
+            floors.append(weights_floor_tokens_per_s(model, 10))
+    rows: list[BenchRow] = []
     hf_tokens = sum(len(o) for o in hf_out)
     # Same convention as the engine: the prompt's prefill is not a generated token's cost; token i > 0 is one
     # full-depth step of token i-1 at context len(prompt) + i, plus the LM head.
@@ -102,41 +120,29 @@ def run_bench(model, prompt_ids: Sequence[Sequence[int]], configs: dict[str, Exi
         (fm.num_layers * fm.layer(1, len(p) + i) if i else 0) + fm.head(1)
         for p, o in zip(prompt_ids, hf_out) for i in range(len(o))
     )
-    base = BenchRow(BASELINE, hf_tokens, hf_seconds, hf_tokens / hf_seconds, hf_flops / max(1, hf_tokens))
+    base = BenchRow(BASELINE, hf_tokens, seconds[BASELINE], hf_tokens / seconds[BASELINE],
+                    hf_flops / max(1, hf_tokens))
     rows.append(base)
     if floor:
-        tps = weights_floor_tokens_per_s(model)
+        tps = sum(floors) / len(floors)
         floor_flops = fm.num_layers * fm.layer_linear + fm.head(1)
         rows.append(BenchRow(FLOOR, 0, 0.0, tps, floor_flops, speedup=tps / base.tokens_per_s,
                              flops_ratio=floor_flops / base.flops_per_token))
-    if any(cfg.policy == "self-speculative" and "ngram" in cfg.draft for cfg in configs.values()):
-        t0 = time.perf_counter()
-        pl_out = []
-        for batch in tqdm(batches, desc=PROMPT_LOOKUP, disable=not show_progress):
-            pl_out.extend(hf_greedy_generate(model, batch, max_new_tokens, pad_id, eos, prompt_lookup=PROMPT_LOOKUP_TOKENS))
-        secs = time.perf_counter() - t0
+    extra_outputs = {}
+    if lookup:
         n = sum(len(o) for o in pl_out)
-        row = BenchRow(PROMPT_LOOKUP, n, secs, n / secs, base.flops_per_token)
+        row = BenchRow(PROMPT_LOOKUP, n, seconds[PROMPT_LOOKUP], n / seconds[PROMPT_LOOKUP], base.flops_per_token)
         row.speedup = row.tokens_per_s / base.tokens_per_s
         rows.append(row)
         extra_outputs = {PROMPT_LOOKUP: pl_out}
-    else:
-        extra_outputs = {}
-    outputs: dict[str, list[SequenceResult]] = {}
-    for name, cfg in configs.items():
-        results: list[SequenceResult] = []
-        t0 = time.perf_counter()
-        for batch in tqdm(batches, desc=name, disable=not show_progress):
-            results.extend(engine.generate(batch, cfg, sampling))
-        seconds = time.perf_counter() - t0
+    for name, results in outputs.items():
         tokens = sum(len(r.token_ids) for r in results)
         flops = sum(r.flops for r in results)
         layers = [l for r in results for l in r.exit_layers]
-        row = BenchRow(name, tokens, seconds, tokens / seconds, flops / max(1, tokens),
+        row = BenchRow(name, tokens, seconds[name], tokens / seconds[name], flops / max(1, tokens),
                        mean_exit_layer=sum(layers) / max(1, len(layers)))
         row.speedup = row.tokens_per_s / base.tokens_per_s
         row.flops_ratio = row.flops_per_token / base.flops_per_token
-        outputs[name] = results
         rows.append(row)
     reference = [r.token_ids for r in outputs["final"]] if "final" in outputs else hf_out
     for row in rows:
