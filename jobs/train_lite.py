@@ -5,6 +5,8 @@ Launch:  ray job submit --address http://127.0.0.1:8265 --working-dir . -- pytho
 Without a cluster (starts a local Ray instance):  python jobs/train_lite.py --config jobs/configs/smollm2_lite.yaml
 
 Overrides are key=value pairs after the options, e.g.  optim.max_steps=20 scaling.num_workers=1 name=try1
+Check only (config + overrides validated against the model's depth and the data, nothing started; exit 0, or 2
+with the field named):  python jobs/train_lite.py --config jobs/configs/llama2_7b_lite.yaml --check
 Running again with the same name and checkpoint.storage_path resumes from the latest checkpoint.
 MLflow: mlflow.tracking_uri, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the job's working directory.
 Under `ray job submit --working-dir .` that directory is Ray's copy of yours, so to see runs with `mlflow ui` where
