@@ -52,7 +52,7 @@ class MlflowServer:
         self.proc = subprocess.Popen([str(mlflow_cli), "server", "--backend-store-uri", self.store, "--host",
                                       "127.0.0.1", "--port", str(self.port), "--workers", "1"],
                                      stdout=log, stderr=subprocess.STDOUT)
-        end = time.monotonic() + 90
+        end = time.monotonic() + 240  # a loaded machine can take minutes to import mlflow
         while time.monotonic() < end:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"mlflow server exited with {self.proc.returncode} (log: {self.log_path})")
@@ -62,7 +62,7 @@ class MlflowServer:
                         return self
             except OSError:
                 time.sleep(0.5)
-        raise RuntimeError(f"mlflow server did not answer within 90 s (log: {self.log_path})")
+        raise RuntimeError(f"mlflow server did not answer within 240 s (log: {self.log_path})")
 
     def __exit__(self, *exc) -> None:
         if self.proc is not None:
@@ -81,7 +81,7 @@ def screenshot(chromium: str, url: str, out: Path, width: int = 1400, height: in
     cmd = [chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
            "--hide-scrollbars", f"--window-size={width},{height}", f"--virtual-time-budget={wait_ms}",
            f"--screenshot={out}", url]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0 or not out.is_file():
         raise RuntimeError(f"chromium failed ({proc.returncode}): {proc.stderr[-1500:]}")
     from PIL import Image
