@@ -35,10 +35,13 @@ def weights_floor_tokens_per_s(model, repeats: int = 30) -> float:
     with torch.inference_mode():
         for w in mats:  # warm-up
             torch.nn.functional.linear(xs[w.shape[1]], w)
+        sync = torch.cuda.synchronize if mats[0].is_cuda else (lambda: None)
+        sync()
         t0 = time.perf_counter()
         for _ in range(repeats):
             for w in mats:
                 torch.nn.functional.linear(xs[w.shape[1]], w)
+        sync()
         return repeats / (time.perf_counter() - t0)
 
 
