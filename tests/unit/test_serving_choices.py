@@ -207,3 +207,12 @@ def test_requests_beyond_the_kv_budget_queue_and_all_complete(engine) -> None:
     expected = engine.generate([PROMPT], config, greedy)[0].token_ids
     assert outs == [expected] * 6
     assert max(peak) <= 30 and sched.kv_waits > 0 and sched.batches >= 2
+
+
+def test_build_app_rejects_a_kv_budget_larger_than_this_machine(tiny_dir) -> None:
+    from layerexit.serving.app import build_app
+
+    with pytest.raises(ConfigError, match="kv_budget_tokens") as info:
+        build_app({"model": str(tiny_dir), "device": "cpu", "kv_budget_tokens": 10**12})
+    assert "at most" in str(info.value)
+    build_app({"model": str(tiny_dir), "device": "cpu", "kv_budget_tokens": 4096})  # fits: an application

@@ -19,6 +19,7 @@ from ray.serve import Application
 
 from layerexit.serving.config import ServeArgs, parse_serve_args
 from layerexit.serving.deployment import EarlyExitLLM
+from layerexit.serving.kv_budget import precheck_kv_budget
 from layerexit.serving.model_source import is_mlflow_uri
 from layerexit.tracking import resolve_tracking_uri
 
@@ -40,6 +41,8 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
 
         raise ConfigError(f"max_ongoing_requests ({ongoing}) is below max_batch_size ({cfg.max_batch_size})",
                           "raise max_ongoing_requests so a replica can hold a full batch")
+    # A KV budget the device cannot hold fails here, before any replica starts, when this machine can tell.
+    precheck_kv_budget(cfg.model, cfg.device, cfg.dtype, cfg.kv_budget_tokens)
     deployment = EarlyExitLLM.options(**options) if options else EarlyExitLLM
     return deployment.bind(cfg.model_dump(mode="json"))
 

@@ -65,3 +65,41 @@ def request_reservation(prompt_len: int, max_new_tokens: int) -> int:
 def batch_reservation(row_reservations: Sequence[int]) -> int:
     """Positions a batch holds: every row padded to the longest (left padding, one width per batch)."""
     return len(row_reservations) * max(row_reservations, default=0)
+
+
+def precheck_kv_budget(model_spec: str, device: str, dtype: str, budget_tokens: int | None) -> None:
+    """The same check before any replica starts (``build_app``), where the driver can answer it: a local or
+    embedded model served on this machine's kind of device. Weights are estimated from the checkpoint's files;
+    the replica repeats the check exactly after loading. MLflow URIs, hub ids and GPUs the driver does not have
+    are left to the replica."""
+    if budget_tokens is None:
+        return
+    from transformers import AutoConfig
+
+    from layerexit.errors import LayerexitError
+    from layerexit.models.loading import resolve_model
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        return
+    from layerexit.models.mlflow_source import is_mlflow_uri
+
+    if is_mlflow_uri(model_spec):
+        return  # resolving would download it: the replica checks
+    try:
+        resolved = resolve_model(model_spec, fetch=False)
+    except LayerexitError:
+        return  # not resolvable here without downloading: the replica checks
+    if resolved.source not in ("embedded", "local", "gguf"):
+        return
+    from pathlib import Path
+
+    location = Path(resolved.location)
+    config = AutoConfig.from_pretrained(location)
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    weights = sum(p.stat().st_size for p in location.glob("*.safetensors")) or \
+        sum(p.stat().st_size for p in location.glob("*.bin"))
+    check_kv_budget(budget_tokens, kv_bytes_per_token(config, getattr(torch, dtype)), weights,
+                    device_memory_bytes(device))
