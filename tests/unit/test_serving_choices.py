@@ -216,3 +216,22 @@ def test_build_app_rejects_a_kv_budget_larger_than_this_machine(tiny_dir) -> Non
         build_app({"model": str(tiny_dir), "device": "cpu", "kv_budget_tokens": 10**12})
     assert "at most" in str(info.value)
     build_app({"model": str(tiny_dir), "device": "cpu", "kv_budget_tokens": 4096})  # fits: an application
+
+
+def test_training_template_is_read_from_the_registered_models_run(tmp_path, monkeypatch) -> None:
+    from mlflow import MlflowClient
+
+    from layerexit.serving.chat_format import training_template
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    client = MlflowClient(tracking_uri=store)
+    exp = client.create_experiment("t", artifact_location=str(tmp_path / "artifacts"))
+    run = client.create_run(exp)
+    client.log_param(run.info.run_id, "data.template", "alpaca")
+    client.create_registered_model("layerexit-x")
+    version = client.create_model_version("layerexit-x", str(tmp_path / "artifacts"), run_id=run.info.run_id)
+    assert training_template("models:/layerexit-x@trained", str(version.version)) == "alpaca"
+    assert training_template("/a/local/dir", None) is None
+    # a chat-template tokenizer still gets Alpaca when training used Alpaca
+    assert choose_chat_format("auto", type("T", (), {"chat_template": "{{x}}"})(), recorded="alpaca") == "alpaca"
