@@ -120,6 +120,36 @@ def train(model, cache, layers, setting: dict, seconds: float, seed: int = 0) ->
     return {l: a.eval() for l, a in adapters.items()}, steps
 
 
+def evaluate_model(args) -> int:
+    """Agreement, ECE and the oracle ceiling of a trained model's exits (its adapters attached by the loader)."""
+    from layerexit.models.exits import decoder_parts
+    from layerexit.models.loading import load_model_and_tokenizer
+    from layerexit.training import load_train_config
+    from layerexit.training.ray_trainer import prepare_training_data
+
+    cfg = load_train_config(args.config)
+    cfg.data.samples_per_instruction = 0
+    data = prepare_training_data(cfg, show_progress=False)
+    layers = sorted(cfg.lite.exit_layers)
+    model, tok = load_model_and_tokenizer(args.evaluate_model)
+    parts = decoder_parts(model)
+    hidden, final = heldout_states(model, tok, data.eval_prompts[: cfg.eval.alignment_prompts], layers,
+                                   cfg.eval.alignment_max_new_tokens)
+    rows = {"no adapters": evaluate(parts, None, hidden, final)}
+    if parts.adapters:
+        rows["with its adapters"] = evaluate(parts, dict(parts.adapters), hidden, final)
+    print(f"{args.evaluate_model}: adapters at {sorted(parts.adapters)}; {len(final)} held-out tokens")
+    print("| exits | " + " | ".join(f"l{l}" for l in layers) + " | mean ECE | oracle FLOPs/token |")
+    print("|---|" + "---|" * (len(layers) + 2))
+    for name, ev in rows.items():
+        print(f"| {name} | " + " | ".join(f"{ev[l]['agreement']:.0%}" for l in layers)
+              + f" | {sum(ev[l]['ece'] for l in layers) / len(layers):.3f} | {ev['oracle_flops_ratio']:.2f} |")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=1, default=str)
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="jobs/configs/smollm2_distill.yaml")
@@ -128,8 +158,13 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--png", help="write Figure 5/6 for every setting here")
     parser.add_argument("--json")
+    parser.add_argument("--evaluate-model", help="only evaluate this model spec (e.g. models:/layerexit-smollm2_distill"
+                                                 "@trained, loaded with its shipped adapters) against the base model's "
+                                                 "held-out answers; no cache, no training")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.evaluate_model:
+        return evaluate_model(args)
     from layerexit.evaluation.alignment import AlignmentReport, LayerAlignment, plot_alignment
     from layerexit.models.exits import decoder_parts
     from layerexit.models.loading import load_model_and_tokenizer
