@@ -31,3 +31,16 @@ def test_bench_bad_config_names_the_problem(tiny_dir, prompts_file, capsys):
                  "--config", 'x={"policy": "self-speculative", "draft": "magic"}']) == 2
     assert "draft source" in capsys.readouterr().err
     assert main(["bench", "--model", str(tiny_dir), "--prompts", str(prompts_file), "--dtype", "float16"]) == 2
+
+
+def test_generate_takes_an_early_exit_object(tiny_dir, capsys):
+    args = ["generate", "--model", str(tiny_dir), "--prompt", "hi there", "--policy", "self-speculative",
+            "--max-new-tokens", "5", "--json"]
+    assert main([*args, "--early-exit", '{"draft": "ngram", "num_draft": 4}']) == 0
+    spec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(["generate", "--model", str(tiny_dir), "--prompt", "hi there", "--max-new-tokens", "5", "--json"]) == 0
+    final = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert spec["token_ids"] == final["token_ids"]
+    assert main([*args, "--early-exit", '{"draft": "sideways"}']) == 2
+    assert "draft source" in capsys.readouterr().err
+    assert main([*args, "--early-exit", "[1]"]) == 2
