@@ -77,7 +77,7 @@ def test_k_equal_vocab_equals_full_softmax_values_and_gradients(tiny_model, temp
     b = h_exit.detach().clone().requires_grad_(True)
     want = (full_kl(parts.head(parts.norm(b)), t_logits, temperature) * mask).sum()
     want.backward()
-    assert float(got) == pytest.approx(float(want), rel=1e-5, abs=1e-6)
+    assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-5, abs=1e-6)
     assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-7)
 
 
