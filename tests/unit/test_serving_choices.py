@@ -223,15 +223,24 @@ def test_training_template_is_read_from_the_registered_models_run(tmp_path, monk
 
     from layerexit.serving.chat_format import training_template
 
+    import mlflow
+
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    # The replica reads the store its model came from, which model loading has just made the current one;
+    # an earlier test may have set another store globally, so point the process at this one as loading would.
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(store)
     client = MlflowClient(tracking_uri=store)
     exp = client.create_experiment("t", artifact_location=str(tmp_path / "artifacts"))
     run = client.create_run(exp)
     client.log_param(run.info.run_id, "data.template", "alpaca")
     client.create_registered_model("layerexit-x")
     version = client.create_model_version("layerexit-x", str(tmp_path / "artifacts"), run_id=run.info.run_id)
-    assert training_template("models:/layerexit-x@trained", str(version.version)) == "alpaca"
+    try:
+        assert training_template("models:/layerexit-x@trained", str(version.version)) == "alpaca"
+    finally:
+        mlflow.set_tracking_uri(previous)
     assert training_template("/a/local/dir", None) is None
     # a chat-template tokenizer still gets Alpaca when training used Alpaca
     assert choose_chat_format("auto", type("T", (), {"chat_template": "{{x}}"})(), recorded="alpaca") == "alpaca"
