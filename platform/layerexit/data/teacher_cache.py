@@ -18,8 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -30,6 +28,7 @@ import torch
 from layerexit.data.datasets import IGNORE_INDEX, TokenizedExample
 from layerexit.errors import ConfigError
 from layerexit.home import layerexit_home
+from layerexit.tensor_dir import write_tensor_dir
 
 WEIGHTS = "teacher.safetensors"
 META = "meta.json"
@@ -138,21 +137,8 @@ def _shard_task(model_spec: str, examples: list[TokenizedExample], offset: int, 
 
 
 def write_cache(arrays: dict[str, torch.Tensor], meta: dict, directory: Path) -> Path:
-    """Write atomically: everything into a temp sibling, meta.json last, then one rename."""
-    from safetensors.torch import save_file
-
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.partial-"))
-    try:
-        save_file({k: v.contiguous() for k, v in arrays.items()}, str(tmp / WEIGHTS))
-        (tmp / META).write_text(json.dumps(meta, indent=2))
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return directory
+    """Write atomically (see ``layerexit.tensor_dir``): a half-written cache is never left in place."""
+    return write_tensor_dir(directory, arrays, meta, WEIGHTS, META)
 
 
 def read_cache(directory: str | Path, expected: dict | None = None, field: str = "distill.cache_dir") -> TeacherCache:

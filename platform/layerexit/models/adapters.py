@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -29,6 +26,7 @@ import torch
 from torch import nn
 
 from layerexit.errors import ConfigError
+from layerexit.tensor_dir import write_tensor_dir
 
 ADAPTERS_DIR = "exit_adapters"
 WEIGHTS_FILE = "adapters.safetensors"
@@ -119,27 +117,13 @@ def check_fingerprint(found: Mapping[str, str], expected: Mapping[str, str], wha
 
 def save_adapters(adapters: Mapping[int, ExitAdapter], directory: str | Path, fingerprint: Mapping[str, str]) -> Path:
     """Write ``directory`` (weights + json) atomically: a temp directory renamed into place."""
-    from safetensors.torch import save_file
-
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
-    try:
-        tensors = {f"l{l}.{k}": v.detach().float().contiguous().cpu()
-                   for l, a in adapters.items() for k, v in a.state_dict().items()}
-        save_file(tensors, str(tmp / WEIGHTS_FILE))
-        first = next(iter(adapters.values()))
-        meta = {"format": FORMAT, "layers": sorted(int(l) for l in adapters), "hidden_size": first.hidden_size,
-                "rank": first.rank, "eps": first.norm.eps, "parameters": num_parameters(adapters),
-                "fingerprint": dict(fingerprint)}
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return directory
+    tensors = {f"l{l}.{k}": v.detach().float().cpu()
+               for l, a in adapters.items() for k, v in a.state_dict().items()}
+    first = next(iter(adapters.values()))
+    meta = {"format": FORMAT, "layers": sorted(int(l) for l in adapters), "hidden_size": first.hidden_size,
+            "rank": first.rank, "eps": first.norm.eps, "parameters": num_parameters(adapters),
+            "fingerprint": dict(fingerprint)}
+    return write_tensor_dir(directory, tensors, meta, WEIGHTS_FILE, META_FILE)
 
 
 def read_adapter_meta(directory: str | Path) -> dict:
