@@ -25,7 +25,7 @@ from layerexit.engine.options import ExitConfig, SamplingParams
 SEVEN_B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
                num_hidden_layers=32, vocab_size=32000, max_position_embeddings=4096)
 TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4,
-            num_hidden_layers=8, vocab_size=512, max_position_embeddings=512)
+            num_hidden_layers=8, vocab_size=512, max_position_embeddings=2048)
 
 
 def build(shape: dict, device: str, dtype: torch.dtype) -> LlamaForCausalLM:

@@ -20,8 +20,8 @@ import json
 import time
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
+from gpu_engine_7b import SEVEN_B, TINY, build  # the same random models (benchmarks/ is on sys.path when run)
 from layerexit.engine.decode import EarlyExitEngine
 from layerexit.engine.options import ExitConfig, SamplingParams
 from layerexit.engine.scoring import score_prompt
@@ -31,25 +31,12 @@ from layerexit.serving.kv_budget import check_kv_budget, device_memory_bytes, kv
 from layerexit.serving.protocol import ExitStatsAccumulator
 from layerexit.serving.scheduler import BatchScheduler
 
-SEVEN_B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
-               num_hidden_layers=32, vocab_size=32000, max_position_embeddings=4096)
-TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4,
-            num_hidden_layers=8, vocab_size=512, max_position_embeddings=2048)
-
 
 class _Tok:
     """Enough of a tokenizer for the text assembler: ids -> a space-separated string."""
 
     def decode(self, ids, skip_special_tokens=True):  # noqa: ARG002 - the tokenizer signature
         return " ".join(str(int(i)) for i in ids) + (" " if ids else "")
-
-
-def build(shape: dict, device: str, dtype: torch.dtype) -> LlamaForCausalLM:
-    cfg = LlamaConfig(**shape, rms_norm_eps=1e-5, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(cfg).to(dtype)
-    return model.eval()
 
 
 def run_load(engine, budget: int | None, prompts: list[list[int]], new: int, config: ExitConfig) -> dict:
