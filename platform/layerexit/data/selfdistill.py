@@ -61,26 +61,26 @@ def text_key(item: Instruction) -> str:
     return hashlib.sha1(item.text.encode()).hexdigest()[:12]
 
 
-def cache_path(location: str, settings: dict) -> Path:
+def cache_path(location: str, settings: dict, prefix: str = "selfdistill", version: int = CACHE_VERSION) -> Path:
     """One cache file per model and generation settings; rows are keyed by instruction id and text."""
-    key_src = json.dumps({"v": CACHE_VERSION, "model": model_fingerprint(location), "settings": settings},
-                         sort_keys=True)
+    key_src = json.dumps({"v": version, "model": model_fingerprint(location), "settings": settings}, sort_keys=True)
     key = hashlib.sha1(key_src.encode()).hexdigest()[:16]
-    return layerexit_home() / "data" / model_id(location) / f"selfdistill-{key}.jsonl"
+    return layerexit_home() / "data" / model_id(location) / f"{prefix}-{key}.jsonl"
 
 
-def read_cache(path: Path) -> dict[tuple[str, str], DistilledExample]:
-    """Cached rows by (id, text key); a damaged file counts as empty (it is regenerated)."""
+def read_cache(path: Path, row_type: type[DistilledExample] = DistilledExample) -> dict[tuple, DistilledExample]:
+    """Cached rows by (id, text key), plus the sample number for sampled answers; a damaged file counts as empty
+    (it is regenerated)."""
     if not path.is_file():
         return {}
-    rows: dict[tuple[str, str], DistilledExample] = {}
+    rows: dict[tuple, DistilledExample] = {}
     try:
         for line in path.read_text(encoding="utf-8").splitlines():
             if line.strip():
                 obj = json.loads(line)
                 key = obj.pop("text_key")
-                ex = DistilledExample(**obj)
-                rows[(ex.id, key)] = ex
+                ex = row_type(**obj)
+                rows[(ex.id, key, ex.sample) if isinstance(ex, SampledExample) else (ex.id, key)] = ex
     except (json.JSONDecodeError, TypeError, KeyError):
         return {}
     return rows
@@ -149,28 +149,6 @@ class SampledExample(DistilledExample):
     sample: int = 0
 
 
-def sample_cache_path(location: str, settings: dict) -> Path:
-    key_src = json.dumps({"v": SAMPLE_CACHE_VERSION, "model": model_fingerprint(location), "settings": settings},
-                         sort_keys=True)
-    return layerexit_home() / "data" / model_id(location) / f"samples-{hashlib.sha1(key_src.encode()).hexdigest()[:16]}.jsonl"
-
-
-def _read_samples(path: Path) -> dict[tuple[str, str, int], SampledExample]:
-    if not path.is_file():
-        return {}
-    rows: dict[tuple[str, str, int], SampledExample] = {}
-    try:
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                obj = json.loads(line)
-                key = obj.pop("text_key")
-                ex = SampledExample(**obj)
-                rows[(ex.id, key, ex.sample)] = ex
-    except (json.JSONDecodeError, TypeError, KeyError):
-        return {}
-    return rows
-
-
 def sample_responses(
     model_spec: str,
     instructions: Sequence[Instruction],
@@ -201,8 +179,8 @@ def sample_responses(
     location = resolve_model(model_spec).location
     settings = {"max_new_tokens": max_new_tokens, "decoding": "sample", "temperature": temperature, "top_p": top_p,
                 "num_samples": num_samples, "seed": seed, "dtype": "bfloat16", "template": "chat"}
-    path = sample_cache_path(location, settings)
-    cached = _read_samples(path)
+    path = cache_path(location, settings, prefix="samples", version=SAMPLE_CACHE_VERSION)
+    cached = read_cache(path, SampledExample)
     missing = [i for i in instructions if any((i.id, text_key(i), s) not in cached for s in range(num_samples))]
     if missing:
         model, tokenizer = model_and_tokenizer or load_model_and_tokenizer(model_spec, dtype=torch.bfloat16)
