@@ -15,7 +15,6 @@ after one warm-up step, as in benchmarks/train_step.py). Modes:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 import sys

@@ -12,14 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-# The MLflow download lives with model loading (models/ imports nothing from serving/); re-exported here.
-from layerexit.models.mlflow_source import (  # noqa: F401
-    MLFLOW_SCHEMES,
-    _hf_dir_in_download,
-    _registered_version,
-    download_mlflow_model,
-    is_mlflow_uri,
-)
+# The MLflow download lives with model loading (models/ imports nothing from serving/).
+from layerexit.models.mlflow_source import download_mlflow_model, is_mlflow_uri
 
 THRESHOLDS_NAMES = ("thresholds.yaml", "thresholds.yml", "thresholds.json")
 

@@ -42,7 +42,8 @@ class ModelWorker:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         load_spec, local_dir, registered = spec, None, None
         if spec.startswith(("models:/", "runs:/")):
-            from layerexit.serving.model_source import _registered_version, resolve_model_source
+            from layerexit.models.mlflow_source import _registered_version
+            from layerexit.serving.model_source import resolve_model_source
 
             src = resolve_model_source(spec)
             load_spec, local_dir = src.load_spec, str(src.local_dir) if src.local_dir else None
