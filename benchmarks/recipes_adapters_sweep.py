@@ -94,6 +94,21 @@ def evaluate(parts, adapters, hidden, final, bins=10) -> dict:
     return out
 
 
+@torch.no_grad()
+def train_agreement(parts, adapters, cache, layers, n: int = 2048, seed: int = 1) -> dict[int, float]:
+    """Agreement on cached *training* positions (exit argmax vs the teacher's top-1): beside the held-out figure it
+    tells whether a setting is short of data (train >> held-out) or of capacity/steps (both low)."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(cache.num_positions, generator=g)[:n]
+    target = cache.ids[idx, 0].long()
+    out = {}
+    for l in layers:
+        h = cache.hidden[l][idx].float()
+        x = adapters[l](h) if adapters else h
+        out[l] = float((parts.head(parts.norm(x)).argmax(-1) == target).float().mean())
+    return out
+
+
 def train(model, cache, layers, setting: dict, seconds: float, seed: int = 0) -> tuple[dict, int]:
     from layerexit.models.adapters import build_adapters
     from layerexit.training.recipes import AdapterObjective, cache_epoch_batches
@@ -185,22 +200,25 @@ def main() -> int:
           f"built in {cache.meta['build_s']:.0f} s; held-out: {len(final)} tokens", flush=True)
     defaults = {"full_every": cfg.distill.full_every, "temperature": cfg.distill.temperature,
                 "rank": cfg.adapters.rank, "lr": cfg.optim.lr, "positions": 2 * cfg.adapters.positions_per_batch}
-    results = {"base (no adapters)": {"steps": 0, "eval": evaluate(parts, None, hidden, final)}}
+    results = {"base (no adapters)": {"steps": 0, "eval": evaluate(parts, None, hidden, final),
+                                      "train": train_agreement(parts, None, cache, layers)}}
     for item in args.settings:
         setting = dict(defaults)
         for kv in item.split(","):
             key, _, value = kv.partition("=")
             setting[key] = float(value) if "." in value or "e" in value else int(value)
         adapters, steps = train(model, cache, layers, setting, args.seconds)
-        results[item] = {"steps": steps, "setting": setting, "eval": evaluate(parts, adapters, hidden, final)}
+        results[item] = {"steps": steps, "setting": setting, "eval": evaluate(parts, adapters, hidden, final),
+                         "train": train_agreement(parts, adapters, cache, layers)}
         print(f"{item}: {steps} steps", flush=True)
     print(f"\n{args.seconds:.0f} s of training per setting, {args.threads} threads (shared machine)")
-    print("| setting | steps | " + " | ".join(f"l{l} agree" for l in layers) + " | mean ECE | oracle FLOPs/token |")
-    print("|---|---|" + "---|" * (len(layers) + 2))
+    print("| setting | steps | " + " | ".join(f"l{l} agree" for l in layers) + " | mean ECE | oracle FLOPs/token | train-position agreement |")
+    print("|---|---|" + "---|" * (len(layers) + 3))
     for name, r in results.items():
         ev = r["eval"]
         print(f"| {name} | {r['steps']} | " + " | ".join(f"{ev[l]['agreement']:.0%}" for l in layers)
-              + f" | {sum(ev[l]['ece'] for l in layers) / len(layers):.3f} | {ev['oracle_flops_ratio']:.2f} |")
+              + f" | {sum(ev[l]['ece'] for l in layers) / len(layers):.3f} | {ev['oracle_flops_ratio']:.2f} | "
+              + "/".join(f"{r['train'][l]:.0%}" for l in layers) + " |")
     if args.png:
         reports = {}
         for name, r in results.items():

@@ -105,3 +105,29 @@ def test_candidate_set_traces_predict_the_engines_exits(tiny_model):
         compared += div + 1
         early += sum(1 for l in r.exit_layers[: div + 1] if l < 4)
     assert compared >= len(prompts) and early > 0
+
+
+@pytest.mark.parametrize("kv", ["recompute", "propagate"])
+def test_adapter_pricing_equals_the_engine(tiny_model, kv):
+    """With exit adapters (the adapters recipe) every check at an adapted layer runs the adapter first; the search
+    prices that exactly, so a wide adapter cannot look free on the traces."""
+    from layerexit.models.adapters import build_adapters
+    from layerexit.models.exits import attach_exit_adapters
+
+    flops = FlopsModel.from_config(tiny_model.config)
+    adapters = build_adapters([1, 3], tiny_model.config.hidden_size, rank=16)
+    for a in adapters.values():
+        torch.nn.init.normal_(a.up.weight, std=0.02)  # not the identity: exits move
+    attach_exit_adapters(tiny_model, adapters)
+    engine = EarlyExitEngine(tiny_model, set(), 0)
+    per_pos = {l: a.flops(1) for l, a in adapters.items()}
+    g = torch.Generator().manual_seed(3)
+    prompt = torch.randint(3, 500, (6,), generator=g).tolist()
+    r = engine.generate([prompt], ExitConfig(policy="confidence", thresholds=THRESHOLDS, kv=kv),
+                        SamplingParams(max_new_tokens=8))[0]
+    exits = np.array(r.exit_layers)
+    checks = _checks(exits, sorted(THRESHOLDS))
+    traces = _positions_only([6], [len(exits)])
+    priced = TraceScorer(traces, flops, kv, adapter_flops=per_pos)
+    assert priced.flops_of(exits, checks) == pytest.approx(r.flops, rel=1e-12)
+    assert TraceScorer(traces, flops, kv).flops_of(exits, checks) < r.flops

@@ -262,6 +262,8 @@ def test_every_tune_yaml_loads(path):
     ("search.algorithm=hyperopt", "search.algorithm"),
     ("search.num_trails=3", "unknown key"),
     ("search.seed_presets=[paper-70b]", "unknown presets"),
+    ("check_vocab=0", "check_vocab"),
+    ("search.batch_size=0", "search.batch_size"),
 ])
 def test_bad_config_values_name_the_field(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
@@ -453,3 +455,22 @@ def test_probe_export_is_a_thresholds_file_the_engine_and_serve_load(probed, tmp
         user_config_block({1: 0.7}, "propagate", "probe")
     # No thresholds: the final layer, whatever the policy.
     assert user_config_block({}, "propagate", "probe", path) == {"policy": "final", "kv": "propagate"}
+
+
+def test_candidate_set_checks_reach_confirmation_and_export():
+    """check_vocab in the search config is what confirmation runs and what the exported user_config holds."""
+    from layerexit.engine.options import ExitConfig
+    from layerexit.serving.config import exit_config_from_user_config
+    from layerexit.tuning.confirm import exit_config_for
+    from layerexit.tuning.pareto import Point
+
+    cfg = load_config(TuneSearchConfig, REPO / "tune" / "smollm2.yaml", ["check_vocab=64", "search.batch_size=4"])
+    assert cfg.check_vocab == 64 and cfg.search.batch_size == 4
+    point = Point("t", 0.9, 0.95, {8: 0.9, 20: 0.8}, "trial", {})
+    ec = exit_config_for(point, "propagate", check_vocab=cfg.check_vocab)
+    assert ExitConfig(**ec).check_vocab == 64
+    assert "check_vocab" not in exit_config_for(point, "propagate")
+    block = user_config_block(point.thresholds, "propagate", check_vocab=64)
+    assert block["check_vocab"] == 64
+    assert exit_config_from_user_config(block).check_vocab == 64
+    assert user_config_block({}, "propagate", check_vocab=64) == {"policy": "final", "kv": "propagate"}

@@ -129,6 +129,9 @@ class SearchSettings(StrictModel):
         "search's `kv` (recompute: skipped layers catch up later, so exits mostly defer layer work; propagate: skipped "
         "layers cost only their K/V projections). per-token: exit depth + head checks, nothing else (optimistic).")
     verbose: int = Field(1, ge=0, le=3, description="Ray Tune console verbosity (0 silent).")
+    batch_size: int = Field(
+        1, ge=1, le=64, description="Score trials as Serve decodes: this many sequences in one batch, every step "
+        "running all rows to the deepest exit among them (the batch rule). 1: each sequence's own FLOPs.")
 
     @field_validator("seed_presets")
     @classmethod
@@ -234,6 +237,10 @@ class TuneSearchConfig(StrictModel):
         "evaluation per check (the paper). probe: a linear probe on the hidden state, fitted on the validation "
         "traces (needs their hidden states), decides; the head runs once, at the exit. Use probe where one LM head "
         "costs several decoder layers (small models, large vocabularies: SmolLM2's head = ~8 of its 30 layers).")
+    check_vocab: int | Literal["full"] = Field(
+        "full", description="How confidence checks are computed, searched for, confirmed with and exported with: "
+        "\"full\" (every check is a full LM head) or an int K >= 1 (candidate-set checks: a token's first check is "
+        "a full head keeping its top-K tokens, later checks score those K rows only). Ignored by policy probe.")
     space: SearchSpaceSettings
     quality: QualitySettings = Field(default_factory=QualitySettings)
     search: SearchSettings = Field(default_factory=SearchSettings)
@@ -244,3 +251,10 @@ class TuneSearchConfig(StrictModel):
     export: ExportSettings = Field(default_factory=ExportSettings)
     output_dir: str = Field("outputs/tune", description="Traces, Pareto front, report, exports and Ray results.")
     show_progress: bool = Field(True, description="Progress bars while generating and tracing.")
+
+    @field_validator("check_vocab")
+    @classmethod
+    def _positive_k(cls, value):
+        if value != "full" and int(value) < 1:
+            raise ValueError(f"check_vocab must be \"full\" or an int >= 1, got {value}")
+        return value

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -26,6 +26,7 @@ class ModelInfo:
     flops: Any  # FlopsModel
     local_dir: str | None
     registered: tuple[str, str] | None  # (name, version) when the model came from the MLflow registry
+    adapter_flops: dict[int, int] = field(default_factory=dict)  # per position, per exit layer with an adapter
 
 
 class ModelWorker:
@@ -53,8 +54,13 @@ class ModelWorker:
         self.eos = eos_ids(self.model, self.tokenizer)
         self.pad = int(self.tokenizer.pad_token_id)
         self.show_progress = show_progress
+        from layerexit.engine.heads import adapter_flops
+        from layerexit.models.exits import decoder_parts
+
+        parts = decoder_parts(self.model)
         self._info = ModelInfo(name or _model_name(spec), int(self.model.config.num_hidden_layers),
-                               _flops(self.model), local_dir, registered)
+                               _flops(self.model), local_dir, registered,
+                               {int(l): adapter_flops(parts, int(l), 1) for l in parts.adapters})
 
     def info(self) -> ModelInfo:
         return self._info
@@ -196,9 +202,10 @@ def run_candidate(worker, ref: Reference, point: Point, exit_config: Mapping[str
     return Point(point.name, float(ratio), float(np.mean(scores)), dict(point.thresholds), kind, extra)
 
 
-def exit_config_for(point: Point, kv: str, classifier=None, probe=None) -> dict[str, Any]:
+def exit_config_for(point: Point, kv: str, classifier=None, probe=None,
+                    check_vocab: int | str = "full") -> dict[str, Any]:
     """The engine ExitConfig (as a dict) a point stands for (``extra["policy"] == "probe"``: thresholds over
-    ``probe``'s probabilities)."""
+    ``probe``'s probabilities; ``check_vocab`` applies to confidence checks)."""
     if point.kind == "classifier":
         return {"policy": "classifier", "classifier": classifier.model_dump(), "kv": kv}
     if not point.thresholds:
@@ -208,16 +215,19 @@ def exit_config_for(point: Point, kv: str, classifier=None, probe=None) -> dict[
         if probe is None:
             raise ValueError(f"point {point.name} gates a probe, but no probe was given")
         return {"policy": "probe", "probe": probe.model_dump(), "thresholds": table, "kv": kv}
-    return {"policy": "confidence", "thresholds": table, "kv": kv}
+    out = {"policy": "confidence", "thresholds": table, "kv": kv}
+    if check_vocab != "full":
+        out["check_vocab"] = int(check_vocab)
+    return out
 
 
 def confirm_candidates(worker, ref: Reference, candidates: Sequence[Point], metric: str, max_new_tokens: int,
                        batch_size: int = 1, kv: str = "recompute", classifier=None, kind: str = "confirmed",
-                       log=None, probe=None) -> list[Point]:
+                       log=None, probe=None, check_vocab: int | str = "full") -> list[Point]:
     """Run every candidate with real generation; returns confirmed points (real FLOPs ratio and quality)."""
     out = []
     for p in candidates:
-        c = run_candidate(worker, ref, p, exit_config_for(p, kv, classifier, probe), metric, max_new_tokens,
+        c = run_candidate(worker, ref, p, exit_config_for(p, kv, classifier, probe, check_vocab), metric, max_new_tokens,
                           batch_size, kind)
         if log is not None:
             log(c)

@@ -23,7 +23,7 @@ _STALE_KEYS = ("exit_layers", "layer", "classifier")
 
 
 def user_config_block(thresholds: Mapping[int, float], kv: str = "recompute", policy: str = "confidence",
-                      thresholds_file: str | Path | None = None) -> dict[str, Any]:
+                      thresholds_file: str | Path | None = None, check_vocab: int | str = "full") -> dict[str, Any]:
     """The deployment ``user_config`` for these thresholds (no thresholds: the full model, policy final). A probe's
     weights do not fit a config block: ``policy: probe`` names the thresholds file holding them."""
     if not thresholds:
@@ -32,7 +32,10 @@ def user_config_block(thresholds: Mapping[int, float], kv: str = "recompute", po
         if thresholds_file is None:
             raise ValueError("policy probe needs the thresholds file that holds the probe")
         return {"policy": "probe", "thresholds": str(Path(thresholds_file).resolve()), "kv": kv}
-    return {"policy": "confidence", "thresholds": {int(k): float(v) for k, v in sorted(thresholds.items())}, "kv": kv}
+    block = {"policy": "confidence", "thresholds": {int(k): float(v) for k, v in sorted(thresholds.items())}, "kv": kv}
+    if check_vocab != "full":
+        block["check_vocab"] = int(check_vocab)
+    return block
 
 
 def write_thresholds_file(path: str | Path, model: str, num_layers: int, thresholds: Mapping[int, float],

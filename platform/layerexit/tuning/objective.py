@@ -36,6 +36,9 @@ Decisions on traces stay those of full-vocabulary confidences, which never excee
 top logits renormalised over fewer tokens): with K < V the engine exits at least as early, so the traced
 agreement is an estimate there and the FLOPs an upper bound.
 
+``adapter_flops={layer: f}`` prices exit adapters (the adapters recipe): every check at an adapted layer, head or
+probe, first runs the layer's adapter (f FLOPs per position), as the engine does.
+
 ``batch_size=b`` scores as Serve runs a batch: b sequences decode together and each step runs every row to the
 deepest exit among them (the batch rule); a row still takes its token (and its agreement) from its own exit.
 """
@@ -77,7 +80,8 @@ class TraceScorer:
     """Model-free: arrays from ``ExitTraces`` and the per-position FLOPs costs. Cheap to pickle into Ray's store."""
 
     def __init__(self, traces: ExitTraces, flops: FlopsModel, accounting: str = "recompute",
-                 check: str = "head", check_vocab: int | str | None = None, batch_size: int = 1) -> None:
+                 check: str = "head", check_vocab: int | str | None = None, batch_size: int = 1,
+                 adapter_flops: Mapping[int, float] | None = None) -> None:
         if accounting not in ACCOUNTING:
             raise ValueError(f"unknown FLOPs accounting {accounting!r}; use one of {', '.join(ACCOUNTING)}")
         if check not in CHECKS:
@@ -94,6 +98,7 @@ class TraceScorer:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = int(batch_size)
         self.probe = float(flops.probe(1))
+        self.adapter_flops = {int(l): float(f) for l, f in (adapter_flops or {}).items()}
         self.layers = [int(l) for l in traces.layers]
         self.col = {l: j for j, l in enumerate(self.layers)}
         self.L = int(self.layers[-1])
@@ -153,21 +158,31 @@ class TraceScorer:
 
     # ------------------------------------------------------------------------------------------ scoring
     def score(self, thresholds: Mapping[int, float]) -> Score:
-        num_checked = sum(1 for l in thresholds if int(l) < self.L)
-        return self.score_exits(*self.threshold_exits(thresholds), num_checked=num_checked)
+        checked = sorted(int(l) for l in thresholds if int(l) < self.L)
+        return self.score_exits(*self.threshold_exits(thresholds), num_checked=len(checked), checked_layers=checked)
 
-    def score_exits(self, exit_col: np.ndarray, checks: np.ndarray, num_checked: int | None = None) -> Score:
+    def score_exits(self, exit_col: np.ndarray, checks: np.ndarray, num_checked: int | None = None,
+                    checked_layers: Sequence[int] | None = None) -> Score:
+        """``checked_layers``: the intermediate layers checked, in order (default: every traced one)."""
         layer_of = np.array(self.layers)[exit_col]
         agreement = float(self.agree[np.arange(self.n), exit_col].mean())
-        flops = self.flops_of(layer_of, checks, num_checked)
+        flops = self.flops_of(layer_of, checks, num_checked, checked_layers)
         share = {l: float((layer_of == l).mean()) for l in sorted(set(layer_of.tolist()))}
         return Score(flops / self.flops_full, agreement, float(layer_of.mean()), float(checks.mean()), share, flops,
                      self.flops_full)
 
-    def flops_of(self, exit_layer: np.ndarray, checks: np.ndarray, num_checked: int | None = None) -> float:
+    def flops_of(self, exit_layer: np.ndarray, checks: np.ndarray, num_checked: int | None = None,
+                 checked_layers: Sequence[int] | None = None) -> float:
         """Decode FLOPs of the traced tokens given each one's exit layer and number of checks (the final layer's
-        counted as one; ``num_checked``: intermediate layers checked, needed for probe pricing)."""
+        counted as one; ``num_checked``: intermediate layers checked, needed for probe pricing; ``checked_layers``:
+        which, in order, for adapter pricing)."""
         checks = np.asarray(checks)
+        adapter_flops = 0.0
+        if self.adapter_flops:
+            order = list(self.layers[:-1]) if checked_layers is None else [int(l) for l in checked_layers]
+            # Cost of the adapters a token ran: those of its first ``checks`` checks (the final layer has none).
+            per_check = np.cumsum([0.0, *(self.adapter_flops.get(l, 0.0) for l in order), 0.0])
+            adapter_flops = float(per_check[np.minimum(checks, len(order) + 1)].sum())
         if self.check == "head" and self.check_k is not None:
             # The first check is a full head (it picks the candidates); later ones score K rows.
             check_flops = len(checks) * self.head + (checks - 1).sum() * self.candidate
@@ -181,7 +196,7 @@ class TraceScorer:
             deepest = np.zeros(int(self._group.max()) + 1, dtype=exit_layer.dtype)
             np.maximum.at(deepest, self._group, exit_layer)
             exit_layer = deepest[self._group]
-        return float(check_flops + self._layer_flops(exit_layer))
+        return float(check_flops + adapter_flops + self._layer_flops(exit_layer))
 
     def _layer_flops(self, exit_layer: np.ndarray) -> float:
         not_first = ~self.first

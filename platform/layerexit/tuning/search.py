@@ -345,14 +345,17 @@ def _run(cfg, space, worker, val_texts, report_texts, out_dir, serve_config, con
     traces.save(out_dir / "traces.npz")
     seconds["traces"] = time.perf_counter() - t
     accounting = cfg.kv if cfg.search.flops == "exact" else "per-token"
-    scorer = TraceScorer(traces, info.flops, accounting)  # confidence rules: presets, the classifier
+    # Checks priced as the engine computes them (candidate-set K or full heads), rows as Serve batches them.
+    scorer = TraceScorer(traces, info.flops, accounting, check_vocab=cfg.check_vocab,
+                         batch_size=cfg.search.batch_size, adapter_flops=info.adapter_flops)  # confidence rules: presets, the classifier
     probe = None
     search_scorer = scorer
     if cfg.policy == "probe":
         # The probe is fitted on the same validation traces the search scores; held-out prompts judge the result.
         probe, probe_table = train_exit_probe(select_layers(traces, space.layers),
                                               cfg.reference.classifier_min_precision)
-        search_scorer = TraceScorer(probe_traces(probe, traces), info.flops, accounting, check="probe")
+        search_scorer = TraceScorer(probe_traces(probe, traces), info.flops, accounting, check="probe",
+                                    batch_size=cfg.search.batch_size, adapter_flops=info.adapter_flops)
     console.print(f"final layer's responses ({seconds['final_responses']:.1f} s); traces: {len(traces.sequence)} "
                   f"tokens x {len(traced)} exit layers ({seconds['traces']:.1f} s); one LM head = "
                   f"{info.flops.head_in_layers():.2f} layers")
@@ -366,7 +369,8 @@ def _run(cfg, space, worker, val_texts, report_texts, out_dir, serve_config, con
     if cfg.reference.classifier:
         sub = select_layers(traces, space.layers)
         classifier = train_exit_classifier(sub, cfg.reference.classifier_min_precision)
-        s = scorer.score_exits(*scorer.decision_exits(classifier_exit_decisions(classifier, sub), sub.layers[:-1]))
+        s = scorer.score_exits(*scorer.decision_exits(classifier_exit_decisions(classifier, sub), sub.layers[:-1]),
+                               checked_layers=sub.layers[:-1])
         references.append(Point("adainfer-classifier", s.flops_ratio, s.agreement, {}, "classifier",
                                 {"scored_on": "traces"}))
 
@@ -417,7 +421,7 @@ def _run(cfg, space, worker, val_texts, report_texts, out_dir, serve_config, con
                                                       "trace_flops_ratio": 1.0, "trace_agreement": 1.0})
         else:
             c = confirm_candidates(worker, val_ref, [p], metric, cfg.prompts.max_new_tokens, cfg.confirm.batch_size,
-                                   cfg.kv, probe=probe)[0]
+                                   cfg.kv, probe=probe, check_vocab=cfg.check_vocab)[0]
         console.print(f"  confirmed {c.name}: FLOPs ratio {c.flops_ratio:.3f} (traces "
                       f"{c.extra['trace_flops_ratio']:.3f}), {metric} {c.quality:.3f}, token agreement "
                       f"{c.extra['agreement']:.3f}  {_fmt_thr(c.thresholds)}")
@@ -468,7 +472,8 @@ def _run(cfg, space, worker, val_texts, report_texts, out_dir, serve_config, con
         rows += [p for p in references if p.kind in ("preset", "classifier")]
         for p in rows:
             c = confirm_candidates(worker, rep_ref, [p], metric, cfg.prompts.max_new_tokens, cfg.confirm.batch_size,
-                                   cfg.kv, classifier, kind=p.kind if p.kind != "trial" else "tuned", probe=probe)[0]
+                                   cfg.kv, classifier, kind=p.kind if p.kind != "trial" else "tuned", probe=probe,
+                                   check_vocab=cfg.check_vocab)[0]
             report.append(c)
             console.print(f"  held-out {c.name}: FLOPs ratio {c.flops_ratio:.3f}, {metric} {c.quality:.3f}, "
                           f"token agreement {c.extra['agreement']:.3f}")
@@ -490,7 +495,7 @@ def _run(cfg, space, worker, val_texts, report_texts, out_dir, serve_config, con
     chosen_probe = probe if chosen.extra.get("policy") == "probe" else None
     write_thresholds_file(thr_path, info.name, L, chosen.thresholds, source, probe=chosen_probe)
     block = user_config_block(chosen.thresholds, cfg.kv, "probe" if chosen_probe is not None else "confidence",
-                              thr_path)
+                              thr_path, cfg.check_vocab)
     uc_path = out_dir / "user_config.yaml"
     uc_path.write_text(user_config_yaml(block))
     files.update({"traces": str(out_dir / "traces.npz"), "trials": str(trials_csv), "front": str(front_csv),
