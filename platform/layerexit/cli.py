@@ -106,6 +106,9 @@ def generate(
         "--early-exit", help="JSON early_exit object whose fields override the options above, e.g. "
         "'{\"draft\": \"ngram\", \"num_draft\": 10}' or '{\"check_vocab\": 64}'.")] = None,
     dtype: Annotated[str, typer.Option(help="float32 or bfloat16.")] = "float32",
+    compile: Annotated[bool, typer.Option(
+        "--compile", help="Decode steps through torch.compile'd layer segments (compiled on first use; eager with "
+        "a logged reason if that fails).")] = False,
 ) -> None:
     """Generate with early exit; report exit layers and FLOPs per token."""
     from layerexit.data.prompts import format_prompt
@@ -126,7 +129,7 @@ def generate(
     items = _prompt_texts(prompt, prompts)
     m, tok = load_model_and_tokenizer(model, dtype=getattr(torch, dtype))
     cfg.build_policy(m.config.num_hidden_layers)  # fail on layer/threshold mismatch before generating
-    engine = EarlyExitEngine(m, eos_ids(m, tok), tok.pad_token_id)
+    engine = EarlyExitEngine(m, eos_ids(m, tok), tok.pad_token_id, compile=compile)
     ids = [format_prompt(tok, p.prompt) for p in items]
     for start in range(0, len(ids), batch_size):
         batch = ids[start : start + batch_size]
@@ -187,6 +190,9 @@ def bench(
     batch_size: Annotated[int, typer.Option(min=1)] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Print rows as JSON.")] = False,
     markdown: Annotated[Optional[Path], typer.Option(help="Also write the Markdown table here.")] = None,
+    compile: Annotated[bool, typer.Option(
+        "--compile", help="Also run every configuration on a torch.compile'd engine (rows 'NAME +compile'; it "
+        "decodes the first batch once before timing, which compiles the common graphs).")] = False,
 ) -> None:
     """Tokens/s and FLOPs/token of each configuration vs transformers generate (KV cache, greedy), with the
     weights-only floor and, for n-gram drafting, transformers' prompt-lookup decoding."""
@@ -228,7 +234,7 @@ def bench(
         cfg.build_policy(m.config.num_hidden_layers)
     ids = [format_prompt(tok, p.prompt) for p in items]
     rows, _ = run_bench(m, ids, configs, eos_ids(m, tok), tok.pad_token_id, max_new_tokens, batch_size,
-                        show_progress=not as_json)
+                        show_progress=not as_json, compile=compile)
     table = bench_markdown(rows)
     if markdown is not None:
         markdown.write_text(table + "\n")

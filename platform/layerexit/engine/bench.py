@@ -21,6 +21,7 @@ BASELINE = "hf-generate"
 FLOOR = "floor (weights only)"
 PROMPT_LOOKUP = "hf-prompt-lookup"
 PROMPT_LOOKUP_TOKENS = 10  # transformers' documented setting, and what the issue measured
+COMPILED = " +compile"  # suffix of the rows decoded by the compiled engine (``compile=True``)
 
 
 def weights_floor_tokens_per_s(model, repeats: int = 30) -> float:
@@ -58,6 +59,7 @@ class BenchRow:
     identical: float | None = None  # share of sequences identical to `final`'s
     mean_exit_layer: float | None = None
     similarity: float | None = None  # mean spaCy similarity of decoded text to `final`'s (set by the caller)
+    compile_seconds: float | None = None  # compiled rows: wall time of the first call of each compiled graph
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -80,10 +82,12 @@ def _batches(items, size):
 
 def run_bench(model, prompt_ids: Sequence[Sequence[int]], configs: dict[str, ExitConfig], eos: set[int],
               pad_id: int, max_new_tokens: int = 64, batch_size: int = 1, show_progress: bool = True,
-              floor: bool = True) -> tuple[list[BenchRow], dict[str, list[SequenceResult]]]:
+              floor: bool = True, compile: bool = False
+              ) -> tuple[list[BenchRow], dict[str, list[SequenceResult]]]:
     """Benchmark transformers generate (greedy, KV cache) and each named configuration on the same prompts.
     Adds the weights-only floor row and, when a configuration drafts from n-grams, transformers' own
-    prompt-lookup decoding (``hf-prompt-lookup``) on the same prompts."""
+    prompt-lookup decoding (``hf-prompt-lookup``) on the same prompts. With ``compile``, every configuration
+    also runs on a compiled engine (rows ``NAME +compile``), which decodes the first batch once before timing."""
     fm = FlopsModel.from_config(model.config)
     engine = EarlyExitEngine(model, eos, pad_id)
     sampling = SamplingParams(max_new_tokens=max_new_tokens)
@@ -91,14 +95,25 @@ def run_bench(model, prompt_ids: Sequence[Sequence[int]], configs: dict[str, Exi
     # Warm up both paths (allocator, kernels) so the first timed configuration is not penalised.
     hf_greedy_generate(model, batches[0][:1], 4, pad_id, eos)
     engine.generate(batches[0][:1], ExitConfig(), SamplingParams(max_new_tokens=4))
+    runs = {name: (engine, cfg) for name, cfg in configs.items()}
+    compile_seconds: dict[str, float] = {}
+    if compile:
+        compiled = EarlyExitEngine(model, eos, pad_id, compile=True)
+        for name, cfg in configs.items():
+            # Graphs compile on first use, one per segment shape: decoding the first batch compiles the common
+            # ones before timing; a shape met only later compiles inside the timed run (and in compile_seconds).
+            before = compiled.compiled.compile_seconds
+            compiled.generate(batches[0], cfg, sampling)
+            compile_seconds[name + COMPILED] = compiled.compiled.compile_seconds - before
+            runs[name + COMPILED] = (compiled, cfg)
 
     # Interleaved: every batch runs through every configuration before the next batch, so load that comes and
     # goes on a shared machine hits all of them alike (sequential blocks made ratios swing by 2-3x there).
     lookup = any(cfg.policy == "self-speculative" and "ngram" in cfg.draft for cfg in configs.values())
-    seconds = {name: 0.0 for name in [BASELINE, *([PROMPT_LOOKUP] if lookup else []), *configs]}
+    seconds = {name: 0.0 for name in [BASELINE, *([PROMPT_LOOKUP] if lookup else []), *runs]}
     hf_out: list[list[int]] = []
     pl_out: list[list[int]] = []
-    outputs: dict[str, list[SequenceResult]] = {name: [] for name in configs}
+    outputs: dict[str, list[SequenceResult]] = {name: [] for name in runs}
     floors: list[float] = []
     for i, batch in enumerate(tqdm(batches, desc="bench", disable=not show_progress)):
         t0 = time.perf_counter()
@@ -109,10 +124,13 @@ def run_bench(model, prompt_ids: Sequence[Sequence[int]], configs: dict[str, Exi
             pl_out.extend(hf_greedy_generate(model, batch, max_new_tokens, pad_id, eos,
                                              prompt_lookup=PROMPT_LOOKUP_TOKENS))
             seconds[PROMPT_LOOKUP] += time.perf_counter() - t0
-        for name, cfg in configs.items():
+        for name, (eng, cfg) in runs.items():
+            before = eng.compiled.compile_seconds if eng.compiled is not None else 0.0
             t0 = time.perf_counter()
-            outputs[name].extend(engine.generate(batch, cfg, sampling))
+            outputs[name].extend(eng.generate(batch, cfg, sampling))
             seconds[name] += time.perf_counter() - t0
+            if eng.compiled is not None:
+                compile_seconds[name] += eng.compiled.compile_seconds - before
         if floor and (i % max(1, len(batches) // 4) == 0 or i == len(batches) - 1):
             floors.append(weights_floor_tokens_per_s(model, 10))
     rows: list[BenchRow] = []
@@ -143,7 +161,7 @@ def run_bench(model, prompt_ids: Sequence[Sequence[int]], configs: dict[str, Exi
         flops = sum(r.flops for r in results)
         layers = [l for r in results for l in r.exit_layers]
         row = BenchRow(name, tokens, seconds[name], tokens / seconds[name], flops / max(1, tokens),
-                       mean_exit_layer=sum(layers) / max(1, len(layers)))
+                       mean_exit_layer=sum(layers) / max(1, len(layers)), compile_seconds=compile_seconds.get(name))
         row.speedup = row.tokens_per_s / base.tokens_per_s
         row.flops_ratio = row.flops_per_token / base.flops_per_token
         rows.append(row)
@@ -164,14 +182,17 @@ def _pct(value: float | None, digits: int) -> str:
 def bench_markdown(rows: list[BenchRow]) -> str:
     """The table docs/benchmarks.md records."""
     with_sim = any(r.similarity is not None for r in rows)
+    with_compile = any(r.compile_seconds is not None for r in rows)
     lines = ["| configuration | tokens | tokens/s | x HF tok/s | FLOPs/token (M) | x HF FLOPs | agreement w/ final | "
-             "identical seqs | mean exit layer |" + (" spaCy sim w/ final |" if with_sim else ""),
-             "|---|---|---|---|---|---|---|---|---|" + ("---|" if with_sim else "")]
+             "identical seqs | mean exit layer |" + (" spaCy sim w/ final |" if with_sim else "")
+             + (" compile (s) |" if with_compile else ""),
+             "|---|---|---|---|---|---|---|---|---|" + ("---|" if with_sim else "") + ("---|" if with_compile else "")]
     for r in rows:
         lines.append(
             f"| {r.name} | {r.tokens} | {r.tokens_per_s:.1f} | {r.speedup:.2f} | {r.flops_per_token / 1e6:.1f} | "
             f"{r.flops_ratio:.2f} | {_pct(r.agreement, 1)} | {_pct(r.identical, 0)} | "
             f"{'' if r.mean_exit_layer is None else f'{r.mean_exit_layer:.1f}'} |"
             + (f" {'' if r.similarity is None else f'{r.similarity:.3f}'} |" if with_sim else "")
+            + (f" {'' if r.compile_seconds is None else f'{r.compile_seconds:.1f}'} |" if with_compile else "")
         )
     return "\n".join(lines)

@@ -32,6 +32,12 @@ class ExitKVCache:
         self.lengths[layer_idx] = end
         return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
 
+    def advance(self, first_idx: int, last_idx: int, end: int) -> None:
+        """Layers first_idx..last_idx-1 (0-based) now hold columns < ``end``: the compiled step
+        (``engine/compiled.py``) wrote them in place with ``index_copy_``, so only the lengths move here."""
+        for i in range(first_idx, last_idx):
+            self.lengths[i] = end
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.lengths[layer_idx]
 

@@ -27,6 +27,7 @@ from typing import Protocol
 
 import torch
 
+from layerexit.engine.compiled import CompiledDecode
 from layerexit.engine.flops import FlopsModel
 from layerexit.engine.heads import CandidateHead, FullHead, adapter_flops, normed_exit
 from layerexit.engine.layers import fuse_layers
@@ -89,9 +90,12 @@ class BatchJoiner(Protocol):
 class EarlyExitEngine:
     """Early-exit generation for a LLaMA-family ``*ForCausalLM`` on token ids."""
 
-    def __init__(self, model, eos_token_ids: set[int] | Sequence[int], pad_token_id: int, fused: bool = True) -> None:
+    def __init__(self, model, eos_token_ids: set[int] | Sequence[int], pad_token_id: int, fused: bool = True,
+                 compile: bool = False) -> None:
         """``fused``: decode with Q/K/V and gate/up fused into one product each (``engine/layers.py``), when the
-        layout allows and the copies fit its memory budget; the stock layers otherwise."""
+        layout allows and the copies fit its memory budget; the stock layers otherwise. ``compile``: run
+        single-column decode steps through a static cache and ``torch.compile``d layer segments
+        (``engine/compiled.py``; compiled lazily, eager with a logged reason if compiling fails)."""
         self.model = model
         self.parts = decoder_parts(model)
         self.L = self.parts.num_layers
@@ -111,6 +115,7 @@ class EarlyExitEngine:
         self.candidate_head = CandidateHead(self.parts)
         self.vocab = self.full_head.vocab
         self.fused = fuse_layers(self.parts.layers) if fused else None
+        self.compiled = CompiledDecode(self) if compile else None
         # Tests and debugging only: keep the last batch's cache after it ends. Off by default, so the engine
         # never holds a finished batch's memory.
         self.keep_last_cache = False

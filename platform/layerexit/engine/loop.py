@@ -339,8 +339,17 @@ class DecodeLoop:
         rows.valid[:, t] = True
         state = {"depth": 0, "h": e.parts.embed(x[:, None]), "start": t, "flops": 0}
         ropes: dict[int, tuple] = {}
+        compiled = e.compiled if e.compiled is not None and e.compiled.active else None
+        static: list = []  # the compiled step's shared inputs, made on first use
 
         def hidden_at(k: int) -> torch.Tensor:
+            if compiled is not None and state["start"] == t and state["depth"] < k:
+                # One new column through layers already at length t: the static-shape compiled segment.
+                if not static:
+                    static.append(compiled.step_inputs(state["h"], rows.valid, rows.positions(t, 1), t))
+                h, reached = compiled.run(state["depth"] + 1, k, state["h"], static[0], cache, t)
+                state["flops"] += (reached - state["depth"]) * F.layer(1, t + 1)
+                state["h"], state["depth"] = h, reached
             while state["depth"] < k:
                 layer = state["depth"] + 1
                 c = cache.lengths[layer - 1]
@@ -377,6 +386,13 @@ class DecodeLoop:
         """Layers first..last on h (B, n, H) at columns start..start+n-1, through the cache."""
         e = self.e
         n = h.shape[1]
+        if n == 1 and e.compiled is not None and e.compiled.active:
+            # A layer draft's single column (self-speculative): the compiled segment, as in step_cached.
+            s = e.compiled.step_inputs(h, rows.valid, rows.positions(start, 1), start)
+            h, reached = e.compiled.run(first, last, h, s, rows.cache, start)
+            if reached == last:
+                return h
+            first = reached + 1
         pos = rows.positions(start, n)
         rope = e.rope(h, pos)
         am = e.attention_mask(rows.valid, start, n)

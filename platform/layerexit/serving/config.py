@@ -40,6 +40,12 @@ class ServeArgs(StrictModel):
     torch_threads: int | None = Field(
         None, ge=1, description="torch intra-op threads per replica (default: what Ray sets from num_cpus)."
     )
+    compile: bool = Field(
+        False,
+        description="Decode steps through torch.compile'd layer segments (inductor on CPU, CUDA graphs on GPU); "
+        "compiled on first use, so the first requests of a replica wait for it; eager with a logged reason if "
+        "compiling fails.",
+    )
     max_batch_size: int = Field(8, ge=1, le=256, description="Most requests one engine batch holds.")
     batch_wait_timeout_s: float = Field(
         0.02, ge=0.0, le=5.0, description="How long the first queued request waits for others to join its batch."

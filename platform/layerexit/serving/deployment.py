@@ -189,7 +189,8 @@ class EarlyExitLLM:
         t0 = time.perf_counter()
         self.source = resolve_model_source(self.args.model, self.args.mlflow_tracking_uri)
         self.model, self.tokenizer = load_model_and_tokenizer(self.source.load_spec, getattr(torch, dtype_name), device)
-        self.engine = EarlyExitEngine(self.model, eos_ids(self.model, self.tokenizer), self.tokenizer.pad_token_id)
+        self.engine = EarlyExitEngine(self.model, eos_ids(self.model, self.tokenizer), self.tokenizer.pad_token_id,
+                                      compile=self.args.compile)
         self.num_layers = self.engine.L
         max_pos = int(getattr(self.model.config, "max_position_embeddings", 0) or 1 << 30)
         self.max_positions = max_pos
