@@ -142,3 +142,28 @@ def test_flat_params_cover_every_section(tmp_path, base):
     for key in ("model.spec", "lite.exit_layers", "optim.lr", "deepspeed.zero_stage", "scaling.num_workers",
                 "checkpoint.max_failures", "mlflow.experiment", "eval.alignment_prompts"):
         assert key in params
+
+
+def test_resuming_a_folder_of_another_config_is_a_clear_error(tmp_path):
+    """A checkpoint folder holding another config's run would be resumed silently by Ray Train (and its MLflow
+    run reopened): the job refuses before any work, naming what differs; more steps or other logging still resume."""
+    import json
+
+    from layerexit.training.config import load_train_config
+    from layerexit.training.ray_trainer import RUN_INFO_FILE, check_resume_compatible
+
+    path = REPO / "jobs" / "configs" / "smollm2_distill.yaml"
+    cfg = load_train_config(path, [f"checkpoint.storage_path={tmp_path}"])
+    check_resume_compatible(cfg)  # nothing there yet
+    folder = tmp_path / cfg.name
+    folder.mkdir()
+    (folder / RUN_INFO_FILE).write_text(json.dumps({"run_id": "r", "tracking_uri": "u", "config": cfg.flat_params()}))
+    check_resume_compatible(load_train_config(path, [f"checkpoint.storage_path={tmp_path}", "optim.max_steps=5000",
+                                                     "eval.every_steps=100"]))
+    other = load_train_config(path, [f"checkpoint.storage_path={tmp_path}", "adapters.rank=64"])
+    with pytest.raises(ConfigError, match=r"adapters\.rank: '1024' there, '64' now") as err:
+        check_resume_compatible(other)
+    assert "new checkpoint.storage_path" in str(err.value)
+    # A folder from before the config was recorded (run id only) still resumes.
+    (folder / RUN_INFO_FILE).write_text(json.dumps({"run_id": "r", "tracking_uri": "u"}))
+    check_resume_compatible(other)

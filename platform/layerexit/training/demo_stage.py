@@ -29,7 +29,7 @@ def demo_config(out_dir: str | Path, **overrides):
         "lite": {"exit_layers": [8, 12, 16, 20, 24, 28], "weights": "uniform"},
         "distill": {"top_k": 64, "temperature": 1.0, "full_every": 8, "chunk_size": 512},
         "adapters": {"rank": 256, "positions_per_batch": 256},
-        "optim": {"lr": 1.0e-3, "warmup_steps": 10, "schedule": "cosine", "min_lr_ratio": 0.1,
+        "optim": {"lr": 3.0e-3, "warmup_steps": 10, "schedule": "cosine", "min_lr_ratio": 0.1,
                   "micro_batch_size": 4, "grad_accum": 1, "epochs": 16},
         "deepspeed": {"zero_stage": 2, "precision": "autocast_bf16"},
         "scaling": {"num_workers": 2, "use_gpu": False, "cpus_per_worker": 1},

@@ -184,6 +184,36 @@ def _run_info_path(cfg: TrainConfig) -> Path:
     return cfg.storage_dir() / cfg.name / RUN_INFO_FILE
 
 
+# Settings a resumed run may change (how long, how often, where it logs); any other difference means the
+# checkpoints in the folder belong to another experiment.
+RESUMABLE_PREFIXES = ("optim.max_steps", "optim.epochs", "eval.", "checkpoint.", "mlflow.", "scaling.")
+
+
+def check_resume_compatible(cfg: TrainConfig) -> None:
+    """A job whose checkpoint folder (``checkpoint.storage_path``/``name``) holds another config's run would
+    resume it (Ray Train restores the latest checkpoint, MLflow the run): a clear error instead, before any
+    data preparation or worker, naming what differs. Folders written before the config was recorded pass."""
+    path = _run_info_path(cfg)
+    if not path.is_file():
+        return
+    try:
+        saved = json.loads(path.read_text()).get("config")
+    except json.JSONDecodeError:
+        return
+    if not isinstance(saved, dict):
+        return
+    now = cfg.flat_params()
+    differ = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k)
+                    and not k.startswith(RESUMABLE_PREFIXES))
+    if differ:
+        shown = "; ".join(f"{k}: {saved.get(k)!r} there, {now.get(k)!r} now" for k in differ[:5])
+        more = f" (+{len(differ) - 5} more)" if len(differ) > 5 else ""
+        raise ConfigError(
+            f"checkpoint.storage_path: {path.parent} holds a run of a different config, which this job would "
+            f"resume ({shown}{more})",
+            "pass a new checkpoint.storage_path or name to start a new run, or delete that folder to start over")
+
+
 def _previous_run_id(cfg: TrainConfig, tracking_uri: str) -> str | None:
     path = _run_info_path(cfg)
     if not path.is_file():
@@ -236,6 +266,7 @@ def run_training(cfg: TrainConfig, *, console=None, show_progress: bool = True,
     t0 = time.time()
     depth = validate_train_config(cfg)  # user errors surface here, before Ray or any worker starts
     multi_node = check_cluster(cfg, ray_init_kwargs)  # and these, before data preparation and workers
+    check_resume_compatible(cfg)
     data = prepare_training_data(cfg, show_progress=show_progress)
     data.eval_prompts = data.eval_prompts[: cfg.eval.alignment_prompts]
     from layerexit.training import recipes
@@ -269,7 +300,8 @@ def run_training(cfg: TrainConfig, *, console=None, show_progress: bool = True,
                               tags={"layerexit.job": "train_lite", "layerexit.model": cfg.model.spec},
                               log_system_metrics=cfg.mlflow.log_system_metrics) as run:
         (storage / cfg.name).mkdir(parents=True, exist_ok=True)
-        _run_info_path(cfg).write_text(json.dumps({"run_id": run.run_id, "tracking_uri": uri}))
+        _run_info_path(cfg).write_text(json.dumps({"run_id": run.run_id, "tracking_uri": uri,
+                                                   "config": cfg.flat_params()}))
         run.log_params({**cfg.flat_params(), "derived.num_layers": depth, "derived.total_steps": steps,
                         "derived.train_batch_size": cfg.train_batch_size, "derived.train_examples": len(data.train),
                         "derived.eval_examples": len(data.eval)})
