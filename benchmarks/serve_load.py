@@ -126,6 +126,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-continuous", action="store_true",
                         help="server arg continuous_batching=false: requests never join a running batch")
     parser.add_argument("--prompts", type=int, default=16, help="distinct prompts (builtin instructions)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                        help="server arg dtype (default: the server's)")
+    parser.add_argument("--compile", action="store_true", help="server arg compile=true (torch.compile'd decode "
+                        "steps; the warm-up requests compile the common graphs before timing)")
     parser.add_argument("--out", default="outputs/bench/serve_load.json")
     args = parser.parse_args(argv)
     early = json.loads(args.early_exit)
@@ -150,13 +154,17 @@ def main(argv: list[str] | None = None) -> dict:
             "max_concurrent_batches": args.max_concurrent_batches, "max_tokens_limit": max(args.max_tokens, 16),
             "continuous_batching": not args.no_continuous,
             "default_max_tokens": min(16, args.max_tokens), "request_timeout_s": 600,
+            **({"dtype": args.dtype} if args.dtype else {}), **({"compile": True} if args.compile else {}),
             "deployment_options": {"ray_actor_options": {"num_cpus": cpus},
                                    "max_ongoing_requests": max(32, 2 * args.concurrency)},
         }), name="bench", route_prefix="/")
         setup_s = time.time() - t0
-        # warm-up: one short request per config
-        asyncio.run(run_phase(base, "bench", prompts[:1], 1, 0.01, 4, None))
-        asyncio.run(run_phase(base, "bench", prompts[:1], 1, 0.01, 4, {"early_exit": {"policy": "final"}}))
+        # warm-up: one short request per config (with --compile, a full-length one at the clients' concurrency, so
+        # the graphs for batch 1 and batch > 1 compile before timing)
+        warm = (args.concurrency, 2.0, args.max_tokens) if args.compile else (1, 0.01, 4)
+        asyncio.run(run_phase(base, "bench", prompts[:warm[0]], warm[0], warm[1], warm[2], None))
+        asyncio.run(run_phase(base, "bench", prompts[:warm[0]], warm[0], warm[1], warm[2],
+                              {"early_exit": {"policy": "final"}}))
         runs: dict[str, list[dict]] = {"final": [], "early_exit": []}
         for _ in range(args.rounds):  # interleaved, so load drifts on a shared machine hit both phases alike
             for name, extra in (("final", {"early_exit": {"policy": "final"}}), ("early_exit", None)):
@@ -170,6 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {
         "command": "benchmarks/serve_load.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "model": args.model, "early_exit_config": early, "concurrency": args.concurrency,
+        "dtype": args.dtype, "compile": args.compile,
         "duration_s": args.duration, "rounds": args.rounds, "max_tokens": args.max_tokens,
         "max_concurrent_batches": args.max_concurrent_batches, "continuous_batching": not args.no_continuous,
         "cpus": cpus, "setup_s": round(setup_s, 1),
