@@ -28,6 +28,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from layerexit.engine.layers import check_llama_layout
+
 if TYPE_CHECKING:
     from layerexit.engine.cache import ExitKVCache
     from layerexit.engine.decode import EarlyExitEngine
@@ -140,17 +142,7 @@ def _check_layout(engine: "EarlyExitEngine") -> _Spec:
     if getattr(cfg, "hidden_act", "silu") != "silu":
         raise ValueError(f"activation {cfg.hidden_act!r} (only silu is implemented)")
     layer = engine.parts.layers[0]
-    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-    if attn is None or mlp is None:
-        raise ValueError("decoder layers have no self_attn / mlp")
-    if getattr(attn, "q_norm", None) is not None or getattr(attn, "k_norm", None) is not None:
-        raise ValueError("q/k norms are not handled")
-    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-        if not isinstance(getattr(attn, name, None), nn.Linear):
-            raise ValueError(f"self_attn.{name} is not a Linear")
-    for name in ("gate_proj", "up_proj", "down_proj"):
-        if not isinstance(getattr(mlp, name, None), nn.Linear):
-            raise ValueError(f"mlp.{name} is not a Linear")
+    attn, mlp = check_llama_layout(layer)
     heads, kv = cfg.num_attention_heads, engine.kv_heads
     if heads % kv:
         raise ValueError(f"{heads} query heads are not a multiple of {kv} key/value heads")

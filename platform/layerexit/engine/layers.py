@@ -35,19 +35,28 @@ def _fuse(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
     return weight, bias
 
 
+def check_llama_layout(layer: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(self_attn, mlp) of a decoder layer with LLaMA's layout, or ValueError naming what differs (the engine's
+    own layer forwards, fused and compiled, implement that layout only)."""
+    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    if attn is None or mlp is None:
+        raise ValueError("decoder layers have no self_attn / mlp")
+    if getattr(attn, "q_norm", None) is not None or getattr(attn, "k_norm", None) is not None:
+        raise ValueError("q/k norms are not handled")
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        if not isinstance(getattr(attn, name, None), nn.Linear):
+            raise ValueError(f"self_attn.{name} is not a Linear")
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        if not isinstance(getattr(mlp, name, None), nn.Linear):
+            raise ValueError(f"mlp.{name} is not a Linear")
+    return attn, mlp
+
+
 class FusedLayer:
     """Decoder layer ``layer`` with fused projections; call it like the stock layer in the engine."""
 
     def __init__(self, layer: nn.Module) -> None:
-        attn, mlp = layer.self_attn, layer.mlp
-        if getattr(attn, "q_norm", None) is not None or getattr(attn, "k_norm", None) is not None:
-            raise ValueError("q/k norms are not handled")
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            if not isinstance(getattr(attn, name, None), nn.Linear):
-                raise ValueError(f"self_attn.{name} is not a Linear")
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            if not isinstance(getattr(mlp, name, None), nn.Linear):
-                raise ValueError(f"mlp.{name} is not a Linear")
+        attn, mlp = check_llama_layout(layer)
         self.layer, self.attn, self.mlp = layer, attn, mlp
         self.sizes = [attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features]
         self.qkv_w, self.qkv_b = _fuse([attn.q_proj, attn.k_proj, attn.v_proj])

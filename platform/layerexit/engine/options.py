@@ -30,6 +30,13 @@ DEFAULT_PRESET = "paper-7b"
 MAX_TOP_LOGPROBS = 20
 
 
+def check_vocab_value(value: int | str) -> int | str:
+    """A ``check_vocab`` setting: \"full\" or an int K >= 1 (the vocabulary bound is checked against a model)."""
+    if value != "full" and int(value) < 1:
+        raise ValueError(f"check_vocab must be \"full\" or an integer K >= 1, got {value}")
+    return value
+
+
 class ExitConfig(StrictModel):
     """Exit policy + thresholds + KV strategy, validated; ``build_policy`` checks it against a model."""
 
@@ -69,9 +76,7 @@ class ExitConfig(StrictModel):
     @field_validator("check_vocab")
     @classmethod
     def _positive_k(cls, value):
-        if value != "full" and int(value) < 1:
-            raise ValueError(f"check_vocab must be \"full\" or an integer K >= 1, got {value}")
-        return value
+        return check_vocab_value(value)
 
     @field_validator("kv")
     @classmethod

@@ -255,6 +255,6 @@ class TuneSearchConfig(StrictModel):
     @field_validator("check_vocab")
     @classmethod
     def _positive_k(cls, value):
-        if value != "full" and int(value) < 1:
-            raise ValueError(f"check_vocab must be \"full\" or an int >= 1, got {value}")
-        return value
+        from layerexit.engine.options import check_vocab_value
+
+        return check_vocab_value(value)
