@@ -189,17 +189,23 @@ def _run_info_path(cfg: TrainConfig) -> Path:
 RESUMABLE_PREFIXES = ("optim.max_steps", "optim.epochs", "eval.", "checkpoint.", "mlflow.", "scaling.")
 
 
+def _run_info(cfg: TrainConfig) -> dict:
+    """What the job recorded in its checkpoint folder (run id, tracking URI, config), or {} if nothing readable."""
+    path = _run_info_path(cfg)
+    if not path.is_file():
+        return {}
+    try:
+        info = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
 def check_resume_compatible(cfg: TrainConfig) -> None:
     """A job whose checkpoint folder (``checkpoint.storage_path``/``name``) holds another config's run would
     resume it (Ray Train restores the latest checkpoint, MLflow the run): a clear error instead, before any
     data preparation or worker, naming what differs. Folders written before the config was recorded pass."""
-    path = _run_info_path(cfg)
-    if not path.is_file():
-        return
-    try:
-        saved = json.loads(path.read_text()).get("config")
-    except json.JSONDecodeError:
-        return
+    saved = _run_info(cfg).get("config")
     if not isinstance(saved, dict):
         return
     now = cfg.flat_params()
@@ -209,19 +215,13 @@ def check_resume_compatible(cfg: TrainConfig) -> None:
         shown = "; ".join(f"{k}: {saved.get(k)!r} there, {now.get(k)!r} now" for k in differ[:5])
         more = f" (+{len(differ) - 5} more)" if len(differ) > 5 else ""
         raise ConfigError(
-            f"checkpoint.storage_path: {path.parent} holds a run of a different config, which this job would "
+            f"checkpoint.storage_path: {_run_info_path(cfg).parent} holds a run of a different config, which this job would "
             f"resume ({shown}{more})",
             "pass a new checkpoint.storage_path or name to start a new run, or delete that folder to start over")
 
 
 def _previous_run_id(cfg: TrainConfig, tracking_uri: str) -> str | None:
-    path = _run_info_path(cfg)
-    if not path.is_file():
-        return None
-    try:
-        info = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None
+    info = _run_info(cfg)
     return info.get("run_id") if info.get("tracking_uri") == tracking_uri else None
 
 
@@ -300,9 +300,9 @@ def run_training(cfg: TrainConfig, *, console=None, show_progress: bool = True,
                               tags={"layerexit.job": "train_lite", "layerexit.model": cfg.model.spec},
                               log_system_metrics=cfg.mlflow.log_system_metrics) as run:
         (storage / cfg.name).mkdir(parents=True, exist_ok=True)
-        _run_info_path(cfg).write_text(json.dumps({"run_id": run.run_id, "tracking_uri": uri,
-                                                   "config": cfg.flat_params()}))
-        run.log_params({**cfg.flat_params(), "derived.num_layers": depth, "derived.total_steps": steps,
+        params = cfg.flat_params()
+        _run_info_path(cfg).write_text(json.dumps({"run_id": run.run_id, "tracking_uri": uri, "config": params}))
+        run.log_params({**params, "derived.num_layers": depth, "derived.total_steps": steps,
                         "derived.train_batch_size": cfg.train_batch_size, "derived.train_examples": len(data.train),
                         "derived.eval_examples": len(data.eval)})
         run.log_dict(data.info, "data_info.json")
