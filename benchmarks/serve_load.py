@@ -161,10 +161,9 @@ def main(argv: list[str] | None = None) -> dict:
         setup_s = time.time() - t0
         # warm-up: one short request per config (with --compile, a full-length one at the clients' concurrency, so
         # the graphs for batch 1 and batch > 1 compile before timing)
-        warm = (args.concurrency, 2.0, args.max_tokens) if args.compile else (1, 0.01, 4)
-        asyncio.run(run_phase(base, "bench", prompts[:warm[0]], warm[0], warm[1], warm[2], None))
-        asyncio.run(run_phase(base, "bench", prompts[:warm[0]], warm[0], warm[1], warm[2],
-                              {"early_exit": {"policy": "final"}}))
+        clients, seconds, tokens = (args.concurrency, 2.0, args.max_tokens) if args.compile else (1, 0.01, 4)
+        for extra in (None, {"early_exit": {"policy": "final"}}):
+            asyncio.run(run_phase(base, "bench", prompts[:clients], clients, seconds, tokens, extra))
         runs: dict[str, list[dict]] = {"final": [], "early_exit": []}
         for _ in range(args.rounds):  # interleaved, so load drifts on a shared machine hit both phases alike
             for name, extra in (("final", {"early_exit": {"policy": "final"}}), ("early_exit", None)):

@@ -215,8 +215,8 @@ def check_resume_compatible(cfg: TrainConfig) -> None:
         shown = "; ".join(f"{k}: {saved.get(k)!r} there, {now.get(k)!r} now" for k in differ[:5])
         more = f" (+{len(differ) - 5} more)" if len(differ) > 5 else ""
         raise ConfigError(
-            f"checkpoint.storage_path: {_run_info_path(cfg).parent} holds a run of a different config, which this job would "
-            f"resume ({shown}{more})",
+            f"checkpoint.storage_path: {_run_info_path(cfg).parent} holds a run of a different config, which this "
+            f"job would resume ({shown}{more})",
             "pass a new checkpoint.storage_path or name to start a new run, or delete that folder to start over")
 
 
