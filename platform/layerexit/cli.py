@@ -344,6 +344,40 @@ def train(
     run_training(cfg, console=Console())
 
 
+@app.command("export-draft")
+def export_draft_cmd(
+    model: Annotated[str, typer.Argument(help="smollm2, a local HF directory, a .gguf file, or an MLflow model URI "
+                                         "(models:/name@alias: the draft is registered beside it as <name>-draft).")],
+    layer: Annotated[int, typer.Option(min=1, help="Exit layer the draft ends at (its adapter, if any, follows).")],
+    out: Annotated[Path, typer.Option(help="Directory to write the plain Hugging Face draft checkpoint into.")],
+    measure: Annotated[int, typer.Option(min=0, help="Held-out prompts to measure the draft's agreement with the "
+                                         "final layer on (0: skip).")] = 8,
+    register: Annotated[Optional[bool], typer.Option(
+        "--register/--no-register", help="Register the draft in MLflow as <name>-draft@trained (default: when MODEL "
+        "is a models:/ URI).")] = None,
+    alias: Annotated[str, typer.Option(help="Alias of the registered draft.")] = "trained",
+) -> None:
+    """Export an exit as a draft model: layers 1..LAYER (+ the exit's decoder-layer adapter), final norm and head,
+    as a plain checkpoint that transformers (assistant_model=) and vLLM (speculative_config) run unchanged."""
+    from layerexit.evaluation.prompt_sets import heldout_prompts as heldout
+    from layerexit.models import draft_export
+    from layerexit.models.loading import load_model_and_tokenizer
+
+    register = model.startswith("models:/") if register is None else register
+    if register:
+        draft_export.registered_name(model)  # a clear error before any loading
+    m, tok = load_model_and_tokenizer(model)
+    draft_export.draft_layers(m, layer)  # layer and adapter checks before any work
+    agreement = None
+    if measure:
+        prompts = [p.prompt for p in heldout()[:measure]]
+        agreement = draft_export.measure_agreement(m, tok, layer, prompts)
+    info = draft_export.export_draft(m, tok, layer, out, agreement=agreement, base_spec=model)
+    if register:
+        info.registered = draft_export.register_draft(info, model, alias)
+    typer.echo(json.dumps({**info.to_dict(), "directory": str(info.directory), "registered": info.registered}))
+
+
 @app.command("heldout-prompts")
 def heldout_prompts(
     out: Annotated[Path, typer.Argument(help="JSONL file to write.")],

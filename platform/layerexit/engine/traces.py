@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from layerexit.models.exits import check_layers, collect_hidden_states, decoder_parts, exit_hidden, exit_logits
+from layerexit.models.exits import check_layers, collect_hidden_states, decoder_parts, exit_hidden
 
 
 def layer_predictions(model, sequence: Sequence[int], prompt_len: int, layers: Sequence[int] | None = None,
@@ -42,9 +42,11 @@ def layer_predictions(model, sequence: Sequence[int], prompt_len: int, layers: S
     with torch.inference_mode():
         hidden = collect_hidden_states(model, ids, layers)
         for i, layer in enumerate(layers):
+            # The adapter sees the whole sequence (a decoder-layer adapter attends over the exit's past).
+            adapted = parts.norm(exit_hidden(parts, layer, hidden[layer])[0, sl])  # Shape: (G, H)
             if keep_hidden:
-                normed[i] = parts.norm(exit_hidden(parts, layer, hidden[layer][0, sl])).half().cpu()
-            logits = exit_logits(parts, hidden[layer][0, sl], layer).float()  # Shape: (G, V), via adapter
+                normed[i] = adapted.half().cpu()
+            logits = parts.head(adapted).float()  # Shape: (G, V)
             if K is not None and cand is not None and layer != parts.num_layers:
                 logits = logits.gather(1, cand)  # Shape: (G, K)
             elif K is not None and cand is None:

@@ -79,7 +79,9 @@ def attach_exit_adapters(model: nn.Module, adapters: Mapping[int, nn.Module] | N
 
 
 def exit_hidden(parts: DecoderParts, layer: int | None, hidden: torch.Tensor) -> torch.Tensor:
-    """The hidden state an exit at ``layer`` feeds to the final norm: through its adapter when it has one."""
+    """The hidden state an exit at ``layer`` feeds to the final norm: through its adapter when it has one.
+
+    A decoder-layer adapter attends, so ``hidden`` must then be whole sequences (B, T, H)."""
     adapter = parts.adapters.get(layer) if layer is not None else None
     return hidden if adapter is None else adapter(hidden)
 
@@ -181,9 +183,9 @@ def forward_to_layer(
 def early_exit_logits(
     model: nn.Module, input_ids: torch.Tensor, layer: int, attention_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Logits (B, T, V) from exiting at ``layer``: layers above it are never computed."""
+    """Logits (B, T, V) from exiting at ``layer`` (through its adapter): layers above it are never computed."""
     hidden = forward_to_layer(model, input_ids, layer, attention_mask)
-    return exit_logits(decoder_parts(model), hidden)
+    return exit_logits(decoder_parts(model), hidden, layer)
 
 
 def collect_hidden_states(

@@ -1,0 +1,198 @@
+"""Exits exported as plain draft checkpoints, and decoder-layer exit adapters (tiny models, seconds)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from layerexit.errors import ConfigError
+from layerexit.models.adapters import (build_adapters, build_decoder_adapters, load_adapters, save_adapters,
+                                       base_fingerprint)
+from layerexit.models.draft_export import DRAFT_META, export_draft, measure_agreement, read_draft_meta
+from layerexit.models.exits import attach_exit_adapters, decoder_parts, early_exit_logits
+
+
+def _tiny(num_layers=6, tie=True):
+    from layerexit.models.tiny import build_tiny_llama, build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    model = build_tiny_llama(num_layers=num_layers, vocab_size=len(tok), tie_word_embeddings=tie)
+    model.config.eos_token_id = tok.eos_token_id
+    model.config.pad_token_id = tok.pad_token_id
+    return model, tok
+
+
+def _trained_like(adapter, seed=1):
+    """Give an identity-initialised adapter non-zero output projections, as training would."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in adapter.layers:
+            for w in (layer.self_attn.o_proj.weight, layer.mlp.down_proj.weight):
+                w.copy_(torch.randn(w.shape, generator=g) * 0.05)
+
+
+def test_exported_draft_loads_in_transformers_and_matches_exit_logits(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tok = _tiny(tie=True)
+    info = export_draft(model, tok, 3, tmp_path / "draft")
+    draft = AutoModelForCausalLM.from_pretrained(tmp_path / "draft").eval()
+    assert draft.config.num_hidden_layers == 3 == info.num_layers
+    assert len(decoder_parts(draft).layers) == 3
+    ids = torch.tensor([tok("The quick brown fox jumps over the lazy dog.")["input_ids"]])
+    with torch.no_grad():
+        want = early_exit_logits(model, ids, 3)
+        got = draft(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert AutoTokenizer.from_pretrained(tmp_path / "draft").get_vocab() == tok.get_vocab()
+    meta = read_draft_meta(tmp_path / "draft")
+    assert meta["layer"] == 3 and meta["fingerprint"] == base_fingerprint(model, tok)
+
+
+def test_untied_head_is_exported(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, tok = _tiny(tie=False)
+    export_draft(model, tok, 2, tmp_path / "d")
+    draft = AutoModelForCausalLM.from_pretrained(tmp_path / "d").eval()
+    torch.testing.assert_close(draft.lm_head.weight, model.lm_head.weight)
+    assert not torch.equal(draft.lm_head.weight, draft.model.embed_tokens.weight)
+
+
+def test_draft_with_decoder_layer_adapter_equals_exit_with_adapter(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, tok = _tiny()
+    adapters = build_decoder_adapters(model, [2], num_layers=2, init="zero_residual")
+    _trained_like(adapters[2])
+    attach_exit_adapters(model, adapters)
+    ids = torch.tensor([tok("Write a short poem about the sea and the sky.")["input_ids"]])
+    with torch.no_grad():
+        want = early_exit_logits(model, ids, 2)
+        plain = early_exit_logits(model, ids, 1)  # a layer without adapter still works
+    info = export_draft(model, tok, 2, tmp_path / "d")
+    assert info.adapter == "decoder_layer" and info.num_layers == 4
+    draft = AutoModelForCausalLM.from_pretrained(tmp_path / "d").eval()
+    with torch.no_grad():
+        got = draft(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert plain.shape == want.shape
+
+
+def test_decoder_adapter_zero_residual_is_identity_and_final_layer_is_untouched():
+    model, tok = _tiny()
+    ids = torch.tensor([tok("Two plus two equals four.")["input_ids"]])
+    with torch.no_grad():
+        before_final = model(ids).logits.clone()
+        before_exit = early_exit_logits(model, ids, 3)
+    adapters = build_decoder_adapters(model, [3], 1, "zero_residual")
+    attach_exit_adapters(model, adapters)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before_final)  # bit for bit
+        torch.testing.assert_close(early_exit_logits(model, ids, 3), before_exit)
+        _trained_like(adapters[3])
+        assert not torch.allclose(early_exit_logits(model, ids, 3), before_exit)
+        assert torch.equal(model(ids).logits, before_final)
+
+
+def test_next_layers_init_copies_the_following_layer():
+    model, tok = _tiny()
+    adapters = build_decoder_adapters(model, [2], 1, "next_layers")
+    ids = torch.tensor([tok("Explain why the sky is blue.")["input_ids"]])
+    with torch.no_grad():
+        # exit 2 through a copy of layer 3 == the model's own layer-3 output
+        torch.testing.assert_close(adapters[2](_hidden(model, ids, 2)), _hidden(model, ids, 3))
+
+
+def _hidden(model, ids, layer):
+    from layerexit.models.exits import forward_to_layer
+
+    return forward_to_layer(model, ids, layer)
+
+
+def test_decoder_adapter_kv_cache_equals_recomputing_the_prefix():
+    from layerexit.engine.cache import ExitKVCache
+
+    model, tok = _tiny()
+    adapters = build_decoder_adapters(model, [2], 2, "zero_residual")
+    a = adapters[2]
+    _trained_like(a)
+    parts = decoder_parts(model)
+    ids = torch.tensor([tok("The quick brown fox jumps over the lazy dog.")["input_ids"]])
+    T = ids.shape[1]
+    with torch.no_grad():
+        h = _hidden(model, ids, 2)
+        full = a(h)
+        cfg = model.config
+        head_dim = cfg.hidden_size // cfg.num_attention_heads
+        L = parts.num_layers
+        cache = ExitKVCache(L + a.num_layers, 1, T, cfg.num_key_value_heads, head_dim, torch.float32)
+        a.set_cache_base(L)
+        outs = []
+        for t in range(T):  # one position at a time, attending through the cache
+            pos = torch.tensor([[t]])
+            rope = parts.rotary(h[:, t : t + 1], position_ids=pos)
+            outs.append(a.step(h[:, t : t + 1], None, pos, rope, cache))
+        inc = torch.cat(outs, dim=1)
+    torch.testing.assert_close(inc, full, rtol=1e-5, atol=1e-5)
+    assert cache.lengths[L:] == [T, T] and cache.lengths[:L] == [0] * L
+
+
+def test_decoder_adapters_save_and_load_round_trip(tmp_path):
+    model, tok = _tiny()
+    adapters = build_decoder_adapters(model, [2, 4], 1, "next_layers")
+    _trained_like(adapters[2])
+    save_adapters(adapters, tmp_path / "ad", base_fingerprint(model, tok))
+    meta = json.loads((tmp_path / "ad" / "adapters.json").read_text())
+    assert meta["kind"] == "decoder_layer" and meta["adapter_layers"] == 1 and meta["layers"] == [2, 4]
+    loaded = load_adapters(tmp_path / "ad", model, tok)
+    for l in (2, 4):
+        for (k, v), (k2, v2) in zip(adapters[l].state_dict().items(), loaded[l].state_dict().items()):
+            assert k == k2 and torch.equal(v, v2)
+    with pytest.raises(ConfigError, match="model's own layer class"):
+        load_adapters(tmp_path / "ad")
+    other, other_tok = _tiny(num_layers=5)
+    with pytest.raises(ConfigError, match="another model"):
+        load_adapters(tmp_path / "ad", other, other_tok)
+
+
+def test_export_refuses_bad_layers_and_mlp_adapters(tmp_path):
+    model, tok = _tiny()
+    with pytest.raises(ConfigError, match="choose a layer in 1..5"):
+        export_draft(model, tok, 6, tmp_path / "d")
+    with pytest.raises(ConfigError, match="choose a layer in 1..5"):
+        export_draft(model, tok, 0, tmp_path / "d")
+    attach_exit_adapters(model, build_adapters([3], model.config.hidden_size, 8))
+    with pytest.raises(ConfigError, match="not made of standard decoder layers"):
+        export_draft(model, tok, 3, tmp_path / "d")
+    assert not (tmp_path / "d").exists()
+    export_draft(model, tok, 2, tmp_path / "d")  # an exit without adapter still exports
+    assert (tmp_path / "d" / DRAFT_META).is_file()
+    with pytest.raises(ValueError, match="adapter attends over a sequence"):
+        build_decoder_adapters(model, [2], 1)[2](torch.zeros(3, model.config.hidden_size))
+    with pytest.raises(ConfigError, match="adapter layers"):
+        build_decoder_adapters(model, [4], 3)
+
+
+def test_measure_agreement_counts_draft_vs_final():
+    from layerexit.data.prompts import format_prompt
+    from layerexit.engine.decode import EarlyExitEngine
+    from layerexit.engine.options import SamplingParams
+
+    model, tok = _tiny()
+    prompts = ["Name three colours.", "What is two plus two?"]
+    got = measure_agreement(model, tok, 2, prompts, max_new_tokens=8)
+    engine = EarlyExitEngine(model, {tok.eos_token_id}, tok.pad_token_id)
+    same = total = 0
+    for p in prompts:
+        ids = format_prompt(tok, p)
+        out = engine.generate([ids], sampling=SamplingParams(max_new_tokens=8))[0].token_ids
+        seq = torch.tensor([ids + out])
+        with torch.no_grad():
+            d = early_exit_logits(model, seq, 2)[0, len(ids) - 1 : -1].argmax(-1)
+            f = early_exit_logits(model, seq, 6)[0, len(ids) - 1 : -1].argmax(-1)
+        same += int((d == f).sum())
+        total += len(out)
+    assert got == pytest.approx(same / total)
