@@ -196,3 +196,70 @@ def test_measure_agreement_counts_draft_vs_final():
         same += int((d == f).sum())
         total += len(out)
     assert got == pytest.approx(same / total)
+
+
+# ----------------------------------------------------------------------------- the engine drafts through the adapter
+PROMPTS4 = [[30, 31, 32, 33, 30, 31, 32, 33, 30, 31], [40, 41, 42], [50, 51, 52, 53, 54, 55], [60, 61, 60, 61, 62]]
+
+
+def _spec_tokens(model, prompts, n=14, **extra):
+    from layerexit.engine.decode import EarlyExitEngine
+    from layerexit.engine.options import ExitConfig, SamplingParams
+
+    engine = EarlyExitEngine(model, eos_token_ids=set(), pad_token_id=0)
+    steps = list(engine.stream(prompts, ExitConfig(policy="self-speculative", **extra),
+                               SamplingParams(max_new_tokens=n)))
+    got: dict[int, list[int]] = {}
+    layers: dict[int, list[int]] = {}
+    for step in steps:
+        for ev in step:
+            got.setdefault(ev.index, []).append(ev.token_id)
+            layers.setdefault(ev.index, []).append(ev.exit_layer)
+    return [got[i] for i in range(len(prompts))], [layers[i] for i in range(len(prompts))], len(steps)
+
+
+@pytest.mark.parametrize("prompts", [PROMPTS4[:1], PROMPTS4], ids=["batch1", "batch4"])
+def test_a_draft_through_the_models_own_next_layers_is_always_accepted(prompts):
+    """Exit 2 of 4 + an adapter copied from layers 3 and 4 *is* the full model: if the adapter's KV cache were wrong
+    (missing, misaligned columns, stale after rejections), drafts would be rejected."""
+    from layerexit.engine.reference import hf_greedy_generate
+    from layerexit.models.tiny import build_tiny_llama
+
+    model = build_tiny_llama(num_layers=4)
+    ref = hf_greedy_generate(model, prompts, 14, pad_id=0, eos=set())
+    attach_exit_adapters(model, build_decoder_adapters(model, [2], 2, "next_layers"))
+    toks, layers, steps = _spec_tokens(model, prompts, layer=2, num_draft=4)
+    assert toks == ref
+    drafted = sum(l == 2 for row in layers for l in row)
+    assert drafted >= 0.7 * sum(len(r) for r in ref), layers  # accepted: every full draft of 4 (the rest: budget)
+    assert steps <= 5
+
+
+@pytest.mark.parametrize("extra", [dict(num_draft=3), dict(num_draft=5, draft_stop=0.02),
+                                   dict(draft="layer+ngram", num_draft=4)])
+@pytest.mark.parametrize("prompts", [PROMPTS4[:1], PROMPTS4], ids=["batch1", "batch4"])
+def test_self_speculative_with_a_decoder_layer_adapter_equals_final(prompts, extra):
+    from layerexit.engine.reference import hf_greedy_generate
+    from layerexit.models.tiny import build_tiny_llama
+
+    model = build_tiny_llama(num_layers=4)
+    ref = hf_greedy_generate(model, prompts, 14, pad_id=0, eos=set())
+    adapters = build_decoder_adapters(model, [1], 1, "zero_residual")
+    _trained_like(adapters[1])
+    attach_exit_adapters(model, adapters)
+    toks, _, _ = _spec_tokens(model, prompts, layer=1, **extra)
+    assert toks == ref
+
+
+def test_per_token_policies_refuse_decoder_layer_adapters_at_their_exits():
+    from layerexit.engine.decode import EarlyExitEngine
+    from layerexit.engine.options import ExitConfig, SamplingParams
+    from layerexit.models.tiny import build_tiny_llama
+
+    model = build_tiny_llama(num_layers=4)
+    attach_exit_adapters(model, build_decoder_adapters(model, [2], 1))
+    engine = EarlyExitEngine(model, eos_token_ids=set(), pad_token_id=0)
+    with pytest.raises(ConfigError, match="serve as drafts"):
+        engine.generate([[5, 6, 7]], ExitConfig(policy="fixed", layer=2), SamplingParams(max_new_tokens=2))
+    out = engine.generate([[5, 6, 7]], ExitConfig(policy="final"), SamplingParams(max_new_tokens=2))
+    assert len(out[0].token_ids) == 2

@@ -157,10 +157,25 @@ class DecodeLoop:
             if cfg.draft_vocab:
                 ids = load_draft_vocab(cfg.draft_vocab, vocab_size=engine.vocab)
                 self.draft_head = StaticVocabHead(engine.parts, ids)
+            # A decoder-layer adapter at the draft layer attends over the draft's past: its K/V live in cache
+            # layers after the model's own, in the same columns (so masks, holes and compaction cover them).
+            adapter = engine.parts.adapters.get(self.draft_layer) if cfg.draft != "ngram" else None
+            self.draft_adapter = adapter if getattr(adapter, "attends", False) else None
+            if self.draft_adapter is not None:
+                self.draft_adapter.set_cache_base(self.L)
         else:
             self.policy = cfg.build_policy(self.L)
             self.kv = cfg.kv
             self.extra = 0
+            self.draft_adapter = None
+            attending = sorted(l for l, a in engine.parts.adapters.items() if getattr(a, "attends", False)
+                               and l in self.policy.exit_layers)
+            if attending:
+                raise ConfigError(
+                    f"policy {cfg.policy!r}: the exit adapters at layers {attending} are decoder layers, which attend "
+                    "over the exit's past and so serve as drafts",
+                    "use policy self-speculative (lossless) with that draft layer, or a model with MLP adapters")
+        self.cache_layers = self.L + (self.draft_adapter.num_layers if self.draft_adapter is not None else 0)
         self.check_k = check_vocab_size(cfg.check_vocab, engine.vocab)
         self.generator = torch.Generator()
         self.generator.manual_seed(params[0].seed if params[0].seed is not None else 0)
@@ -270,8 +285,8 @@ class DecodeLoop:
         tokens[:, q_start : q_start + P] = ids
         cache = deep_h = None
         if self.kv != "none":
-            cache = ExitKVCache(self.L, B, width, e.kv_heads, e.head_dim, e.dtype, dev)
-            cache.lengths = [q_start] * self.L  # columns before the prompt are masked out: never read
+            cache = ExitKVCache(self.cache_layers, B, width, e.kv_heads, e.head_dim, e.dtype, dev)
+            cache.lengths = [q_start] * self.cache_layers  # columns before the prompt are masked out: never read
             if self.kv == "recompute" and not self.spec:
                 deep_h = torch.zeros((B, width, e.model.config.hidden_size), dtype=e.dtype, device=dev)
         generators = []
@@ -297,9 +312,12 @@ class DecodeLoop:
         for k in range(1, self.L + 1):
             h = e.run_layer(k, h, am, pos, rope, cache)
             captured[k] = h[:, -1]
+            if self.draft_adapter is not None and k == self.draft_layer:
+                self.draft_adapter.step(h, am, pos, rope, cache)  # the draft adapter's K/V of the prompt
         if results is not None:
+            depth = self.cache_layers  # the model's layers and the draft adapter's
             for r in range(first_index, first_index + B):
-                results[r].prefill_flops = self.L * F.layer(P, q_start + P)
+                results[r].prefill_flops = depth * F.layer(P, q_start + P)
         dec = self.decide(self.policy, step, B, lambda k: captured[k], rows)
         full = F.head(1)
         # The prefill already ran every layer: the first token costs its checks and head only.
@@ -400,6 +418,13 @@ class DecodeLoop:
             h = e.run_layer(k, h, am, pos, rope, rows.cache)
         return h
 
+    def _adapt(self, rows: _Rows, h: torch.Tensor, start: int) -> torch.Tensor:
+        """The draft's decoder-layer adapter on h (B, n, H) at columns start..start+n-1, through its cache."""
+        n = h.shape[1]
+        pos = rows.positions(start, n)
+        return self.draft_adapter.step(h, self.e.attention_mask(rows.valid, start, n), pos, self.e.rope(h, pos),
+                                       rows.cache)
+
     def step_speculative(self, rows: _Rows, x: torch.Tensor, t: int) -> tuple[StepOut, int]:
         """Draft (layer and/or n-gram), verify at the final layer in one pass, keep each row's accepted prefix.
         Returns the step's tokens and the next free column."""
@@ -425,7 +450,14 @@ class DecodeLoop:
             cols = torch.cat([x[:, None], drafts.to(e.device)], dim=1)
             rows.tokens[:, t : t + k + 1] = cols
             rows.valid[:, t : t + k + 1] = True
-            hv = self._run(rows, 1, L, e.parts.embed(cols), t)
+            if self.draft_adapter is None:
+                hv = self._run(rows, 1, L, e.parts.embed(cols), t)
+            else:  # the draft adapter's cache must cover these columns too
+                dl = self.draft_layer
+                hv = self._run(rows, 1, dl, e.parts.embed(cols), t)
+                self._adapt(rows, hv, t)
+                hv = self._run(rows, dl + 1, L, hv, t)
+                flops += self.draft_adapter.num_layers * F.layer(k + 1, t + k + 1)
             flops += L * F.layer(k + 1, t + k + 1)
             draft_layer_of_token = L  # accepted n-gram tokens equal the final layer's
         else:
@@ -440,17 +472,22 @@ class DecodeLoop:
                 h = self._run(rows, 1, d, e.parts.embed(cur[:, None]), t + i)
                 flops += d * F.layer(1, t + i + 1)
                 hs.append(h)
+                head_in, head_layer = h[:, -1], d
+                if self.draft_adapter is not None:
+                    # Every drafted column enters the adapter's cache (the last one too: it may be accepted).
+                    head_in, head_layer = self._adapt(rows, h, t + i)[:, -1], None
+                    flops += self.draft_adapter.num_layers * F.layer(1, t + i + 1)
                 if i == kmax:
                     break
                 if self.draft_head is not None:
-                    logits = self.draft_head.logits(h[:, -1], d)
-                    flops += self.draft_head.flops(1, d)
+                    logits = self.draft_head.logits(head_in, head_layer)
+                    flops += self.draft_head.flops(1, head_layer)
                     probs = logits.softmax(-1)
                     conf, arg = probs.max(-1)
                     tok = self.draft_head.ids[arg]
                 else:
-                    logits = e.full_head.logits(h[:, -1], d)
-                    flops += e.full_head.flops(1, d)
+                    logits = e.full_head.logits(head_in, head_layer)
+                    flops += e.full_head.flops(1, head_layer)
                     conf, tok = logits.softmax(-1).max(-1)
                 if proposals is not None:  # layer+ngram: a row's n-gram tokens come before its layer draft
                     for j, p in enumerate(proposals):
