@@ -348,8 +348,10 @@ def train(
 def export_draft_cmd(
     model: Annotated[str, typer.Argument(help="smollm2, a local HF directory, a .gguf file, or an MLflow model URI "
                                          "(models:/name@alias: the draft is registered beside it as <name>-draft).")],
-    layer: Annotated[int, typer.Option(min=1, help="Exit layer the draft ends at (its adapter, if any, follows).")],
     out: Annotated[Path, typer.Option(help="Directory to write the plain Hugging Face draft checkpoint into.")],
+    layer: Annotated[Optional[int], typer.Option(
+        min=1, help="Exit layer the draft ends at (its adapter, if any, follows); default: the draft layer the model "
+        "ships in draft_settings.json (what its training run chose).")] = None,
     measure: Annotated[int, typer.Option(min=0, help="Held-out prompts to measure the draft's agreement with the "
                                          "final layer on (0: skip).")] = 8,
     register: Annotated[Optional[bool], typer.Option(
@@ -359,6 +361,7 @@ def export_draft_cmd(
 ) -> None:
     """Export an exit as a draft model: layers 1..LAYER (+ the exit's decoder-layer adapter), final norm and head,
     as a plain checkpoint that transformers (assistant_model=) and vLLM (speculative_config) run unchanged."""
+    from layerexit.errors import ConfigError
     from layerexit.evaluation.prompt_sets import heldout_prompts as heldout
     from layerexit.models import draft_export
     from layerexit.models.loading import load_model_and_tokenizer
@@ -367,6 +370,13 @@ def export_draft_cmd(
     if register:
         draft_export.registered_name(model)  # a clear error before any loading
     m, tok = load_model_and_tokenizer(model)
+    if layer is None:
+        from layerexit.models.draft_settings import draft_settings_of
+
+        layer = draft_settings_of(m).get("layer")
+        if layer is None:
+            raise ConfigError(f"--layer: {model} ships no draft settings to take the draft layer from",
+                              "pass --layer L")
     draft_export.draft_layers(m, layer)  # layer and adapter checks before any work
     agreement = None
     if measure:

@@ -236,12 +236,16 @@ def test_a_draft_through_the_models_own_next_layers_is_always_accepted(prompts):
 
 
 @pytest.mark.parametrize("extra", [dict(num_draft=3), dict(num_draft=5, draft_stop=0.02),
-                                   dict(draft="layer+ngram", num_draft=4)])
+                                   dict(draft="layer+ngram", num_draft=4), dict(num_draft=3, draft_vocab=True)])
 @pytest.mark.parametrize("prompts", [PROMPTS4[:1], PROMPTS4], ids=["batch1", "batch4"])
-def test_self_speculative_with_a_decoder_layer_adapter_equals_final(prompts, extra):
+def test_self_speculative_with_a_decoder_layer_adapter_equals_final(prompts, extra, tmp_path):
+    from layerexit.engine.heads import save_draft_vocab
     from layerexit.engine.reference import hf_greedy_generate
-    from layerexit.models.tiny import build_tiny_llama
+    from layerexit.models.tiny import build_tiny_llama, build_tiny_tokenizer
 
+    if extra.get("draft_vocab"):  # the draft scores 200 of the 512 tokens; verification keeps the full head
+        extra = {**extra, "draft_vocab": str(save_draft_vocab(tmp_path / "dv.json", list(range(0, 400, 2)),
+                                                              build_tiny_tokenizer()))}
     model = build_tiny_llama(num_layers=4)
     ref = hf_greedy_generate(model, prompts, 14, pad_id=0, eos=set())
     adapters = build_decoder_adapters(model, [1], 1, "zero_residual")
@@ -263,3 +267,57 @@ def test_per_token_policies_refuse_decoder_layer_adapters_at_their_exits():
         engine.generate([[5, 6, 7]], ExitConfig(policy="fixed", layer=2), SamplingParams(max_new_tokens=2))
     out = engine.generate([[5, 6, 7]], ExitConfig(policy="final"), SamplingParams(max_new_tokens=2))
     assert len(out[0].token_ids) == 2
+
+
+def test_a_model_carries_its_draft_settings_and_requests_override_them(tmp_path):
+    import shutil
+
+    from layerexit.engine.decode import EarlyExitEngine
+    from layerexit.engine.heads import save_draft_vocab
+    from layerexit.engine.options import ExitConfig, SamplingParams
+    from layerexit.models.draft_settings import VOCAB_FILE, write_draft_settings
+    from layerexit.models.loading import load_model_and_tokenizer
+    from layerexit.models.tiny import save_tiny_checkpoint
+
+    d = save_tiny_checkpoint(tmp_path / "m", num_layers=4)
+    model, tok = load_model_and_tokenizer(str(d))
+    save_draft_vocab(d / VOCAB_FILE, list(range(3, 200)), tok)
+    write_draft_settings(d, {"layer": 3, "num_draft": 2, "draft_stop": None, "draft_vocab": VOCAB_FILE})
+    model, tok = load_model_and_tokenizer(str(d))
+    engine = EarlyExitEngine(model, set(), tok.pad_token_id)
+    prompt = [tok("The quick brown fox")["input_ids"]]
+    ref = engine.generate(prompt, ExitConfig(), SamplingParams(max_new_tokens=10))[0].token_ids
+    shipped = engine.generate(prompt, ExitConfig(policy="self-speculative"), SamplingParams(max_new_tokens=10))[0]
+    assert shipped.token_ids == ref
+    assert set(shipped.exit_layers) <= {3, 4} and 3 in shipped.exit_layers  # drafted at the shipped layer
+    asked = engine.generate(prompt, ExitConfig(policy="self-speculative", layer=1),
+                            SamplingParams(max_new_tokens=10))[0]
+    assert asked.token_ids == ref and set(asked.exit_layers) <= {1, 4}
+    (d / VOCAB_FILE).unlink()
+    with pytest.raises(ConfigError, match="draft_vocab"):
+        load_model_and_tokenizer(str(d))
+    shutil.rmtree(d)
+
+
+def test_measured_acceptance_and_the_cost_model():
+    from layerexit.engine.decode import EarlyExitEngine
+    from layerexit.models.tiny import build_tiny_llama
+    from layerexit.tuning.draft_choice import (choose_draft, draft_cost_ratio, expected_tokens, measure_acceptance,
+                                               predicted_speedup)
+
+    model = build_tiny_llama(num_layers=4)
+    attach_exit_adapters(model, build_decoder_adapters(model, [2], 2, "next_layers"))  # == the full model
+    engine = EarlyExitEngine(model, set(), 0)
+    perfect = measure_acceptance(engine, PROMPTS4, 2, 3, max_new_tokens=13)
+    assert perfect.per_position == [1.0, 1.0, 1.0] and perfect.acceptance == 1.0
+    assert perfect.tokens_per_verification == pytest.approx(4.0)
+    noisy = measure_acceptance(engine, PROMPTS4, 1, 3, max_new_tokens=13)  # exit 1 has no adapter
+    assert noisy.accepted < noisy.drafted
+    # layer 2 + 2 adapter layers read the bytes of 4 layers, plus the head: the whole model
+    assert draft_cost_ratio(model, 2) == pytest.approx(1.0)
+    assert draft_cost_ratio(model, 1) < draft_cost_ratio(model, 1, None) + 1e-9 < 1.0
+    assert draft_cost_ratio(model, 1, 64) < draft_cost_ratio(model, 1)
+    assert expected_tokens([0.5, 0.5], 2) == pytest.approx(1.75)
+    assert predicted_speedup([0.79] * 4, 0.3, 1) == pytest.approx(1.79 / 1.3)
+    best, rows = choose_draft(model, engine, PROMPTS4, [1, 2], max_draft=3, max_new_tokens=13)
+    assert [r.layer for r in rows] == [1, 2] and best.predicted_speedup == max(r.predicted_speedup for r in rows)

@@ -33,6 +33,7 @@ from layerexit.engine.heads import CandidateHead, FullHead, adapter_flops, norme
 from layerexit.engine.layers import fuse_layers
 from layerexit.engine.options import ExitConfig, SamplingParams
 from layerexit.errors import ConfigError
+from layerexit.models.draft_settings import apply_draft_settings, draft_settings_of
 from layerexit.models.exits import decoder_parts
 
 
@@ -156,7 +157,7 @@ class EarlyExitEngine:
         and, when ``results`` is given, their entries are appended to it. ``kv: none`` never takes joins."""
         from layerexit.engine.loop import DecodeLoop
 
-        exit_config = exit_config or ExitConfig()
+        exit_config = apply_draft_settings(exit_config or ExitConfig(), draft_settings_of(self.model))
         params = self.sampling_list(sampling, len(prompts))
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ConfigError("every prompt needs at least one token", "pass non-empty prompts")

@@ -105,11 +105,16 @@ def load_model_and_tokenizer(
 
 def attach_shipped_adapters(model, tokenizer, location: str | Path) -> dict:
     """Attach the exit adapters a model directory ships in ``exit_adapters/`` (frozen-base recipe), checking that
-    they were trained for this model and tokenizer; returns them ({} when the directory has none)."""
+    they were trained for this model and tokenizer, and its draft settings (``draft_settings.json``); returns the
+    adapters ({} when the directory has none)."""
     from layerexit.models.adapters import find_adapters_dir, load_adapters
+    from layerexit.models.draft_settings import attach_draft_settings, read_draft_settings
     from layerexit.models.exits import attach_exit_adapters
 
-    found = find_adapters_dir(location) if Path(str(location)).is_dir() else None
+    is_dir = Path(str(location)).is_dir()
+    if is_dir:
+        attach_draft_settings(model, read_draft_settings(location))
+    found = find_adapters_dir(location) if is_dir else None
     if found is None:
         return {}
     adapters = load_adapters(found, model, tokenizer, field="model (exit_adapters)")

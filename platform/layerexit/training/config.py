@@ -98,11 +98,38 @@ class DistillSection(StrictModel):
 
 
 class AdapterSection(StrictModel):
-    """``recipe: adapters``: one RMSNorm + low-rank residual SiLU MLP per exit (zero-initialised output), trained on
-    cached exit hidden states with every base weight frozen."""
+    """``recipe: adapters``: one adapter per exit with every base weight frozen. ``kind: mlp``: an RMSNorm +
+    low-rank residual SiLU MLP (zero-initialised output), trained on cached exit hidden states (single positions).
+    ``kind: decoder_layer``: standard decoder layers of the model's own class that attend over the exit's past
+    (Kangaroo's adapter; exportable as a plain draft checkpoint), trained on whole sequences: the frozen layers
+    1..l run without gradients on each batch (cheap for the shallow exits drafts use) and the adapter learns the
+    teacher cache's top-k at every response position."""
 
-    rank: int = Field(256, ge=1, description="Bottleneck width of each adapter.")
-    positions_per_batch: int = Field(512, ge=1, description="Cached positions per worker micro-batch.")
+    kind: Literal["mlp", "decoder_layer"] = Field("mlp", description="Adapter shape (see the section's docstring).")
+    rank: int = Field(256, ge=1, description="kind mlp: bottleneck width of each adapter.")
+    positions_per_batch: int = Field(512, ge=1, description="kind mlp: cached positions per worker micro-batch.")
+    num_layers: int = Field(1, ge=1, le=4, description="kind decoder_layer: decoder layers per adapter.")
+    init: Literal["next_layers", "zero_residual"] = Field(
+        "zero_residual", description="kind decoder_layer: copies of the model's layers l+1.. (next_layers), or those "
+        "copies with the attention and MLP output projections zeroed so the adapter starts as the identity "
+        "(zero_residual).")
+
+
+class DraftSection(StrictModel):
+    """After training, pick the exit that drafts best for lossless self-speculation and ship it with the model:
+    acceptance at every draft position is measured with the engine on held-out prompts at each exit layer up to
+    ``max_layer``, priced by weight bytes (``tuning.draft_choice``), and the best (layer, draft length) is written
+    into the registered model's ``draft_settings.json`` (with its draft vocabulary), so ``{"policy":
+    "self-speculative"}`` on it drafts as chosen."""
+
+    choose: bool = Field(False, description="Measure and ship draft settings after training.")
+    max_layer: int = Field(10, ge=1, description="Deepest exit layer a draft may end at.")
+    max_draft: int = Field(6, ge=1, le=16, description="Longest draft measured (the choice is 1..max_draft).")
+    prompts: int = Field(8, ge=1, description="Held-out evaluation prompts the acceptance is measured on.")
+    max_new_tokens: int = Field(48, ge=4, description="Tokens generated per prompt while measuring.")
+    vocab_size: int | None = Field(
+        None, ge=1, description="Static draft vocabulary: the N tokens the training split's answers use most "
+        "(FR-Spec); the draft head scores only those, verification keeps the full head. None: full vocabulary.")
 
 
 class OptimSection(StrictModel):
@@ -254,6 +281,7 @@ class TrainConfig(StrictModel):
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
     mlflow: MlflowSection = Field(default_factory=MlflowSection)
     eval: EvalSection = Field(default_factory=EvalSection)
+    draft: DraftSection = Field(default_factory=DraftSection)
 
     @model_validator(mode="after")
     def _batch_sizes(self) -> TrainConfig:
@@ -360,6 +388,15 @@ def validate_against_model(cfg: TrainConfig, depth: int) -> None:
         exit_weights(cfg.lite.exit_layers, depth, cfg.lite.weights)
     except ConfigError as err:
         raise ConfigError(f"lite.weights: {err}") from None
+    if cfg.draft.choose and not any(l <= cfg.draft.max_layer for l in cfg.lite.exit_layers):
+        raise ConfigError(f"draft.max_layer={cfg.draft.max_layer}: no exit layer in lite.exit_layers "
+                          f"{cfg.lite.exit_layers} is that shallow", "add a shallow exit or raise draft.max_layer")
+    if cfg.recipe == "adapters" and cfg.adapters.kind == "decoder_layer":
+        deepest = max(cfg.lite.exit_layers) + cfg.adapters.num_layers
+        if deepest > depth:
+            raise ConfigError(f"adapters.num_layers={cfg.adapters.num_layers}: the adapter of exit "
+                              f"{max(cfg.lite.exit_layers)} would copy layers up to {deepest}, the model has {depth}",
+                              "lower adapters.num_layers or the deepest exit layer")
     if cfg.eval.layers is not None:
         bad = [l for l in cfg.eval.layers if not 1 <= l <= depth]
         if bad:
@@ -388,6 +425,9 @@ def validate_recipe(cfg: TrainConfig) -> None:
     if cfg.recipe == "lite":
         return
     vocab = model_vocab_size(cfg)
+    if vocab is not None and cfg.draft.vocab_size is not None and cfg.draft.vocab_size > vocab:
+        raise ConfigError(f"draft.vocab_size={cfg.draft.vocab_size} is larger than the vocabulary ({vocab})",
+                          f"choose N in 1..{vocab} or leave it unset for the full head")
     if vocab is not None and cfg.distill.top_k > vocab:
         raise ConfigError(f"distill.top_k={cfg.distill.top_k} is larger than the vocabulary ({vocab})",
                           f"choose a k between 1 and {vocab}, e.g. 64")

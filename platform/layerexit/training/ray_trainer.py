@@ -273,7 +273,8 @@ def run_training(cfg: TrainConfig, *, console=None, show_progress: bool = True,
 
     recipes.add_sampled_examples(cfg, data, show_progress=show_progress)
     cache = recipes.prepare_teacher(cfg, data, console) if cfg.recipe != "lite" else None
-    steps = recipes.steps_for_cache(cfg, cache) if cfg.recipe == "adapters" else total_steps(cfg, len(data.train))
+    steps = (total_steps(cfg, len(data.train)) if cfg.recipe != "adapters" or recipes.trains_on_sequences(cfg)
+             else recipes.steps_for_cache(cfg, cache))
     if not data.eval:
         raise ConfigError("data: the held-out split is empty", "raise data.eval_fraction or add data")
 
@@ -341,6 +342,10 @@ def run_training(cfg: TrainConfig, *, console=None, show_progress: bool = True,
         from layerexit.training.checkpoints import hf_model_dir
 
         hf_dir = hf_model_dir(ckpt_dir)
+        if cfg.draft.choose:  # before registering, so the registered model carries its draft settings
+            from layerexit.training.draft_stage import choose_and_ship_draft
+
+            choose_and_ship_draft(cfg, hf_dir, data, run, console)
         registered = None
         if cfg.mlflow.register_model:
             registered = tracking.log_hf_model(hf_dir, cfg.registered_model_name, cfg.mlflow.alias)
@@ -452,7 +457,15 @@ def train_worker(config: dict[str, Any]) -> None:
     from layerexit.training import recipes
 
     cache = None
-    if cfg.recipe == "adapters":
+    if cfg.recipe == "adapters" and cfg.adapters.kind == "decoder_layer":
+        from layerexit.models.adapters import build_decoder_adapters
+        from layerexit.models.exits import attach_exit_adapters
+
+        adapters = build_decoder_adapters(model, cfg.lite.exit_layers, cfg.adapters.num_layers, cfg.adapters.init)
+        objective = recipes.DecoderAdapterObjective(model, adapters, weights, cfg.distill.temperature,
+                                                    cfg.distill.full_every, cfg.distill.chunk_size)
+        attach_exit_adapters(model, objective.adapter_map())  # eval and alignment see the exits as trained
+    elif cfg.recipe == "adapters":
         from layerexit.data.teacher_cache import read_cache
         from layerexit.models.adapters import build_adapters
         from layerexit.models.exits import attach_exit_adapters

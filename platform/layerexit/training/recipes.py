@@ -54,9 +54,15 @@ def add_sampled_examples(cfg: TrainConfig, data: PreparedData, show_progress: bo
     return added
 
 
+def trains_on_sequences(cfg: TrainConfig) -> bool:
+    """Whether batches are whole sequences carrying their teacher rows (distill, decoder-layer adapters) rather
+    than cached single positions (MLP adapters)."""
+    return cfg.recipe == "distill" or (cfg.recipe == "adapters" and cfg.adapters.kind == "decoder_layer")
+
+
 def cache_layers(cfg: TrainConfig) -> list[int]:
-    """Exit layers whose hidden states the cache stores (only the adapters recipe trains on them)."""
-    return sorted(cfg.lite.exit_layers) if cfg.recipe == "adapters" else []
+    """Exit layers whose hidden states the cache stores (only MLP adapters train on cached single positions)."""
+    return sorted(cfg.lite.exit_layers) if cfg.recipe == "adapters" and cfg.adapters.kind == "mlp" else []
 
 
 def prepare_teacher(cfg: TrainConfig, data: PreparedData, console=None) -> TeacherCache:
@@ -67,7 +73,7 @@ def prepare_teacher(cfg: TrainConfig, data: PreparedData, console=None) -> Teach
     cache = build_teacher_cache(cfg.model.spec, data.train, k=d.top_k, temperature=d.temperature,
                                 layers=cache_layers(cfg), precision=d.cache_precision, directory=d.cache_dir,
                                 num_tasks=d.cache_tasks, console=console)
-    if cfg.recipe == "distill":
+    if trains_on_sequences(cfg):
         attach_teacher(data.train, cache)
     return cache
 
@@ -139,6 +145,53 @@ class AdapterObjective(nn.Module):
         with _head_weight(parts.head):
             out = distill_loss(exit_h, teacher_ids, teacher_logp, mask, parts.norm, parts.head.weight, self.weights,
                                self.temperature, self.full_every, self.chunk_size)
+        return {"loss": out.loss, "per_layer": out.per_layer, "num_tokens": torch.tensor(float(out.num_positions))}
+
+
+class DecoderAdapterObjective(nn.Module):
+    """Decoder-layer adapters on the frozen base: layers 1..max(exit) run without gradients on each batch of
+    sequences, each exit's adapter attends over its exit's hidden states, and the top-k KL towards the teacher
+    cache trains the adapters alone (only they are registered, as in ``AdapterObjective``)."""
+
+    def __init__(self, model: nn.Module, adapters: Mapping[int, nn.Module], weights: Mapping[int, float],
+                 temperature: float, full_every: int, chunk_size: int | None) -> None:
+        super().__init__()
+        self.adapters = nn.ModuleDict({str(l): a for l, a in adapters.items()})
+        object.__setattr__(self, "_base", model)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.weights = {l: w for l, w in weights.items() if str(l) in self.adapters}
+        self.temperature, self.full_every, self.chunk_size = temperature, full_every, chunk_size
+
+    @property
+    def model(self) -> nn.Module:
+        return self._base
+
+    def adapter_map(self) -> dict[int, nn.Module]:
+        return {int(l): a for l, a in self.adapters.items()}
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                teacher_ids: torch.Tensor, teacher_logp: torch.Tensor, teacher_mask: torch.Tensor) -> dict:
+        # Shape: input_ids (B, T); teacher_ids/logp (B, k, T) (sequence axis last); teacher_mask (B, T)
+        from layerexit.models.exits import default_position_ids, prepare_layer_inputs, run_layers
+
+        parts = decoder_parts(self._base)
+        exits = sorted(self.weights)
+        pos = default_position_ids(attention_mask, input_ids)
+        hidden: dict[int, torch.Tensor] = {}
+        with torch.no_grad():  # the frozen base: no activations kept for backward
+            h = parts.embed(input_ids)
+            inputs = prepare_layer_inputs(parts, h, attention_mask, pos)
+            done = 0
+            for l in exits:
+                h = run_layers(parts, h, done, l, inputs)
+                hidden[l], done = h, l
+        exit_h = {l: self.adapters[str(l)](hidden[l], attention_mask, pos).flatten(0, 1) for l in exits}
+        ids = teacher_ids.transpose(1, 2).flatten(0, 1)  # Shape: (B*T, k)
+        logp = teacher_logp.transpose(1, 2).flatten(0, 1)  # Shape: (B*T, k)
+        with _head_weight(parts.head):
+            out = distill_loss(exit_h, ids, logp, teacher_mask.flatten(), parts.norm, parts.head.weight,
+                               self.weights, self.temperature, self.full_every, self.chunk_size)
         return {"loss": out.loss, "per_layer": out.per_layer, "num_tokens": torch.tensor(float(out.num_positions))}
 
 
