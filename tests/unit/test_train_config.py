@@ -82,6 +82,12 @@ def test_valid_tiny_config(tmp_path, base):
     (["mlflow.alias=latest"], "mlflow.alias"),
     (["model.num_layers=8"], "model.num_layers"),
     (["name=bad name"], "name"),
+    (["recipe=adapters", "adapters.kind=decoder_layer", "adapters.num_layers=2"], "adapters.num_layers"),
+    (["recipe=adapters", "adapters.kind=attention"], "adapters.kind"),
+    (["recipe=adapters", "adapters.init=random"], "adapters.init"),
+    (["draft.choose=true", "draft.max_layer=0"], "draft.max_layer"),
+    (["draft.choose=true", "lite.exit_layers=[2, 3]", "draft.max_layer=1"], "draft.max_layer"),
+    (["recipe=adapters", "draft.vocab_size=100000"], "draft.vocab_size"),
 ])
 def test_bad_input_names_the_field(tmp_path, base, override, field):
     with pytest.raises(ConfigError, match=field.replace("[", r"\[")):
