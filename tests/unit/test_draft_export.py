@@ -321,3 +321,21 @@ def test_measured_acceptance_and_the_cost_model():
     assert predicted_speedup([0.79] * 4, 0.3, 1) == pytest.approx(1.79 / 1.3)
     best, rows = choose_draft(model, engine, PROMPTS4, [1, 2], max_draft=3, max_new_tokens=13)
     assert [r.layer for r in rows] == [1, 2] and best.predicted_speedup == max(r.predicted_speedup for r in rows)
+
+
+def test_exported_draft_runs_as_transformers_assistant_model(tmp_path):
+    """transformers' assisted generation takes the exported draft unchanged, and stays lossless (greedy)."""
+    from transformers import AutoModelForCausalLM
+
+    model, tok = _tiny()
+    model.generation_config.pad_token_id = tok.pad_token_id
+    adapters = build_decoder_adapters(model, [3], 1, "zero_residual")
+    _trained_like(adapters[3])
+    attach_exit_adapters(model, adapters)
+    export_draft(model, tok, 3, tmp_path / "d")
+    draft = AutoModelForCausalLM.from_pretrained(tmp_path / "d").eval()
+    ids = torch.tensor([tok("Write a short poem about the sea.")["input_ids"]])
+    with torch.no_grad():
+        plain = model.generate(ids, max_new_tokens=12, do_sample=False)
+        assisted = model.generate(ids, max_new_tokens=12, do_sample=False, assistant_model=draft)
+    assert torch.equal(plain, assisted)
