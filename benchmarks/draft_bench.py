@@ -94,7 +94,7 @@ def main() -> int:
     from layerexit.engine.reference import eos_ids
     from layerexit.models.loading import load_model_and_tokenizer
     from layerexit.tuning.draft_choice import (draft_cost_ratio, expected_tokens, measure_acceptance,
-                                               predicted_speedup, shared_prefix_ratio)
+                                               predicted_speedup)
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -109,8 +109,8 @@ def main() -> int:
         eos = eos_ids(model, tok)
         engine = EarlyExitEngine(model, eos, tok.pad_token_id, compile=not args.no_compile)
         stats = measure_acceptance(engine, prompts, layer, args.max_draft, args.max_new_tokens, vocab)
-        cost, shared = draft_cost_ratio(model, layer, vocab_size), shared_prefix_ratio(model, layer)
-        k = max(range(1, args.max_draft + 1), key=lambda n: predicted_speedup(stats.per_position, cost, n, shared))
+        cost = draft_cost_ratio(model, layer, vocab_size)
+        k = max(range(1, args.max_draft + 1), key=lambda n: predicted_speedup(stats.per_position, cost, n))
         final = ExitConfig(policy="final")
         spec_cfg = ExitConfig(policy="self-speculative", layer=layer, num_draft=k, draft="layer", draft_vocab=vocab)
         cfgs = {"final": final, "draft": spec_cfg}
@@ -130,8 +130,7 @@ def main() -> int:
                "agreement": stats.per_position[0], "per_position": stats.per_position,
                "acceptance": stats.acceptance, "cost_ratio": cost,
                "tokens_per_verification": expected_tokens(stats.per_position, k),
-               "predicted_speedup": predicted_speedup(stats.per_position, cost, k, shared),
-               "predicted_speedup_separate_draft": predicted_speedup(stats.per_position, cost, k),
+               "predicted_speedup": predicted_speedup(stats.per_position, cost, k),
                "final_tps_b1": b1["final"], "draft_tps_b1": b1["draft"], "speedup_b1": b1["draft"] / b1["final"],
                f"final_tps_b{args.batch_size}": bn["final"], f"draft_tps_b{args.batch_size}": bn["draft"],
                f"speedup_b{args.batch_size}": bn["draft"] / bn["final"], "identical_fp32": identical}

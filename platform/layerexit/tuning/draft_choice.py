@@ -11,12 +11,12 @@ the ones before it were), one verification yields E = 1 + sum_i prod_{j<=i} a_j 
 
     predicted speedup = E / (k c + 1)
 
-(Leviathan et al. 2023, with measured per-position acceptance instead of a constant rate). That is a separate
-draft model (vLLM, transformers' ``assistant_model``): verification runs the whole model. Self-speculation in our
-engine reuses the draft's layers 1..l for the verified positions, so verification costs only ``1 - s`` of a step,
-with ``s`` the share of the bytes of layers 1..l (``shared_prefix_ratio``): ``E / (k c + 1 - s)``. The same model
-prices LLaMA-2-7B on a GPU, where a step is equally bound by weight bytes: LayerSkip's Llama2-7B exit 8 of 32 with
-acceptance 0.79 gives 1.62x as a separate draft and 1.88x self-speculative at k = 3 (LayerSkip reports ~1.86x).
+(Leviathan et al. 2023, with measured per-position acceptance instead of a constant rate). It holds for a separate
+draft model (vLLM, transformers' ``assistant_model``) and for self-speculation in our engine alike: reusing the
+draft's layers 1..l for verification saves no bytes, because the k + 1 drafted columns (the last token and its k
+drafts) each pass through layers 1..l once anyway. The same model prices LLaMA-2-7B on a GPU, where a step is
+equally bound by weight bytes: LayerSkip's Llama2-7B exit 8 of 32 with acceptance 0.79 gives 1.42x at k = 1 and
+1.62x at k = 3.
 """
 
 from __future__ import annotations
@@ -110,13 +110,6 @@ def draft_cost_ratio(model: nn.Module, layer: int, draft_vocab_size: int | None 
     return (sum(layer_bytes[:layer]) + adapter_bytes + draft_head) / (sum(layer_bytes) + head)
 
 
-def shared_prefix_ratio(model: nn.Module, layer: int) -> float:
-    """Bytes of layers 1..layer over a full step's: what self-speculative verification does not read again."""
-    parts = decoder_parts(model)
-    layer_bytes = [_bytes(l) for l in parts.layers]
-    return sum(layer_bytes[:layer]) / (sum(layer_bytes) + _bytes(parts.head))
-
-
 def expected_tokens(per_position: Sequence[float], num_draft: int) -> float:
     """Tokens one verification yields: 1 + sum over the first ``num_draft`` positions of prod_{j<=i} a_j."""
     expected, run = 1.0, 1.0
@@ -126,13 +119,10 @@ def expected_tokens(per_position: Sequence[float], num_draft: int) -> float:
     return expected
 
 
-def predicted_speedup(per_position: Sequence[float], cost_ratio: float, num_draft: int | None = None,
-                      shared: float = 0.0) -> float:
-    """E / (k c + 1 - shared) for the first ``num_draft`` positions (default: all measured); ``shared`` is the share
-    of a step verification does not read again (0 for a separate draft model, ``shared_prefix_ratio`` for the
-    engine's self-speculation)."""
+def predicted_speedup(per_position: Sequence[float], cost_ratio: float, num_draft: int | None = None) -> float:
+    """E / (k c + 1) for the first ``num_draft`` positions (default: all measured)."""
     k = len(per_position) if num_draft is None else num_draft
-    return expected_tokens(per_position, k) / (k * cost_ratio + 1.0 - shared)
+    return expected_tokens(per_position, k) / (k * cost_ratio + 1.0)
 
 
 @dataclass
@@ -151,13 +141,12 @@ def choose_draft(model: nn.Module, engine, prompts: Sequence[Sequence[int]], lay
                  max_draft: int = 6, max_new_tokens: int = 48, draft_vocab: str | None = None,
                  draft_vocab_size: int | None = None) -> tuple[DraftChoice, list[DraftChoice]]:
     """Measure every candidate layer at ``max_draft`` drafts, then pick (layer, k <= max_draft) with the best
-    predicted speedup of the engine's self-speculation (verification reuses layers 1..l). Returns the choice and
-    every layer's best."""
+    predicted speedup. Returns the choice and every layer's best (a best below 1.0 means no draft pays)."""
     rows = []
     for layer in layers:
         stats = measure_acceptance(engine, prompts, layer, max_draft, max_new_tokens, draft_vocab)
-        c, s = draft_cost_ratio(model, layer, draft_vocab_size), shared_prefix_ratio(model, layer)
-        k = max(range(1, max_draft + 1), key=lambda n: predicted_speedup(stats.per_position, c, n, s))
-        rows.append(DraftChoice(layer, k, c, predicted_speedup(stats.per_position, c, k, s), stats))
+        c = draft_cost_ratio(model, layer, draft_vocab_size)
+        k = max(range(1, max_draft + 1), key=lambda n: predicted_speedup(stats.per_position, c, n))
+        rows.append(DraftChoice(layer, k, c, predicted_speedup(stats.per_position, c, k), stats))
     best = max(rows, key=lambda r: r.predicted_speedup)
     return best, rows
