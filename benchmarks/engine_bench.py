@@ -5,15 +5,15 @@ Run:  .venv/bin/python benchmarks/engine_bench.py --model smollm2 --prompts 32 -
 
 Prompts are the held-out split of the project's instruction set (never trained on), or --prompt-file (JSONL, e.g.
 the quoting set from benchmarks/quoting_prompts.py). Thresholds default to the paper's `paper-7b` preset mapped
-to the model's layers. Rows include the weights-only floor and, when a --config drafts from n-grams, transformers'
-prompt-lookup decoding. Results (Markdown + JSON) go to --out. `layerexit bench` is the same benchmark as a command.
+to the model's layers. Rows include the eager weights loop, the memory-bandwidth floor (weight bytes per token over
+the bandwidth measured in the run) and, when a --config drafts from n-grams, transformers' prompt-lookup decoding;
+every row carries the machine (CPU, ISA flags, threads). Results (Markdown + JSON) go to --out. `layerexit bench` is the same benchmark as a command.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform as _platform
 import sys
 import time
 from pathlib import Path
@@ -45,6 +45,7 @@ def main() -> int:
     from layerexit.data.instructions import heldout_instructions
     from layerexit.data.prompts import format_prompt
     from layerexit.engine.bench import bench_markdown, run_bench
+    from layerexit.machine import machine_line
     from layerexit.engine.options import ExitConfig
     from layerexit.engine.reference import eos_ids
     from layerexit.models.loading import load_model_and_tokenizer
@@ -90,7 +91,7 @@ def main() -> int:
     table = bench_markdown(rows)
     header = (f"model `{args.model}` ({L} layers, {args.dtype}), {len(ids)} held-out prompts, "
               f"max {args.max_new_tokens} new tokens, batch {args.batch_size}, thresholds `{args.thresholds}`, "
-              f"torch {torch.__version__}, {torch.get_num_threads()} threads, {_platform.machine()}, "
+              f"torch {torch.__version__}, {machine_line()}, "
               f"{time.time() - t0:.0f} s")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
-"""Decode speed of the engine's `final` vs transformers `generate` vs the weights-only floor, on a SmolLM2-shaped
+"""Decode speed of the engine's `final` vs transformers `generate` vs the memory-bandwidth floor (weight bytes per
+token over this machine's measured read bandwidth; the eager `F.linear` weights loop beside it), on a SmolLM2-shaped
 model with random weights (speed depends on shapes and dtype, not on the weights), interleaved in one process.
 
 Run:  .venv/bin/python benchmarks/engine_speed_random.py --config-dir ~/.cache/layerexit/models/smollm2-135m-instruct \
@@ -31,7 +32,8 @@ def main() -> int:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from layerexit.engine.bench import weights_floor_tokens_per_s
+    from layerexit.engine.bench import LOOP, FLOOR, BandwidthProbe, weight_bytes_per_token, weights_loop_tokens_per_s
+    from layerexit.machine import describe_machine
     from layerexit.engine.decode import EarlyExitEngine
     from layerexit.engine.options import ExitConfig, SamplingParams
     from layerexit.engine.reference import hf_greedy_generate
@@ -55,7 +57,8 @@ def main() -> int:
     for f in paths.values():  # warm-up
         f(prompts[0][:8])
     seconds = {k: 0.0 for k in paths}
-    floors = []
+    loops = []
+    probe = BandwidthProbe(device=args.device)
     for _ in range(args.rounds):
         for p in prompts:
             for name, f in paths.items():
@@ -64,12 +67,15 @@ def main() -> int:
                 f(p)
                 sync()
                 seconds[name] += time.perf_counter() - t0
-        floors.append(weights_floor_tokens_per_s(model, 20))
+        loops.append(weights_loop_tokens_per_s(model, 20))
+        probe.measure()
     n = args.rounds * len(prompts) * args.tokens
     tps = {k: n / v for k, v in seconds.items()}
-    floor = sum(floors) / len(floors)
+    loop = sum(loops) / len(loops)
+    floor = probe.best * 1e9 / weight_bytes_per_token(model)  # weight bytes per token over measured bandwidth
     out = {"dtype": args.dtype, "threads": args.threads, "device": args.device, "tokens": n,
-           "tokens_per_s": {**{k: round(v, 2) for k, v in tps.items()}, "floor (weights only)": round(floor, 2)},
+           "machine": describe_machine(), "bandwidth_gbs": round(probe.best, 2),
+           "tokens_per_s": {**{k: round(v, 2) for k, v in tps.items()}, LOOP: round(loop, 2), FLOOR: round(floor, 2)},
            "x_generate": {k: round(v / tps["hf-generate"], 3) for k, v in tps.items()},
            "share_of_floor": {k: round(v / floor, 3) for k, v in tps.items()}}
     print(json.dumps(out))

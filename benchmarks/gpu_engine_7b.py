@@ -81,12 +81,16 @@ def main() -> None:
         report["gpu"] = torch.cuda.get_device_name()
         report["weights_gib"] = torch.cuda.memory_allocated() / 2**30
     engine = EarlyExitEngine(model, eos_token_ids={-1}, pad_token_id=0)
+    # Compilation is a property of the engine, not of an exit configuration (ExitConfig forbids unknown keys): the
+    # compiled row runs on a second engine over the same weights, whose single-column decode steps go through
+    # torch.compile'd segments (CUDA graphs, mode reduce-overhead, on a GPU; inductor on a CPU).
+    compiled = EarlyExitEngine(model, eos_token_ids={-1}, pad_token_id=0, compile=True)
     L = shape["num_hidden_layers"]
-    configs = {
-        "final": {"policy": "final"},
-        f"fixed-{L // 2}": {"policy": "fixed", "layer": L // 2},
-        f"self-speculative-l{L // 4}": {"policy": "self-speculative", "layer": L // 4, "num_draft": 4},
-        "compiled-final": {"policy": "final", "compile": True},
+    configs = {  # name -> (early_exit object, engine)
+        "final": ({"policy": "final"}, engine),
+        f"fixed-{L // 2}": ({"policy": "fixed", "layer": L // 2}, engine),
+        f"self-speculative-l{L // 4}": ({"policy": "self-speculative", "layer": L // 4, "num_draft": 4}, engine),
+        "compiled-final": ({"policy": "final"}, compiled),
     }
     g = torch.Generator().manual_seed(1)
     for batch in args.batches:
@@ -97,15 +101,18 @@ def main() -> None:
         hf_s = time_hf(model, ids, args.new_tokens, args.device)
         hf_tps = batch * args.new_tokens / hf_s
         report["rows"].append({"name": "hf-generate", "batch": batch, "tokens_per_s": hf_tps, "speedup": 1.0})
-        for name, spec in configs.items():
+        for name, (spec, eng) in configs.items():
             row = {"name": name, "batch": batch}
             try:
                 cfg = ExitConfig(**spec)
-                time_engine(engine, prompts, cfg, 4, args.device)  # warm-up / compile
+                time_engine(eng, prompts, cfg, 4, args.device)  # warm-up / compile
                 if args.device.startswith("cuda"):
                     torch.cuda.reset_peak_memory_stats()
-                s, tokens, flops_ratio = time_engine(engine, prompts, cfg, args.new_tokens, args.device)
+                s, tokens, flops_ratio = time_engine(eng, prompts, cfg, args.new_tokens, args.device)
                 row.update(tokens_per_s=tokens / s, speedup=tokens / s / hf_tps, flops_ratio=flops_ratio)
+                if eng.compiled is not None:
+                    row["compile_seconds"] = eng.compiled.compile_seconds
+                    row["compiled_off"] = eng.compiled.failed  # None: the compiled path ran
                 if args.device.startswith("cuda"):
                     row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
             except Exception as exc:  # a row that cannot run is reported, the others still run

@@ -16,8 +16,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="smollm2", help="smollm2, a local HF directory, a .gguf, or a hub id")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens per answer")
     parser.add_argument("--out-dir", default="outputs/demo", help="where figures and reports go")
-    parser.add_argument("--stages", default="answers,train,eval,tune,serve",
-                        help="comma-separated subset of answers,train,eval,tune,serve")
+    parser.add_argument("--stages", default="answers,train,draft,eval,tune,serve",
+                        help="comma-separated subset of answers,train,draft,eval,tune,serve")
     args = parser.parse_args(argv)
     from layerexit.demo import STAGES, run_demo
 

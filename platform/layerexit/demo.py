@@ -2,6 +2,8 @@
 
 1. Answers from the final layer and the per-layer alignment table of the untuned model.
 2. A short LITE fine-tuning run (Ray Train + DeepSpeed, tracked in MLflow) and the alignment after it.
+2b. A short run of the draft recipe (decoder-layer adapters on shallow exits, the draft chosen from measured
+   acceptance) and its lossless speedup against compiled ``final`` on the same prompts.
 3. Evaluation of the trained model: cost improvement, similarity and answer length per exit configuration.
 4. A small Ray Tune threshold search whose result is used for serving.
 5. Ray Serve: the trained model behind an OpenAI-compatible API, one chat request through the `openai` client.
@@ -21,13 +23,17 @@ from layerexit.evaluation.alignment import alignment_from_generations, plot_alig
 from layerexit.evaluation.tables import alignment_table
 from layerexit.models.loading import load_model_and_tokenizer
 
-STAGES = ("answers", "train", "eval", "tune", "serve")
+STAGES = ("answers", "train", "draft", "eval", "tune", "serve")
 
 
 def stage_answers(console: Console, model_spec: str, max_new_tokens: int, answers: int, out_dir: Path) -> dict:
-    model, tokenizer = load_model_and_tokenizer(model_spec)
+    from layerexit.machine import choose_dtype
+
+    dtype = choose_dtype("batched", what="demo answers")  # batches of 4 prompts: compute-bound
+    model, tokenizer = load_model_and_tokenizer(model_spec, dtype=dtype.torch_dtype)
     console.print(f"loaded {type(model).__name__}: {model.config.num_hidden_layers} layers, "
-                  f"hidden {model.config.hidden_size}, vocab {model.config.vocab_size}")
+                  f"hidden {model.config.hidden_size}, vocab {model.config.vocab_size}; {dtype.dtype} "
+                  f"(dtype auto: {dtype.reason})")
     prompts = read_prompts(builtin_prompts_path())
     prompt_ids = [format_prompt(tokenizer, p.prompt) for p in prompts]
     responses = hf_greedy_generate_batched(
@@ -52,6 +58,9 @@ def run_demo(model_spec: str = "smollm2", max_new_tokens: int = 64, answers: int
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     console.rule(f"layerexit demo: {model_spec}")
+    from layerexit.machine import machine_line
+
+    console.print(f"machine: {machine_line()}")
     summary: dict = {}
     timings: dict[str, float] = {}
 
@@ -68,6 +77,10 @@ def run_demo(model_spec: str = "smollm2", max_new_tokens: int = 64, answers: int
 
         timed("train", lambda: run_demo_training(console, out / "train"))
         trained = summary["train"].get("hf_model_dir", model_spec)
+    if "draft" in stages:
+        from layerexit.training.draft_demo_stage import run_demo_drafting
+
+        timed("draft", lambda: run_demo_drafting(console, out / "draft"))
     if "eval" in stages:
         from layerexit.engine.options import ExitConfig
         from layerexit.evaluation.demo_stage import run_demo_eval

@@ -1,7 +1,7 @@
 """The MLflow story in a real browser: the demo's evaluation stage logs its run (nested per configuration) into a
 store, `mlflow server` serves it, headless Chromium renders the experiment list and the run, and the screenshots
-are real pictures (not blank pages). Skips, with the reason, when Chromium is not installed
-(`apt-get install -y chromium`)."""
+are real pictures (not blank pages). `make test` installs Chromium first (`make browser`: Debian's `chromium` and
+`chromium-driver`), so there it runs; a bare `pytest` on a machine without Chromium skips, with the reason."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def test_demo_eval_run_in_the_mlflow_ui(tmp_path, tiny_dir, tiny_model_and_token
 
     chromium = find_chromium()
     if chromium is None:
-        pytest.skip("Chromium is not installed (apt-get install -y chromium); the MLflow UI check needs a browser")
+        pytest.skip("Chromium is not installed (`make browser` installs it); the MLflow UI check needs a browser")
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.chdir(tmp_path)  # the default artifact root (./mlruns) lands in tmp
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)

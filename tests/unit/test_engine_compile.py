@@ -170,12 +170,17 @@ def test_bench_and_generate_take_compile(tiny_dir, prompts_file, capsys):
     from layerexit.cli import main
 
     code = main(["bench", "--model", str(tiny_dir), "--prompts", str(prompts_file), "--limit", "2",
-                 "--max-new-tokens", "4", "--policies", "final", "--threads", "1", "--compile", "--json"])
+                 "--max-new-tokens", "4", "--policies", "final", "--threads", "1", "--compile", "--json",
+                 "--dtype", "float32", "--bandwidth-mib", "64"])
     assert code == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out.strip().splitlines()[-1])}
     assert rows["final +compile"]["identical"] == 1.0 and rows["final +compile"]["compile_seconds"] > 0
     assert rows["final"]["compile_seconds"] is None
-    args = ["generate", "--model", str(tiny_dir), "--prompt", "hi there", "--max-new-tokens", "5", "--json"]
+    # transformers' own static cache with an inductor-compiled forward: the same tokens, its warm-up timed apart
+    static = rows["hf-generate-static-compiled"]
+    assert static["agreement"] == 1.0 and static["compile_seconds"] > 0 and static["tokens_per_s"] > 0
+    args = ["generate", "--model", str(tiny_dir), "--prompt", "hi there", "--max-new-tokens", "5", "--json",
+            "--dtype", "float32"]
     assert main(args) == 0
     eager = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert main([*args, "--compile"]) == 0

@@ -27,7 +27,8 @@ def job(name: str) -> ModuleType:
 
 TRAIN_CONFIGS = sorted(p for p in (REPO / "jobs" / "configs").glob("*.yaml") if not p.name.startswith("eval_"))
 EVAL_CONFIGS = sorted((REPO / "jobs" / "configs").glob("eval_*.yaml"))
-TUNE_CONFIGS = sorted((REPO / "tune").glob("*.yaml"))
+# tune/*_draft.yaml are draft searches (jobs/tune_draft.py), checked in test_draft_search.py
+TUNE_CONFIGS = sorted(p for p in (REPO / "tune").glob("*.yaml") if not p.name.endswith("_draft.yaml"))
 CASES = ([("train_lite", p) for p in TRAIN_CONFIGS] + [("evaluate", p) for p in EVAL_CONFIGS]
          + [("tune_thresholds", p) for p in TUNE_CONFIGS])
 

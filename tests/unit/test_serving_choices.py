@@ -97,8 +97,7 @@ def test_logprobs_of_choices_are_the_exit_layers_log_softmax(scheduler, engine, 
     outcomes, _ = run_choices(scheduler, tokenizer, plan_choices([(PROMPT, "")], 1, sampling), config)
     scores = outcomes[0].scores
     assert len(scores) == 6
-    if any(lp is None for lp in scores.logprobs):
-        pytest.skip("this engine build does not fill TokenEvent.logprob yet")
+    assert all(lp is not None for lp in scores.logprobs) and all(len(top) == 3 for top in scores.top)
     model = engine.model
     ids = list(PROMPT)
     for tid, lp, top in zip(scores.ids, scores.logprobs, scores.top):
@@ -107,6 +106,8 @@ def test_logprobs_of_choices_are_the_exit_layers_log_softmax(scheduler, engine, 
             ref = torch.log_softmax(model.lm_head(model.model.norm(hidden[0, -1])).float(), -1)
         assert lp == pytest.approx(float(ref[tid]), abs=1e-4)
         assert [t for t, _ in top] == ref.topk(3).indices.tolist()
+        assert tid == int(ref.argmax())  # greedy: the exit layer's own top token
+        assert [v for _, v in top] == pytest.approx(ref.topk(3).values.tolist(), abs=1e-4)
         ids.append(tid)
 
 

@@ -69,10 +69,12 @@ def test_generate_cli_json(tiny_dir, prompts_file, capsys):
 
 def test_bench_cli_reports_ratios(tiny_dir, prompts_file, capsys):
     rc = main(["bench", "--model", str(tiny_dir), "--prompts", str(prompts_file), "--policies",
-               "final,fixed,self-speculative", "--layer", "2", "--max-new-tokens", "4", "--json"])
+               "final,fixed,self-speculative", "--layer", "2", "--max-new-tokens", "4", "--json", "--dtype", "float32",
+               "--bandwidth-mib", "64"])
     assert rc == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
-    assert set(rows) == {"hf-generate", "floor (weights only)", "final", "fixed/recompute", "self-speculative"}
+    assert set(rows) == {"hf-generate", "weights loop (eager F.linear)", "floor (memory bandwidth)", "final",
+                         "fixed/recompute", "self-speculative"}
     assert rows["final"]["agreement"] == 1.0 and rows["self-speculative"]["identical"] == 1.0
     assert rows["hf-generate"]["agreement"] == 1.0  # engine `final` equals transformers generate
     assert rows["fixed/recompute"]["flops_ratio"] < 1.0

@@ -117,8 +117,12 @@ def test_unreadable_hub_model_needs_num_layers(tmp_path, base, monkeypatch):
         load_train_config(_write(tmp_path, base))
 
 
-def test_deepspeed_config_and_precision(tmp_path, base):
+def test_deepspeed_config_and_precision(tmp_path, base, monkeypatch):
+    from layerexit import machine
     from layerexit.training.ray_trainer import deepspeed_config
+
+    # precision auto on a CPU without native bf16 (test_machine_dtype.py covers the other CPUs)
+    monkeypatch.setattr(machine, "detect_cpu", lambda: machine.CpuInfo("AMD EPYC", frozenset({"avx2"}), "AVX2"))
 
     cfg = load_train_config(_write(tmp_path, base), [
         "optim.micro_batch_size=3", "optim.grad_accum=5", "deepspeed.zero_stage=3",

@@ -183,8 +183,18 @@ def find_wider_cache(fp: dict) -> Path | None:
     return None
 
 
+def resolve_cache_precision(precision: str) -> str:
+    """``distill.cache_precision``: ``auto`` -> ``autocast_bf16`` where the CPU has native bf16, else ``fp32`` (the
+    teacher's forward is a batched prefill, compute-bound); the choice is logged (``layerexit.machine``)."""
+    if precision != "auto":
+        return precision
+    from layerexit.machine import choose_dtype
+
+    return "autocast_bf16" if choose_dtype("prefill", what="teacher cache").dtype == "bfloat16" else "fp32"
+
+
 def build_teacher_cache(model_spec: str, examples: Sequence[TokenizedExample], *, k: int, temperature: float = 1.0,
-                        layers: Sequence[int] = (), precision: str = "autocast_bf16", directory: str | Path | None = None,
+                        layers: Sequence[int] = (), precision: str = "auto", directory: str | Path | None = None,
                         num_tasks: int = 2, model_and_tokenizer=None, console=None) -> TeacherCache:
     """The cache for (model, tokenizer, examples, k, temperature, layers, precision): read when a complete matching
     one exists, else computed by ``num_tasks`` Ray tasks over shards of the examples and written atomically.
@@ -196,6 +206,7 @@ def build_teacher_cache(model_spec: str, examples: Sequence[TokenizedExample], *
     from layerexit.models.adapters import base_fingerprint
     from layerexit.models.loading import load_model_and_tokenizer
 
+    precision = resolve_cache_precision(precision)  # the fingerprint records what was used, never "auto"
     model, tok = model_and_tokenizer or load_model_and_tokenizer(model_spec)
     check_distill_settings(k, model.config.vocab_size, temperature)
     fp = cache_fingerprint(base_fingerprint(model, tok), examples, k, temperature, layers, precision)

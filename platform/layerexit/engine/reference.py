@@ -38,10 +38,12 @@ def hf_greedy_generate(
     pad_id: int,
     eos: set[int] | None = None,
     prompt_lookup: int | None = None,
+    **generate_kwargs,
 ) -> list[list[int]]:
     """Greedy ``model.generate`` (KV cache) on a left-padded batch; returns each sequence's new tokens,
     cut after the first EOS (which is kept). ``prompt_lookup``: transformers' own prompt-lookup decoding
-    (``prompt_lookup_num_tokens``), the n-gram drafter a user would otherwise reach for."""
+    (``prompt_lookup_num_tokens``), the n-gram drafter a user would otherwise reach for. ``generate_kwargs`` go to
+    ``generate`` as they are (``cache_implementation="static"``, ``assistant_early_exit=L``, ``assistant_model=``)."""
     eos = eos if eos is not None else eos_ids(model)
     ids, mask = pad_left(prompts, pad_id)
     device = next(model.parameters()).device
@@ -59,6 +61,7 @@ def hf_greedy_generate(
             top_p=None,
             top_k=None,
             **({"prompt_lookup_num_tokens": prompt_lookup} if prompt_lookup else {}),
+            **generate_kwargs,
         )
     results = []
     for row in out[:, ids.shape[1] :].tolist():

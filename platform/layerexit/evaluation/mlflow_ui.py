@@ -4,8 +4,9 @@
 
 saves ``mlflow_experiments.png`` (the experiment list) and ``mlflow_run.png`` (one run: the newest evaluation run
 when there is one, else the newest run) as small PNGs, so a reviewer can see what a user sees after ``make demo``.
-Chromium is the Debian package ``chromium`` (``apt-get install -y chromium``); ``find_chromium`` returns None when
-it is absent and the caller decides (the test skips with that reason).
+Chromium is the Debian package ``chromium`` (``make browser``, which ``make test`` runs: ``apt-get install -y chromium
+chromium-driver``); ``find_chromium`` returns None when it is absent and the caller decides (the test skips with that
+reason, which ``make test`` rules out).
 """
 
 from __future__ import annotations
@@ -77,11 +78,17 @@ def screenshot(chromium: str, url: str, out: Path, width: int = 1400, height: in
                max_width: int = 1000) -> Path:
     """Render ``url`` headless (JavaScript run for ``wait_ms`` of virtual time) into ``out``, shrunk to
     ``max_width`` pixels and palette-quantised so it stays small in the repository."""
+    import tempfile
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-           "--hide-scrollbars", f"--window-size={width},{height}", f"--virtual-time-budget={wait_ms}",
-           f"--screenshot={out}", url]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    # Root in a container needs --no-sandbox; the rest keep a headless run off the network (this machine reaches
+    # only package registries) and away from any earlier profile: a fresh --user-data-dir per shot.
+    with tempfile.TemporaryDirectory(prefix="layerexit-chromium-") as profile:
+        cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+               "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+               f"--user-data-dir={profile}", "--hide-scrollbars", f"--window-size={width},{height}",
+               f"--virtual-time-budget={wait_ms}", f"--screenshot={out}", url]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0 or not out.is_file():
         raise RuntimeError(f"chromium failed ({proc.returncode}): {proc.stderr[-1500:]}")
     from PIL import Image

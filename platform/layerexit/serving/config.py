@@ -35,7 +35,9 @@ class ServeArgs(StrictModel):
     )
     device: str = Field("auto", description="auto (cuda when available, else cpu), cpu, cuda, cuda:1...")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Weights dtype; auto = bfloat16 on GPU, float32 on CPU."
+        "auto", description="Weights dtype. auto: bfloat16 on a GPU or a CPU with native bf16 (avx512_bf16/AMX); on "
+        "other CPUs float32 when batches form (max_batch_size > 1: compute-bound, bf16 matmuls are emulated there) "
+        "and bfloat16 at max_batch_size 1 (memory-bound); the replica logs the choice."
     )
     torch_threads: int | None = Field(
         None, ge=1, description="torch intra-op threads per replica (default: what Ray sets from num_cpus)."
@@ -114,6 +116,14 @@ class ServeArgs(StrictModel):
 
     def served_name(self) -> str:
         return self.model_name or served_name_for(self.model)
+
+    def dtype_choice(self, device: str | None = None, log: bool = True):
+        """``dtype`` resolved for this machine (``layerexit.machine.choose_dtype``): the work is batched decoding
+        unless ``max_batch_size`` is 1."""
+        from layerexit.machine import choose_dtype
+
+        stage = "decode" if self.max_batch_size == 1 else "batched"
+        return choose_dtype(stage, self.dtype, device or self.device, log=log, what="serving")
 
 
 def served_name_for(spec: str) -> str:

@@ -183,9 +183,10 @@ class EarlyExitLLM:
         device = self.args.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype_name = self.args.dtype
-        if dtype_name == "auto":
-            dtype_name = "bfloat16" if device.startswith("cuda") else "float32"
+        dtype_choice = self.args.dtype_choice(device)
+        dtype_name = dtype_choice.dtype
+        logger.info("serving %s in %s (dtype %s: %s)", self.args.model, dtype_name, self.args.dtype,
+                    dtype_choice.reason)
         t0 = time.perf_counter()
         self.source = resolve_model_source(self.args.model, self.args.mlflow_tracking_uri)
         self.model, self.tokenizer = load_model_and_tokenizer(self.source.load_spec, getattr(torch, dtype_name), device)

@@ -98,7 +98,9 @@ def precheck_kv_budget(model_spec: str, device: str, dtype: str, budget_tokens: 
     location = Path(resolved.location)
     config = AutoConfig.from_pretrained(location)
     if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+        from layerexit.machine import choose_dtype
+
+        dtype = choose_dtype("batched", "auto", device, log=False).dtype
     weights = sum(p.stat().st_size for p in location.glob("*.safetensors")) or \
         sum(p.stat().st_size for p in location.glob("*.bin"))
     check_kv_budget(budget_tokens, kv_bytes_per_token(config, getattr(torch, dtype)), weights,

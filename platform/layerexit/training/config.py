@@ -85,8 +85,9 @@ class DistillSection(StrictModel):
     chunk_size: int | None = Field(256, ge=1, description="Positions per LM-head chunk (activation checkpointed).")
     cache_dir: str | None = Field(None, description="Teacher cache directory (default: $LAYEREXIT_HOME/teacher_cache/"
                                                     "<fingerprint>); one built for other model/data/k is an error.")
-    cache_precision: Literal["fp32", "autocast_bf16"] = Field("autocast_bf16",
-                                                              description="Precision of the teacher's forward pass.")
+    cache_precision: Literal["auto", "fp32", "autocast_bf16"] = Field(
+        "auto", description="Precision of the teacher's forward pass (a batched prefill). auto: bf16 autocast "
+        "where the CPU has native bf16 (avx512_bf16/AMX), fp32 on other CPUs (layerexit.machine.choose_dtype).")
     cache_tasks: int = Field(2, ge=1, description="Ray tasks that build the cache (one CPU each).")
 
     @field_validator("temperature")
@@ -158,8 +159,9 @@ class DeepSpeedSection(StrictModel):
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="ZeRO stage: 1 optimizer, 2 +gradients, 3 +parameters.")
     precision: Literal["auto", "fp32", "bf16", "autocast_bf16"] = Field(
         "auto",
-        description="auto: bf16 on GPU, fp32 on CPU. bf16: DeepSpeed bf16 weights with fp32 optimizer state. "
-        "autocast_bf16: fp32 weights, torch.autocast bf16 compute (fast on CPUs with AMX).",
+        description="auto: bf16 on GPU; on CPU autocast_bf16 where the CPU has native bf16 (avx512_bf16/AMX), else "
+        "fp32 (bf16 matmuls are emulated there, ~30x slower); decided on each worker and logged. bf16: DeepSpeed "
+        "bf16 weights with fp32 optimizer state. autocast_bf16: fp32 weights, torch.autocast bf16 compute.",
     )
     offload_optimizer: bool = Field(False, description="ZeRO-Offload optimizer state to CPU (GPU runs only).")
     extra: dict[str, Any] = Field(default_factory=dict, description="Raw DeepSpeed config entries merged last.")
@@ -314,10 +316,17 @@ class TrainConfig(StrictModel):
 
     @property
     def precision(self) -> str:
-        """Resolved precision: fp32 | bf16 | autocast_bf16."""
-        if self.deepspeed.precision == "auto":
-            return "bf16" if self.scaling.use_gpu else "fp32"
-        return self.deepspeed.precision
+        """Resolved precision: fp32 | bf16 | autocast_bf16 (``auto`` per ``layerexit.machine.training_precision`` on
+        the machine evaluating it; not logged here: ``resolve_precision`` logs)."""
+        from layerexit.machine import training_precision
+
+        return training_precision(self.deepspeed.precision, self.scaling.use_gpu, log=False)
+
+    def resolve_precision(self) -> str:
+        """``precision``, with the choice logged (``logger.info``) when it was ``auto``."""
+        from layerexit.machine import training_precision
+
+        return training_precision(self.deepspeed.precision, self.scaling.use_gpu)
 
     def storage_dir(self) -> Path:
         return Path(os.path.expanduser(self.checkpoint.storage_path)).resolve()

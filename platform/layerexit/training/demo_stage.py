@@ -31,7 +31,9 @@ def demo_config(out_dir: str | Path, **overrides):
         "adapters": {"rank": 256, "positions_per_batch": 256},
         "optim": {"lr": 3.0e-3, "warmup_steps": 10, "schedule": "cosine", "min_lr_ratio": 0.1,
                   "micro_batch_size": 4, "grad_accum": 1, "epochs": 16},
-        "deepspeed": {"zero_stage": 2, "precision": "autocast_bf16"},
+        # auto: bf16 autocast where the CPU has native bf16, fp32 elsewhere (an AVX2-only CPU trains ~30x slower
+        # in bf16: the demo must finish there too); the teacher cache's forward likewise (distill.cache_precision).
+        "deepspeed": {"zero_stage": 2, "precision": "auto"},
         "scaling": {"num_workers": 2, "use_gpu": False, "cpus_per_worker": 1},
         "checkpoint": {"storage_path": str(out_dir / "ray_results"), "num_to_keep": 1, "max_failures": 0},
         "mlflow": {"experiment": "layerexit-demo", "log_system_metrics": False},

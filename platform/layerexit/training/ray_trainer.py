@@ -260,6 +260,16 @@ def check_cluster(cfg: TrainConfig, ray_init_kwargs: dict[str, Any] | None = Non
     return multi
 
 
+def _auto_reason(cfg: TrainConfig) -> str:
+    """Why ``precision: auto`` resolved as it did on this machine (empty for an explicit precision)."""
+    if cfg.deepspeed.precision != "auto":
+        return ""
+    from layerexit.machine import choose_dtype
+
+    device = "cuda" if cfg.scaling.use_gpu else "cpu"
+    return f" (precision auto: {choose_dtype('train', 'auto', device, log=False).reason})"
+
+
 def run_training(cfg: TrainConfig, *, console=None, show_progress: bool = True,
                  ray_init_kwargs: dict[str, Any] | None = None) -> TrainResult:
     """Validate, prepare data, train on Ray Train + DeepSpeed, log to MLflow, register the model."""
@@ -287,10 +297,11 @@ def run_training(cfg: TrainConfig, *, console=None, show_progress: bool = True,
     uri = tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri)
     storage = cfg.storage_dir()
     storage.mkdir(parents=True, exist_ok=True)
+    precision = cfg.resolve_precision()  # `auto` is logged with its reason (layerexit.machine)
     _log(console, f"[bold]{cfg.name}[/] ({cfg.recipe}): {cfg.model.spec} ({depth} layers), exits {cfg.lite.exit_layers} + {depth}, "
                   f"weights {cfg.lite.weights}; {len(data.train)} train / {len(data.eval)} eval examples; "
                   f"{steps} steps of {cfg.train_batch_size} sequences; {cfg.scaling.num_workers} workers, "
-                  f"ZeRO-{cfg.deepspeed.zero_stage}, {cfg.precision}")
+                  f"ZeRO-{cfg.deepspeed.zero_stage}, {precision}{_auto_reason(cfg)}")
     _log(console, f"MLflow: {uri} (experiment {cfg.mlflow.experiment}); checkpoints: {storage / cfg.name}")
 
     if not ray.is_initialized():
@@ -305,7 +316,10 @@ def run_training(cfg: TrainConfig, *, console=None, show_progress: bool = True,
         _run_info_path(cfg).write_text(json.dumps({"run_id": run.run_id, "tracking_uri": uri, "config": params}))
         run.log_params({**params, "derived.num_layers": depth, "derived.total_steps": steps,
                         "derived.train_batch_size": cfg.train_batch_size, "derived.train_examples": len(data.train),
-                        "derived.eval_examples": len(data.eval)})
+                        "derived.eval_examples": len(data.eval), "derived.precision": precision})
+        from layerexit.machine import describe_machine, machine_line
+
+        run.set_tags({"layerexit.precision": precision, "layerexit.machine": machine_line(describe_machine())})
         run.log_dict(data.info, "data_info.json")
         if cache is not None:
             run.log_metrics({"teacher_cache/size_mib": cache.meta["size_bytes"] / 2**20,
@@ -448,7 +462,7 @@ def train_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.optim.seed)
     data: PreparedData = ray.get(config["data_ref"])
     steps, depth = int(config["total_steps"]), int(config["num_layers"])
-    precision = cfg.precision
+    precision = cfg.resolve_precision()  # on this worker's machine (logged when `auto`)
     model, tokenizer = _load_model(cfg.model.spec, torch.bfloat16 if precision == "bf16" else torch.float32)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -511,6 +525,9 @@ def train_worker(config: dict[str, Any]) -> None:
             print(f"[layerexit] resumed from checkpoint at step {state.step}", flush=True)
 
     logger = RunLogger(config["run_id"], config["tracking_uri"]) if rank == 0 else None
+    if logger is not None:
+        logger.set_tags({"layerexit.precision.worker": precision})
+        print(f"[layerexit] precision {precision}{_auto_reason(cfg)}", flush=True)
     if logger is not None and state.resumed_from_step is not None:
         logger.log_metrics({"resumed_from_step": state.resumed_from_step}, step=state.step)
     hf = objective.model
