@@ -13,9 +13,6 @@ It is written into a temporary sibling and renamed into place, so a crash leaves
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +20,7 @@ import torch
 from torch import nn
 
 from layerexit.errors import ConfigError
+from layerexit.tensor_dir import atomic_directory
 
 DRAFT_META = "layerexit_draft.json"
 DRAFT_FORMAT = "layerexit-draft/1"
@@ -127,21 +125,13 @@ def export_draft(model: nn.Module, tokenizer, layer: int, out: str | Path, agree
     if out.exists() and any(out.iterdir()) and not (out / DRAFT_META).is_file():
         raise ConfigError(f"--out {out} exists and is not a draft directory", "pass a new or an earlier draft's directory")
     info = DraftInfo(out, layer, draft.config.num_hidden_layers, kind, base_fingerprint(model, tokenizer), agreement)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
-    try:
+    with atomic_directory(out) as tmp:
         draft.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         meta = info.to_dict()
         if base_spec:
             meta["base_model"] = base_spec
         (tmp / DRAFT_META).write_text(json.dumps(meta, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return info
 
 
