@@ -1,9 +1,8 @@
 """Directories of one safetensors file plus a JSON description, written atomically.
 
-Teacher caches and exit adapters are both such directories (exported drafts use the same atomic_directory). A later
-run trusts one only when it is complete, so
-everything is written into a temporary sibling (the JSON last) and renamed into place in one step: a crash leaves
-the old directory or nothing, never a half-written one.
+Teacher caches and exit adapters are both such directories (exported drafts use the same ``atomic_directory``). A
+later run trusts one only when it is complete, so everything is written into a temporary sibling (the JSON last)
+and renamed into place in one step: a crash leaves the old directory or nothing, never a half-written one.
 """
 
 from __future__ import annotations

@@ -148,27 +148,11 @@ class AdapterObjective(nn.Module):
         return {"loss": out.loss, "per_layer": out.per_layer, "num_tokens": torch.tensor(float(out.num_positions))}
 
 
-class DecoderAdapterObjective(nn.Module):
+class DecoderAdapterObjective(AdapterObjective):
     """Decoder-layer adapters on the frozen base: layers 1..max(exit) run without gradients on each batch of
     sequences, each exit's adapter attends over its exit's hidden states, and the top-k KL towards the teacher
-    cache trains the adapters alone (only they are registered, as in ``AdapterObjective``)."""
-
-    def __init__(self, model: nn.Module, adapters: Mapping[int, nn.Module], weights: Mapping[int, float],
-                 temperature: float, full_every: int, chunk_size: int | None) -> None:
-        super().__init__()
-        self.adapters = nn.ModuleDict({str(l): a for l, a in adapters.items()})
-        object.__setattr__(self, "_base", model)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        self.weights = {l: w for l, w in weights.items() if str(l) in self.adapters}
-        self.temperature, self.full_every, self.chunk_size = temperature, full_every, chunk_size
-
-    @property
-    def model(self) -> nn.Module:
-        return self._base
-
-    def adapter_map(self) -> dict[int, nn.Module]:
-        return {int(l): a for l, a in self.adapters.items()}
+    cache trains the adapters alone (only they are registered, as in ``AdapterObjective``, whose set-up it
+    shares; only the batches differ: sequences here, cached positions there)."""
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                 teacher_ids: torch.Tensor, teacher_logp: torch.Tensor, teacher_mask: torch.Tensor) -> dict:
