@@ -177,6 +177,9 @@ def tracked_run(
         run_id = None
     kwargs: dict[str, Any] = {"log_system_metrics": log_system_metrics or None}
     if run_id is not None:
+        # A resumed run lives in its own experiment; an experiment made active earlier in this process (a
+        # notebook, a previous job step on another store) would make start_run refuse it.
+        mlflow.set_experiment(experiment_id=mlflow.MlflowClient().get_run(run_id).info.experiment_id)
         run = mlflow.start_run(run_id=run_id, **kwargs)
     else:
         run = mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=dict(tags or {}), **kwargs)
