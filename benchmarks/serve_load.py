@@ -17,19 +17,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import statistics
 import sys
 import time
 from pathlib import Path
 
+from layerexit.localhost import free_port as _free_port
+
 DEFAULT_EARLY = {"policy": "confidence", "thresholds": "paper-7b", "kv": "recompute"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _pct(values: list[float], q: float) -> float:

@@ -16,17 +16,12 @@ import argparse
 import json
 import os
 import random
-import socket
 import statistics
 import sys
 import time
 from pathlib import Path
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from layerexit.localhost import free_port as _free_port
 
 
 def _peak_rss_mib() -> float:

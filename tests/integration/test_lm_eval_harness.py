@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from layerexit.localhost import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -61,12 +62,6 @@ MC_ROWS = [
     {"question": "Which is a fruit?", "choices": [" stone", " chair", " apple"], "answer": 2},
 ]
 GEN_ROWS = [{"question": "Say hello.", "answer": "hello"}, {"question": "Count to two.", "answer": "one two"}]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+
+from layerexit.localhost import free_port, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -30,26 +31,6 @@ KEY_ENV = "LAYEREXIT_TEST_API_KEY"
 MAX_PROMPT = 64
 MAX_TOKENS = 480
 DEADLINE_S = 240
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.25):
-    end = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < end:
-        try:
-            last = predicate()
-            if last:
-                return last
-        except Exception as err:  # noqa: BLE001 - keep polling until the deadline
-            last = err
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
 
 
 class Stack:

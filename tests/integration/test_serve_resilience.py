@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import time
 
 import httpx
 import pytest
+
+from layerexit.localhost import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -22,12 +23,6 @@ MODEL = "tiny"
 PROMPT_TOKENS_MAX = 48
 MAX_TOKENS = 40
 BUDGET = 2 * (PROMPT_TOKENS_MAX + MAX_TOKENS) + 8  # two long rows at a time
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(predicate, timeout: float, what: str):

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,8 @@ import httpx
 import pytest
 import yaml
 
+from layerexit.localhost import free_port
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
@@ -35,12 +36,6 @@ APP = "layerexit-smollm2"
 DURATION_S = float(os.environ.get("LAYEREXIT_SOAK_S", "180"))
 CLIENTS = 4
 MAX_TOKENS = 64
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_bytes(pid: int) -> int:

@@ -15,101 +15,24 @@ eager (``enforce_eager``) so it starts in about a minute.
 from __future__ import annotations
 
 import json
-import os
-import re
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 import yaml
 
+from layerexit.serving.vllm_cluster import REPO, VLLM_BIN, VLLM_VENV, VllmCluster, run_group, vllm_env, wait_until
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.model]
 
-REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "serve_configs" / "smollm2_vllm.yaml"
-VLLM_VENV = REPO / ".venv-vllm"
-VLLM_BIN = VLLM_VENV / "bin"
 MODEL = "smollm2"
 DRAFT_LAYER = 24
 START_DEADLINE_S = 360
-SPEC_METRIC = re.compile(r"^ray_vllm_spec_decode_num_(accepted_tokens|draft_tokens|drafts)_total\{[^}]*\}\s+(\S+)",
-                         re.M)
 
 if not (VLLM_BIN / "serve").exists():
     pytest.skip(f"no {VLLM_VENV}: run `make vllm-env` (`make test` builds it)", allow_module_level=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(predicate, timeout: float, what: str, interval: float = 1.0, alive=None):
-    end = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < end:
-        if alive is not None:
-            alive()
-        try:
-            last = predicate()
-            if last:
-                return last
-        except Exception as err:  # noqa: BLE001 - keep polling until the deadline
-            last = err
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
-
-
-def cluster_processes(directory: Path) -> list[int]:
-    """Processes whose working directory is ``directory`` (a cluster's own temp dir: nothing else runs there)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit() and int(proc.name) != os.getpid():
-            try:
-                if Path(os.readlink(proc / "cwd")) == directory.resolve():
-                    found.append(int(proc.name))
-            except OSError:
-                pass
-    return found
-
-
-def run_group(cmd: list[str], timeout: float, **kw) -> tuple[int, str]:
-    """Run ``cmd`` in its own process group; on timeout end the whole group (vLLM's engine processes included)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            **kw)
-    try:
-        output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        return -1, f"timed out after {timeout:.0f} s\n{output}"
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # nothing of it may outlive the test
-        except ProcessLookupError:
-            pass
-        for pid in cluster_processes(Path(kw["cwd"])) if "cwd" in kw else []:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    return proc.returncode, output
-
-
-def vllm_env(tmp: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTHONPATH", "RAY_ADDRESS"))}
-    env.update(PATH=f"{VLLM_BIN}:{env.get('PATH', '')}", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               RAY_metrics_report_interval_ms="1000", RAY_USAGE_STATS_ENABLED="0", VLLM_CPU_KVCACHE_SPACE="1",
-               RAY_AUTH_MODE="disabled")  # `ray start --head` turns token auth on by default in Ray 2.60
-    return env
 
 
 @pytest.fixture(scope="module")
@@ -125,111 +48,17 @@ def draft_dir(tmp_path_factory, smollm2_path) -> Path:
     return out
 
 
-class Cluster:
-    """A Ray head of .venv-vllm on free ports, in its own process group and temp dir."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        # Unix socket paths are limited to ~107 bytes: keep Ray's temp dir short.
-        self.ray_tmp = Path(tempfile.mkdtemp(prefix="lxv-", dir="/tmp"))
-        self.gcs_port, self.metrics_port, self.http_port = free_port(), free_port(), free_port()
-        self.gcs = f"127.0.0.1:{self.gcs_port}"
-        self.env = vllm_env(tmp)
-        ports = {"--port": self.gcs_port, "--metrics-export-port": self.metrics_port,
-                 "--node-manager-port": free_port(), "--object-manager-port": free_port(),
-                 "--ray-client-server-port": free_port(), "--dashboard-agent-listen-port": free_port(),
-                 "--dashboard-agent-grpc-port": free_port(), "--runtime-env-agent-port": free_port(),
-                 "--dashboard-port": free_port()}
-        cmd = [str(VLLM_BIN / "ray"), "start", "--head", "--block", "--num-cpus", "2", "--include-dashboard", "false",
-               "--disable-usage-stats", "--temp-dir", str(self.ray_tmp)]
-        for flag, port in ports.items():
-            cmd += [flag, str(port)]
-        self.log = open(tmp / "ray-start.log", "w")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=self.env, cwd=tmp,
-                                     start_new_session=True)
-
-    def alive(self) -> None:
-        if self.proc.poll() is not None:
-            raise AssertionError(f"ray start exited with {self.proc.returncode}: {self.logs()}")
-
-    def serve_run(self, config: dict) -> None:
-        path = self.tmp / "smollm2_vllm.yaml"
-        path.write_text(yaml.safe_dump(config, sort_keys=False))
-
-        def submitted():
-            proc = subprocess.run([str(VLLM_BIN / "serve"), "run", "--address", self.gcs, "--non-blocking",
-                                   str(path)], capture_output=True, text=True, timeout=180, env=self.env, cwd=self.tmp)
-            if proc.returncode != 0 and "Could not find any running Ray instance" not in proc.stderr + proc.stdout:
-                raise AssertionError(proc.stdout[-3000:] + proc.stderr[-3000:])
-            return proc.returncode == 0
-
-        wait_until(submitted, 120, "serve run to submit the config", interval=2, alive=self.alive)
-
-    def logs(self, chars: int = 4000) -> str:
-        out = []
-        for path in sorted(self.ray_tmp.glob("session_latest/logs/serve/*.log")) + [self.tmp / "ray-start.log"]:
-            try:
-                out.append(f"--- {path.name}\n{path.read_text(errors='replace')[-chars:]}")
-            except OSError:
-                pass
-        return "\n".join(out)[-4 * chars:]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)  # ray start --block then drains for up to 30 s: cut it short
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
-        # ray start --block ends its own processes; anything of this session left is in the same group ...
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        # ... except vLLM's engine workers, which leave it: they still run in this cluster's own directory.
-        for pid in cluster_processes(self.tmp):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.log.close()
-        shutil.rmtree(self.ray_tmp, ignore_errors=True)
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-    def client(self):
-        from openai import OpenAI
-
-        return OpenAI(base_url=self.base + "/v1", api_key="none", max_retries=0, timeout=300)
-
-    def spec_counters(self) -> dict[str, float]:
-        text = httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).text
-        out: dict[str, float] = {}
-        for name, value in SPEC_METRIC.findall(text):
-            out[name] = out.get(name, 0.0) + float(value)
-        return out
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, draft_dir):
-    tmp = tmp_path_factory.mktemp("vllm-serve")
     config = yaml.safe_load(CONFIG.read_text())
-    c = Cluster(tmp)
+    c = VllmCluster(tmp_path_factory.mktemp("vllm-serve"))
     try:
-        config["http_options"].update(port=c.http_port, request_timeout_s=300)  # 2 shared cores: slow steps
-        args = config["applications"][0]["args"]
-        args.update(draft=str(draft_dir), max_model_len=512)
-        started = time.monotonic()
-        c.serve_run(config)
-        wait_until(lambda: httpx.get(c.base + "/v1/models", timeout=10).status_code == 200, START_DEADLINE_S,
-                   "the vLLM app to serve /v1/models", interval=2, alive=c.alive)
-        c.start_s = time.monotonic() - started
+        config["http_options"].update(request_timeout_s=300)  # 2 shared cores: slow steps
+        config["applications"][0]["args"].update(draft=str(draft_dir), max_model_len=512)
+        c.serve_and_wait(config, timeout=START_DEADLINE_S)
         print(f"vLLM app up after {c.start_s:.0f} s")
         yield c
-    except AssertionError as err:
+    except (RuntimeError, TimeoutError) as err:
         raise AssertionError(f"{err}\n{c.logs()}") from None
     finally:
         c.stop()
@@ -241,7 +70,7 @@ def test_greedy_tokens_with_the_draft_equal_those_without_it_fp32(draft_dir, tmp
     cmd = [str(VLLM_BIN / "python"), "-m", "layerexit.serving.vllm_check", "--model", "smollm2", "--draft",
            str(draft_dir), "--num-speculative-tokens", "3", "--dtype", "float32", "--compare", "--batch", "--limit", "3",
            "--max-tokens", "16", "--max-model-len", "512", "--json", str(out)]
-    code, output = run_group(cmd, timeout=780, env=vllm_env(tmp_path), cwd=tmp_path)
+    code, output = run_group(cmd, timeout=780, env=vllm_env(), cwd=tmp_path)
     assert code == 0, output[-5000:]
     report = json.loads(out.read_text())
     assert report["prompts"] == 3 and report["identical"] == 3, report

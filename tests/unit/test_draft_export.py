@@ -350,3 +350,16 @@ def test_cost_model_prices_layerskip_llama2_7b():
     c = (8 * layer + head) / (32 * layer + head)
     assert predicted_speedup([0.79] * 1, c, 1) == pytest.approx(1.42, abs=0.01)
     assert predicted_speedup([0.79] * 3, c, 3) == pytest.approx(1.62, abs=0.01)
+
+
+def test_llama_shape_cost_ratio_matches_the_weight_arithmetic_and_counters_give_the_same_speedup():
+    from layerexit.tuning.draft_choice import llama_shape_cost_ratio, predicted_speedup, speedup_from_counters
+
+    layer = 4096 * 4096 * 4 + 3 * 4096 * 11008
+    head = 32000 * 4096
+    assert llama_shape_cost_ratio(8) == pytest.approx((8 * layer + head) / (32 * layer + head))
+    assert llama_shape_cost_ratio(8, adapter_layers=1) == pytest.approx((9 * layer + head) / (32 * layer + head))
+    c = llama_shape_cost_ratio(8)
+    # 1000 verifications of k = 1 at acceptance 0.79 accept 790 tokens: the same 1.42x as the per-position form
+    assert speedup_from_counters(790, 1000, 1, c) == pytest.approx(predicted_speedup([0.79], c, 1))
+    assert speedup_from_counters(0, 0, 3, c) == pytest.approx(1 / (3 * c + 1))

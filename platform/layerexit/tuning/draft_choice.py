@@ -125,6 +125,24 @@ def predicted_speedup(per_position: Sequence[float], cost_ratio: float, num_draf
     return expected_tokens(per_position, k) / (k * cost_ratio + 1.0)
 
 
+def llama_shape_cost_ratio(layer: int, num_layers: int = 32, hidden: int = 4096, intermediate: int = 11008,
+                           vocab: int = 32000, kv_heads_ratio: float = 1.0, adapter_layers: int = 0) -> float:
+    """``draft_cost_ratio`` from a LLaMA shape instead of a loaded model (defaults: LLaMA-2-7B), for pricing a
+    draft on a model that does not fit here: layers 1..layer plus ``adapter_layers`` decoder layers plus the head,
+    over every layer plus the head."""
+    attn = hidden * hidden * (2 + 2 * kv_heads_ratio)  # q, o + k, v (grouped-query shrinks k, v)
+    one = attn + 3 * hidden * intermediate
+    head = vocab * hidden
+    return ((layer + adapter_layers) * one + head) / (num_layers * one + head)
+
+
+def speedup_from_counters(accepted_tokens: float, drafts: float, num_draft: int, cost_ratio: float) -> float:
+    """The cost model from a server's counters (vLLM's ``spec_decode_num_accepted_tokens`` and ``..._num_drafts``):
+    E = 1 + accepted / drafts tokens per verification, over k c + 1."""
+    expected = 1.0 + (accepted_tokens / drafts if drafts else 0.0)
+    return expected / (num_draft * cost_ratio + 1.0)
+
+
 @dataclass
 class DraftChoice:
     layer: int

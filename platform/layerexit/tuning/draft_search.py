@@ -27,7 +27,6 @@ Serve config.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import gc
 import json
@@ -490,34 +489,15 @@ def run_draft_tuning(cfg: DraftTuneConfig, serve_config: str | Path | None = Non
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    import ray
+    from layerexit.tuning.mlflow_tune import search_session
 
-    started_ray = False
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
-        started_ray = True
-    run_ctx = contextlib.nullcontext(None)
-    if cfg.mlflow.enabled:
-        from layerexit.tracking import tracked_run
-
-        run_name = cfg.mlflow.run_name or f"tune-draft-{Path(cfg.model.spec).name or cfg.model.spec}"
-        run_ctx = tracked_run(cfg.mlflow.experiment, run_name, cfg.mlflow.tracking_uri,
-                              tags={"layerexit.stage": "tune-draft"})
-    try:
-        with run_ctx as run:
-            if run is not None:
-                from layerexit.tuning.search import _flatten
-
-                run.log_params(_flatten(cfg.model_dump(mode="json")))
-            outcome = _run(cfg, kind, serve_config, val_texts, report_texts, out_dir, console, run)
-            if run is not None:
-                outcome.mlflow_run_id = run.run_id
-                _log_outcome(run, outcome, cfg)
-            (out_dir / "summary.json").write_text(json.dumps(outcome.summary(), indent=2))
-            return outcome
-    finally:
-        if started_ray:
-            ray.shutdown()
+    with search_session(cfg, "tune-draft", "tune-draft") as run:
+        outcome = _run(cfg, kind, serve_config, val_texts, report_texts, out_dir, console, run)
+        if run is not None:
+            outcome.mlflow_run_id = run.run_id
+            _log_outcome(run, outcome, cfg)
+        (out_dir / "summary.json").write_text(json.dumps(outcome.summary(), indent=2))
+        return outcome
 
 
 def _run(cfg: DraftTuneConfig, kind, serve_config, val_texts, report_texts, out_dir: Path, console, run):

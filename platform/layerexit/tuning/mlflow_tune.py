@@ -2,6 +2,7 @@
 
 - ``NestedTrialRuns``: a Ray Tune callback opening one nested MLflow run per trial under the search's parent run,
   logging its thresholds (params) and scores (metrics); a crashed trial's run ends FAILED with the error as a tag.
+- ``search_session``: Ray up for a search and its parent MLflow run, the config logged as params.
 - ``attach_thresholds_to_model_version``: tag a registered model version with the chosen thresholds and where the
   thresholds file lives, so the version in the registry says which thresholds to serve it with.
 
@@ -10,9 +11,10 @@ Both could move into ``tracking.py`` (they only use MlflowClient).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,45 @@ PARENT_TAG = "mlflow.parentRunId"
 THRESHOLDS_TAG = "layerexit.thresholds"
 THRESHOLDS_RUN_TAG = "layerexit.thresholds_run_id"
 THRESHOLDS_ARTIFACT_TAG = "layerexit.thresholds_artifact"
+
+
+def flatten_params(data: Mapping, prefix: str = "") -> dict[str, Any]:
+    """A config dump as MLflow params: nested sections become ``section.key``."""
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v and all(isinstance(x, str) for x in v):
+            out.update(flatten_params(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+@contextlib.contextmanager
+def search_session(cfg, stage: str, run_prefix: str) -> Iterator[Any]:
+    """Ray for a search (started here and stopped at the end if nothing was running) and, when
+    ``cfg.mlflow.enabled``, the search's parent run with the whole config as params. Yields the run's
+    ``RunLogger``, or None without MLflow."""
+    import ray
+
+    started_ray = False
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+        started_ray = True
+    try:
+        if not cfg.mlflow.enabled:
+            yield None
+            return
+        from layerexit.tracking import tracked_run
+
+        run_name = cfg.mlflow.run_name or f"{run_prefix}-{Path(cfg.model.spec).name or cfg.model.spec}"
+        with tracked_run(cfg.mlflow.experiment, run_name, cfg.mlflow.tracking_uri,
+                         tags={"layerexit.stage": stage}) as run:
+            run.log_params(flatten_params(cfg.model_dump(mode="json")))
+            yield run
+    finally:
+        if started_ray:
+            ray.shutdown()
 
 
 class NestedTrialRuns(Callback):

@@ -21,7 +21,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -181,17 +180,6 @@ def select_layers(traces: ExitTraces, layers: Sequence[int]) -> ExitTraces:
                       None if traces.hidden is None else traces.hidden[:, keep])
 
 
-def _flatten(data: Mapping, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in data.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping) and v and all(isinstance(x, str) for x in v):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 def _fmt_thr(thresholds: Mapping[int, float]) -> str:
     return "{" + ", ".join(f"{l}: {v:g}" for l, v in sorted(thresholds.items())) + "}" if thresholds else "{} (final)"
 
@@ -282,39 +270,22 @@ def run_tuning(cfg: TuneSearchConfig, serve_config: str | Path | None = None, co
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    import ray
+    from layerexit.tuning.mlflow_tune import search_session
 
-    started_ray = False
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
-        started_ray = True
-    worker = None
-    run_ctx = contextlib.nullcontext(None)
-    if cfg.mlflow.enabled:
-        from layerexit.tracking import tracked_run
+    with search_session(cfg, "tune", "tune") as run:
+        from layerexit.tuning.confirm import WorkerHandle
 
-        run_name = cfg.mlflow.run_name or f"tune-{Path(cfg.model.spec).name or cfg.model.spec}"
-        run_ctx = tracked_run(cfg.mlflow.experiment, run_name, cfg.mlflow.tracking_uri,
-                              tags={"layerexit.stage": "tune"})
-    try:
-        with run_ctx as run:
-            if run is not None:
-                run.log_params(_flatten(cfg.model_dump(mode="json")))
-            from layerexit.tuning.confirm import WorkerHandle
-
-            t0 = time.perf_counter()
-            worker = WorkerHandle(cfg.model.spec, cfg.model.dtype, cfg.model.device, cfg.model.num_gpus,
-                                  cfg.show_progress, cfg.model.name)
+        t0 = time.perf_counter()
+        worker = WorkerHandle(cfg.model.spec, cfg.model.dtype, cfg.model.device, cfg.model.num_gpus,
+                              cfg.show_progress, cfg.model.name)
+        try:  # the worker is a Ray actor: closed before search_session stops Ray
             outcome = _run(cfg, space, worker, val_texts, report_texts, out_dir, serve_config, console, run,
                            before_trial, t0)
             if run is not None:
                 _log_outcome(run, outcome, cfg, worker.info())
             return outcome
-    finally:
-        if worker is not None:
+        finally:
             worker.close()
-        if started_ray:
-            ray.shutdown()
 
 
 def _run(cfg, space, worker, val_texts, report_texts, out_dir, serve_config, console, run, before_trial, t0):
