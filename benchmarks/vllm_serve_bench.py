@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
 import subprocess
 import sys
 import tempfile
@@ -85,8 +86,10 @@ def run_vllm_row(row: str, draft: str | None, k: int, args, prompts: list[str], 
     config = yaml.safe_load(VLLM_CONFIG.read_text())
     config["http_options"]["request_timeout_s"] = 900
     app = config["applications"][0]
-    app["args"].update(draft=draft or "none", num_speculative_tokens=k, dtype=args.dtype,
-                       max_model_len=args.max_model_len, max_num_seqs=max(args.concurrency))
+    app["args"].update(draft=draft or "none", dtype=args.dtype, max_model_len=args.max_model_len,
+                       max_num_seqs=max(args.concurrency))
+    if draft:
+        app["args"]["num_speculative_tokens"] = k
     with VllmCluster(tmp / row) as cluster:
         try:
             start_s = cluster.serve_and_wait(config)
@@ -237,6 +240,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tracking-uri", default=None)
     parser.add_argument("--out", default="outputs/bench/vllm_serve_bench.json")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the clusters' `with` blocks stop them
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = sorted(set(rows) - set(ROWS))

@@ -28,6 +28,7 @@ VLLM_VENV = REPO / ".venv-vllm"
 VLLM_BIN = VLLM_VENV / "bin"
 SPEC_METRIC = re.compile(r"^ray_vllm_spec_decode_num_(accepted_tokens|draft_tokens|drafts)_total\{[^}]*\}\s+(\S+)",
                          re.M)
+BUILD_ERROR = re.compile(r"layerexit\.errors\.\w+: .*")
 
 
 def cluster_processes(directory: Path) -> list[int]:
@@ -131,10 +132,25 @@ class VllmCluster:
 
         started = time.monotonic()
         self.serve_run(config)
+
+        def alive() -> None:
+            self.alive()
+            error = self.build_error()
+            if error:  # Serve retries a failed build for ever: stop at the first one
+                raise RuntimeError(f"the app's build_app refused the config: {error}")
+
         wait_until(lambda: httpx.get(self.base + "/v1/models", timeout=10).status_code == 200, timeout,
-                   "the vLLM app to serve /v1/models", interval=2, alive=self.alive)
+                   "the vLLM app to serve /v1/models", interval=2, alive=alive)
         self.start_s = time.monotonic() - started
         return self.start_s
+
+    def build_error(self) -> str | None:
+        """The first layerexit error a build of the app raised (from the Serve controller's log), if any."""
+        for path in self.ray_tmp.glob("session_latest/logs/serve/controller_*.log"):
+            match = BUILD_ERROR.search(path.read_text(errors="replace"))
+            if match:
+                return match.group(0)
+        return None
 
     def logs(self, chars: int = 4000) -> str:
         out = []
