@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> dict:
                else [it.text for it in heldout_instructions()[: args.limit]])
     base_path = resolve_model(args.model).location
     smol_layers = json.loads((Path(base_path) / "config.json").read_text())["num_hidden_layers"]
-    drafts = Path(args.drafts_dir).expanduser()
+    drafts = Path(args.drafts_dir).expanduser().resolve()  # vLLM resolves paths from its own cwd
     report: dict = {"command": "benchmarks/vllm_serve_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                     "machine": machine_line(describe_machine()), "dtype": args.dtype, "max_tokens": args.max_tokens,
                     "duration_s": args.duration, "prompts": len(prompts), "concurrency": args.concurrency, "rows": {}}
@@ -279,7 +279,11 @@ def main(argv: list[str] | None = None) -> dict:
             out = drafts / f"trained-{Path(args.trained).resolve().parent.name}-l{shipped.get('layer', 'x')}"
             draft_info = _export_draft(args.trained, None, out)
             draft, row_k = str(out), int(shipped.get("num_draft", k))
-        res = run_vllm_row(row, draft, row_k, args, prompts, tmp)
+        try:
+            res = run_vllm_row(row, draft, row_k, args, prompts, tmp)
+        except SystemExit as err:  # one row's failure is reported; the other rows still run
+            print(f"{row}: failed: {err}", flush=True)
+            res = {"error": str(err)[-2000:], "by_concurrency": {}}
         if draft_info:
             res.update(draft_layer=draft_info["layer"],
                        adapter_layers=draft_info["num_layers"] - draft_info["layer"])

@@ -29,18 +29,22 @@ def choose_and_ship_draft(cfg: TrainConfig, hf_dir: Path, data: PreparedData, ru
 
     d = cfg.draft
     model, tok = load_model_and_tokenizer(str(hf_dir), dtype=torch.float32)
-    vocab_path = None
+    vocab_path, vocab_size = None, None
     if d.vocab_size is not None:
         answers = ([t for t, y in zip(ex.input_ids, ex.labels) if y != IGNORE_INDEX] for ex in data.train)
-        vocab_path = save_draft_vocab(Path(hf_dir) / VOCAB_FILE, build_draft_vocab(answers, d.vocab_size), tok)
+        ids = build_draft_vocab(answers, d.vocab_size)
+        # The answers may use fewer distinct tokens than asked for: the head is priced at what it holds.
+        vocab_size = len(ids)
+        vocab_path = save_draft_vocab(Path(hf_dir) / VOCAB_FILE, ids, tok)
     engine = EarlyExitEngine(model, eos_ids(model, tok), tok.pad_token_id)
     prompts = [list(p) for p in data.eval_prompts[: d.prompts]]
     layers = sorted(l for l in cfg.lite.exit_layers if l <= d.max_layer)
     best, rows = choose_draft(model, engine, prompts, layers, d.max_draft, d.max_new_tokens,
-                              str(vocab_path) if vocab_path else None, d.vocab_size)
+                              str(vocab_path) if vocab_path else None, vocab_size)
     write_draft_settings(hf_dir, best.settings(VOCAB_FILE if vocab_path else None))
     summary = {"chosen": {"layer": best.layer, "num_draft": best.num_draft, "cost_ratio": best.cost_ratio,
-                          "predicted_speedup": best.predicted_speedup, "draft_vocab_size": d.vocab_size},
+                          "predicted_speedup": best.predicted_speedup, "draft_vocab_size": vocab_size,
+                          "draft_vocab_size_asked": d.vocab_size},
                "layers": [{"layer": r.layer, "best_num_draft": r.num_draft, "cost_ratio": r.cost_ratio,
                            "predicted_speedup": r.predicted_speedup, **r.stats.to_dict()} for r in rows]}
     metrics = {"draft/layer": best.layer, "draft/num_draft": best.num_draft, "draft/cost_ratio": best.cost_ratio,
