@@ -114,7 +114,9 @@ def main() -> int:
         final = ExitConfig(policy="final")
         spec_cfg = ExitConfig(policy="self-speculative", layer=layer, num_draft=k, draft="layer", draft_vocab=vocab)
         cfgs = {"final": final, "draft": spec_cfg}
-        _time(engine, prompts[:1], cfgs, 8, 1)  # compile both paths' shapes before timing
+        # compile both paths' shapes (batch 1 and the batch size) before timing
+        _time(engine, prompts[:1], cfgs, 8, 1)
+        _time(engine, prompts[: args.batch_size], cfgs, 8, args.batch_size)
         b1 = _time(engine, prompts, cfgs, args.max_new_tokens, 1)
         bn = _time(engine, prompts, cfgs, args.max_new_tokens, args.batch_size)
         # Lossless check in fp32 (bf16 verification can flip near-ties).

@@ -135,7 +135,8 @@ def run_ours(rows: list[str], model: str, layers: int, args, prompts: list[str])
         serve.run(build_app({
             "model": model, "model_name": "bench", "torch_threads": cpus, "dtype": args.dtype, "compile": True,
             "max_batch_size": max(args.concurrency), "max_concurrent_batches": 1, "continuous_batching": True,
-            "max_tokens_limit": max(args.max_tokens, 16), "request_timeout_s": 900,
+            "max_tokens_limit": max(args.max_tokens, 16), "default_max_tokens": min(16, args.max_tokens),
+            "request_timeout_s": 900,
             "user_config": {"policy": "final", "kv": "recompute"},
             "deployment_options": {"ray_actor_options": {"num_cpus": cpus},
                                    "max_ongoing_requests": max(32, 2 * max(args.concurrency))},
@@ -288,6 +289,7 @@ def main(argv: list[str] | None = None) -> dict:
             res.update(draft_layer=draft_info["layer"],
                        adapter_layers=draft_info["num_layers"] - draft_info["layer"])
         report["rows"][row] = res
+        _save(report, args.out)  # a later failure keeps what was measured
     ours = [r for r in rows if r.startswith("ours-")]
     if ours:
         model = args.trained or base_path
@@ -299,9 +301,7 @@ def main(argv: list[str] | None = None) -> dict:
             report["rows"][row] = res
     predict_7b(report, smol_layers)
     _print(report)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    out = _save(report, args.out)
     png = out.with_suffix(".png")
     _plot(report, png)
     with tracking.tracked_run(args.experiment, run_name="vllm-serve-bench", tracking_uri=args.tracking_uri,
@@ -322,6 +322,13 @@ def main(argv: list[str] | None = None) -> dict:
         run.log_artifact(str(png))
     print(f"wrote {out} and {png}; MLflow run {run.run_id}")
     return report
+
+
+def _save(report: dict, path: str) -> Path:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    return out
 
 
 def _adapter_layers(model: str) -> int:
