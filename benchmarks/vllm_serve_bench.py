@@ -148,7 +148,8 @@ def run_ours(rows: list[str], model: str, layers: int, args, prompts: list[str])
             for c in args.concurrency:
                 res = _closed_loop(base, "bench", prompts, c, args.duration, args.max_tokens, {"early_exit": req})
                 summary = summarize([res])
-                if req["policy"] == "self-speculative":
+                # accepted n-gram tokens are reported at the final layer: the histogram cannot count them
+                if req["policy"] == "self-speculative" and req.get("draft", "layer") != "ngram":
                     summary.update(_our_acceptance(res["results"], layers, req, model))
                 out[row]["by_concurrency"][str(c)] = summary
                 print(f"{row} c={c}: {_line(summary)}", flush=True)
