@@ -23,6 +23,21 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
 
+def coerce_cli_args(args: dict[str, Any], keep_strings: tuple[str, ...]) -> dict[str, Any]:
+    """``serve run module:build_app key=value`` passes every value as a string: parse the JSON-looking ones
+    (numbers, booleans, objects), except the keys in ``keep_strings`` (names and paths that may look like JSON)."""
+    import json
+
+    out = {}
+    for key, value in args.items():
+        if isinstance(value, str) and key not in keep_strings:
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                pass
+        out[key] = value
+    return out
+
 def one_of(value: str, choices, what: str) -> str:
     """Field check for a name from a fixed set; the error lists the choices."""
     if value not in choices:

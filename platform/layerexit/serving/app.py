@@ -11,12 +11,12 @@ autoscaling, ``ray_actor_options``, ``user_config``) come from the config file's
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
 from ray.serve import Application
 
+from layerexit.config import coerce_cli_args
 from layerexit.serving.config import ServeArgs, parse_serve_args
 from layerexit.serving.deployment import EarlyExitLLM
 from layerexit.serving.kv_budget import precheck_kv_budget
@@ -49,16 +49,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
 
 def _coerce_cli_args(args: dict[str, Any]) -> dict[str, Any]:
     """``serve run module:build_app key=value`` passes strings: parse JSON-looking values (numbers, objects)."""
-    out = {}
-    for key, value in args.items():
-        if isinstance(value, str) and key not in ("model", "model_name", "device", "dtype", "api_key_env",
-                                                  "mlflow_tracking_uri"):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError:
-                pass
-        out[key] = value
-    return out
+    return coerce_cli_args(args, ("model", "model_name", "device", "dtype", "api_key_env", "mlflow_tracking_uri"))
 
 
 def args_from_env(environ: dict[str, str] | None = None) -> dict[str, Any]:

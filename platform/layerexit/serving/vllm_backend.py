@@ -121,16 +121,7 @@ def _is_mlflow(spec: str) -> bool:
 
 
 def _coerce_cli_args(args: dict[str, Any]) -> dict[str, Any]:
-    """``serve run module:build_app key=value`` passes strings: parse JSON-looking values (numbers, objects)."""
-    import json
+    from layerexit.config import coerce_cli_args
 
-    out = {}
-    for key, value in args.items():
-        if isinstance(value, str) and key not in ("model", "model_name", "draft", "mlflow_tracking_uri",
-                                                  "accelerator_type", "cpu_omp_threads_bind", "device", "dtype"):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError:
-                pass
-        out[key] = value
-    return out
+    return coerce_cli_args(args, ("model", "model_name", "draft", "mlflow_tracking_uri", "accelerator_type",
+                                  "cpu_omp_threads_bind", "device", "dtype"))
