@@ -219,35 +219,23 @@ def run_draft_search(inputs: TrialInputs, layers: Sequence[int], ks: Sequence[in
     trainable = tune.with_resources(tune.with_parameters(_trial, inputs=inputs), resources)
     # Layers vary fastest: concurrent engine trials measure different layers.
     space = {"num_speculative_tokens": tune.grid_search(list(ks)), "layer": tune.grid_search(list(layers))}
-    storage = Path(storage_dir).resolve()
-    storage.mkdir(parents=True, exist_ok=True)
-    tuner = tune.Tuner(
-        trainable, param_space=space,
-        tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=cfg.trials.max_concurrent,
-                                    reuse_actors=True),
-        run_config=tune.RunConfig(name="tune-draft", storage_path=str(storage), verbose=cfg.trials.verbose,
-                                  failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
-                                  callbacks=list(callbacks)),
-    )
-    t0 = time.perf_counter()
-    grid = tuner.fit()
-    seconds = time.perf_counter() - t0
+    from layerexit.tuning.search import fit_trials
+
+    finished, errors, seconds, path = fit_trials(
+        trainable, space, name="tune-draft", storage_dir=storage_dir, max_concurrent=cfg.trials.max_concurrent,
+        verbose=cfg.trials.verbose, callbacks=callbacks, required_metric="predicted_speedup")
     trials, failed = [], []
-    for r in grid:
-        trial_id = (r.metrics or {}).get("trial_id") or (Path(r.path).name if r.path else "?")
-        point = {"layer": (r.config or {}).get("layer"), "num_speculative_tokens":
-                 (r.config or {}).get("num_speculative_tokens")}
-        if r.error is not None or not r.metrics or "predicted_speedup" not in r.metrics:
-            failed.append({"trial_id": trial_id, **point,
-                           "error": str(r.error).strip().splitlines()[-1] if r.error else "no result"})
-            continue
+    for trial_id, r, error in errors:
+        failed.append({"trial_id": trial_id, "layer": (r.config or {}).get("layer"),
+                       "num_speculative_tokens": (r.config or {}).get("num_speculative_tokens"), "error": error})
+    for trial_id, r in finished:
         m = r.metrics
         per_position = [float(m[f"accept_pos_{i}"]) for i in range(1, int(m["num_speculative_tokens"]) + 1)]
         trials.append({"trial_id": trial_id, **{k: m[k] for k in ("layer", "num_speculative_tokens", *TRIAL_METRICS,
                                                                    "steps", "drafted", "accepted")},
                        "per_position": per_position})
     trials.sort(key=lambda t: (t["layer"], t["num_speculative_tokens"]))
-    return DraftSearchResult(trials, failed, seconds, str(storage / "tune-draft"))
+    return DraftSearchResult(trials, failed, seconds, path)
 
 
 def best_point(trials: Sequence[dict]) -> dict:

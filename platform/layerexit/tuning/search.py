@@ -92,34 +92,51 @@ def run_search(scorer: TraceScorer, space: ThresholdSpace, settings: SearchSetti
             raise ConfigError(f"the grid has {size} points, over the trial budget of {settings.num_trials}",
                               "lower search.grid_points, tune fewer layers, or raise search.num_trials")
         search_alg, num_samples = None, 1
+    finished, errors, seconds, path = fit_trials(
+        trainable, param_space, name=name, storage_dir=storage_dir, max_concurrent=settings.max_concurrent,
+        verbose=settings.verbose, callbacks=callbacks, required_metric="flops_ratio", search_alg=search_alg,
+        num_samples=num_samples)
+    trials, failed = [], []
+    for trial_id, r, error in errors:
+        failed.append({"trial_id": trial_id, "thresholds": space.thresholds(r.config or {}), "error": error})
+    for trial_id, r in finished:
+        m = r.metrics
+        trials.append(Point(f"trial-{trial_id}", float(m["flops_ratio"]), float(m["quality"]),
+                            space.thresholds(r.config or {}), "trial",
+                            {"scored_on": "traces", "mean_exit_layer": m.get("mean_exit_layer"),
+                             "checks_per_token": m.get("checks_per_token")}))
+    return SearchResult(trials, failed, seconds, path)
+
+
+def fit_trials(trainable, param_space: Mapping, *, name: str, storage_dir: str | Path, max_concurrent: int,
+               verbose: int, callbacks: Sequence, required_metric: str, search_alg=None, num_samples: int = 1):
+    """Run a Ray Tune search (Ray must be initialised; a failing trial never stops the others) and split its
+    results: ``(finished, failed, seconds, storage path)``, finished as ``(trial_id, result)`` with
+    ``required_metric`` reported, failed as ``(trial_id, result, last line of the error)``, in Tune's order."""
+    from ray import tune
+
     storage = Path(storage_dir).resolve()
     storage.mkdir(parents=True, exist_ok=True)
     tuner = tune.Tuner(
         trainable,
-        param_space=param_space,
+        param_space=dict(param_space),
         tune_config=tune.TuneConfig(search_alg=search_alg, num_samples=num_samples,
-                                    max_concurrent_trials=settings.max_concurrent, reuse_actors=True),
-        run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=settings.verbose,
+                                    max_concurrent_trials=max_concurrent, reuse_actors=True),
+        run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=verbose,
                                   failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
                                   callbacks=list(callbacks)),
     )
     t0 = time.perf_counter()
     grid = tuner.fit()
     seconds = time.perf_counter() - t0
-    trials, failed = [], []
+    finished, failed = [], []
     for r in grid:
-        trial_id = r.metrics.get("trial_id") if r.metrics else None
-        trial_id = trial_id or (Path(r.path).name if r.path else "?")
-        thresholds = space.thresholds(r.config or {})
-        if r.error is not None or not r.metrics or "flops_ratio" not in r.metrics:
-            failed.append({"trial_id": trial_id, "thresholds": thresholds,
-                           "error": str(r.error).strip().splitlines()[-1] if r.error else "no result"})
-            continue
-        m = r.metrics
-        trials.append(Point(f"trial-{trial_id}", float(m["flops_ratio"]), float(m["quality"]), thresholds, "trial",
-                            {"scored_on": "traces", "mean_exit_layer": m.get("mean_exit_layer"),
-                             "checks_per_token": m.get("checks_per_token")}))
-    return SearchResult(trials, failed, seconds, str(storage / name))
+        trial_id = (r.metrics or {}).get("trial_id") or (Path(r.path).name if r.path else "?")
+        if r.error is not None or not r.metrics or required_metric not in r.metrics:
+            failed.append((trial_id, r, str(r.error).strip().splitlines()[-1] if r.error else "no result"))
+        else:
+            finished.append((trial_id, r))
+    return finished, failed, seconds, str(storage / name)
 
 
 def bisect_front(front: Sequence[Point], confirm: Callable[[Point], Point], min_quality: float,
