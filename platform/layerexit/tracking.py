@@ -87,14 +87,52 @@ def _param_value(value: Any) -> str:
 
 
 class RunLogger:
-    """Logs into one existing run by id (works from any process that can reach the tracking store)."""
+    """Logs into one existing run by id (works from any process that can reach the tracking store).
 
-    def __init__(self, run_id: str, tracking_uri: str | None = None) -> None:
+    ``on_error="raise"`` (default): a failure other than a briefly locked SQLite store raises. ``on_error="warn"``
+    (the training workers): every call is tried ``attempts`` times with exponential backoff, then dropped with a
+    warning instead of raising, so an MLflow outage never kills training; after a drop, calls in the next
+    ``pause_s`` seconds are dropped at once (counted in ``dropped``) rather than each waiting out its retries, then
+    logging is tried again.
+    """
+
+    def __init__(self, run_id: str, tracking_uri: str | None = None, *, on_error: str = "raise", attempts: int = 4,
+                 backoff_s: float = 0.5, pause_s: float = 60.0) -> None:
         from mlflow import MlflowClient
 
+        if on_error not in ("raise", "warn"):
+            raise ValueError(f"on_error must be 'raise' or 'warn', not {on_error!r}")
         self.run_id = run_id
         self.tracking_uri = resolve_tracking_uri(tracking_uri)
         self.client = MlflowClient(tracking_uri=self.tracking_uri)
+        self.on_error, self.attempts, self.backoff_s, self.pause_s = on_error, attempts, backoff_s, pause_s
+        self.dropped = 0
+        self.last_error: str | None = None
+        self._paused_until = 0.0
+
+    def _call(self, fn, *args, **kwargs):
+        if self.on_error == "raise":
+            return _retry(fn, *args, **kwargs)
+        if time.monotonic() < self._paused_until:
+            self.dropped += 1
+            return None
+        for i in range(self.attempts):
+            try:
+                result = fn(*args, **kwargs)
+                self._paused_until = 0.0
+                return result
+            except Exception as err:  # noqa: BLE001 - any store error: retry, then degrade (never kill training)
+                self.last_error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
+                if i < self.attempts - 1:
+                    time.sleep(self.backoff_s * 2**i)
+        self.dropped += 1
+        self._paused_until = time.monotonic() + self.pause_s
+        import warnings
+
+        warnings.warn(f"MLflow logging to {self.tracking_uri} failed {self.attempts} times ({self.last_error}); "
+                      f"dropped this call and any in the next {self.pause_s:.0f} s, training goes on "
+                      f"({self.dropped} dropped so far)", RuntimeWarning, stacklevel=3)
+        return None
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         from mlflow.entities import Metric
@@ -102,14 +140,17 @@ class RunLogger:
         ts = int(time.time() * 1000)
         items = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items() if v is not None]
         for i in range(0, len(items), 900):
-            _retry(self.client.log_batch, self.run_id, metrics=items[i : i + 900])
+            self._call(self.client.log_batch, self.run_id, metrics=items[i : i + 900])
 
     def log_params(self, params: Mapping[str, Any]) -> dict[str, str]:
         """Log params; a param already logged with another value (a resumed run with a changed config) is kept
         and the new value recorded as tag ``changed_param.<key>``. Returns the changed ones."""
         from mlflow.entities import Param, RunTag
 
-        existing = _retry(self.client.get_run, self.run_id).data.params
+        run = self._call(self.client.get_run, self.run_id)
+        if run is None:  # degraded (on_error="warn"): nothing to compare against, so nothing is logged
+            return {}
+        existing = run.data.params
         new, changed = [], {}
         for k, v in params.items():
             val = _param_value(v)
@@ -118,28 +159,28 @@ class RunLogger:
             elif existing[k] != val:
                 changed[k] = val
         for i in range(0, len(new), 100):
-            _retry(self.client.log_batch, self.run_id, params=new[i : i + 100])
+            self._call(self.client.log_batch, self.run_id, params=new[i : i + 100])
         if changed:
             tags = [RunTag(f"changed_param.{k}", v) for k, v in changed.items()]
-            _retry(self.client.log_batch, self.run_id, tags=tags)
+            self._call(self.client.log_batch, self.run_id, tags=tags)
         return changed
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        _retry(self.client.log_batch, self.run_id, tags=[RunTag(k, _param_value(v)) for k, v in tags.items()])
+        self._call(self.client.log_batch, self.run_id, tags=[RunTag(k, _param_value(v)) for k, v in tags.items()])
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        _retry(self.client.log_artifact, self.run_id, str(path), artifact_path)
+        self._call(self.client.log_artifact, self.run_id, str(path), artifact_path)
 
     def log_artifacts(self, directory: str | Path, artifact_path: str | None = None) -> None:
-        _retry(self.client.log_artifacts, self.run_id, str(directory), artifact_path)
+        self._call(self.client.log_artifacts, self.run_id, str(directory), artifact_path)
 
     def log_dict(self, obj: Any, artifact_file: str) -> None:
-        _retry(self.client.log_dict, self.run_id, obj, artifact_file)
+        self._call(self.client.log_dict, self.run_id, obj, artifact_file)
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        _retry(self.client.log_text, self.run_id, text, artifact_file)
+        self._call(self.client.log_text, self.run_id, text, artifact_file)
 
 
 def get_or_create_experiment(name: str) -> str:

@@ -62,7 +62,7 @@ def test_epoch_batches_shard_evenly_and_skip():
     assert len(r0) == len(r1) == 5  # 21 -> 20 usable, 10 per rank, batches of 2
     seen = {tuple(row) for b in r0 + r1 for row in b["input_ids"].tolist()}
     assert len(seen) <= 20
-    skipped = list(epoch_batches(ex, rank=0, skip=3, **kwargs))
+    skipped = list(epoch_batches(ex, rank=0, skip=12, **kwargs))  # 12 examples = 3 micro-batches of 2 on 2 ranks
     assert [b["input_ids"].tolist() for b in skipped] == [b["input_ids"].tolist() for b in r0[3:]]
     other_epoch = list(epoch_batches(ex, rank=0, **{**kwargs, "epoch": 1}))
     assert [b["input_ids"].tolist() for b in other_epoch] != [b["input_ids"].tolist() for b in r0]
@@ -97,7 +97,7 @@ def test_loop_counts_steps_accumulation_and_epochs():
                        on_checkpoint=lambda s, m: ckpts.append(s.step))
     engine, state = _train(model, exit_weights([1], 2), steps=10, accum=2, callbacks=cb)
     # 64 examples / (4 * 2) = 8 steps per epoch -> step 10 is in epoch 1, 2 steps (4 micro-batches) in.
-    assert state.step == 10 and state.epoch == 1 and state.micro_in_epoch == 4
+    assert state.step == 10 and state.epoch == 1 and state.examples_in_epoch == 16 and state.world_size == 1
     assert engine.global_steps == 10 and engine.micro_steps == 20
     assert [s for s, _ in logged] == list(range(1, 11)) and ckpts == [10]
     assert {"train/loss", "train/loss_l01", "train/loss_l02", "lr", "tokens_per_s"} <= set(logged[0][1])

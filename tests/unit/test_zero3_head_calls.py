@@ -138,3 +138,72 @@ def test_padding_keeps_the_loss_value() -> None:
     a = lite_loss({1: hidden[:, :T]}, batch["labels"], norm, head, {1: 1.0}, CHUNK).loss
     b = lite_loss({1: hidden}, padded["labels"], norm, head, {1: 1.0}, CHUNK).loss
     torch.testing.assert_close(a, b)
+
+
+# ----------------------------------------------------------------------------------------------- length grouping
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_length_grouping_keeps_head_calls_equal_on_every_rank_and_lowers_padding(world: int) -> None:
+    """Grouped by length, micro-step b still has one width on every rank (so equal head calls: the ZeRO-3 hang
+    guard), and the epoch's micro-batches carry less padding than without grouping."""
+    from layerexit.training.loop import padding_share
+
+    data = examples(n=96, seed=4)
+    grouped = rank_batches(world, group_size=32) if world == 2 else [
+        list(epoch_batches(data, micro_batch=2, world=world, rank=r, grad_accum=2, epoch=0, seed=3, pad_id=0,
+                           group_size=32)) for r in range(world)]
+    assert len({len(b) for b in grouped}) == 1 and len(grouped[0]) > 0
+    for step in zip(*grouped, strict=True):
+        assert len({b["input_ids"].shape[1] for b in step}) == 1
+        counts = {head_calls(b) for b in step}
+        assert len(counts) == 1, f"head calls per rank differ: {counts}"
+    kw = dict(micro_batch=2, world=world, grad_accum=2, epoch=0, seed=3)
+    plain, grouped_share = padding_share(data, **kw), padding_share(data, group_size=32, **kw)
+    assert grouped_share < 0.5 * plain, (plain, grouped_share)
+
+
+def test_length_grouping_sorts_within_windows_and_keeps_every_example() -> None:
+    from layerexit.training.loop import epoch_order
+
+    lengths = [random.Random(i).randint(1, 100) for i in range(50)]
+    order = epoch_order(50, epoch=1, seed=0, lengths=lengths, group_size=16)
+    assert sorted(order) == list(range(50))
+    for start in range(0, 50, 16):
+        window = [lengths[i] for i in order[start : start + 16]]
+        assert window == sorted(window, reverse=True)
+    assert set(order[:16]) == set(epoch_order(50, epoch=1, seed=0)[:16])  # the windows of the plain shuffle
+
+
+# ----------------------------------------------------------------------------------------------- world-size-free position
+
+
+@pytest.mark.parametrize("group_size", [0, 16])
+def test_position_in_examples_continues_exactly_on_another_world_size(group_size: int) -> None:
+    """After 2 global steps on 2 ranks (16 examples), 1 rank (or 4) resumes at example 16 of the same order: the
+    examples it trains on next are exactly the ones 2 ranks would have trained on next, none repeated or skipped."""
+    data = examples(n=64, seed=5)
+    key = {tuple(e.input_ids): i for i, e in enumerate(data)}
+
+    def seen(world: int, skip: int) -> list[set[int]]:
+        """Examples of each global step, all ranks together."""
+        per_rank = [list(epoch_batches(data, micro_batch=2, world=world, rank=r, grad_accum=2, epoch=0, seed=3,
+                                       pad_id=0, skip=skip, group_size=group_size)) for r in range(world)]
+        steps = []
+        for s in range(0, len(per_rank[0]), 2):  # grad_accum 2: two micro-batches per step
+            ids = set()
+            for r in range(world):
+                for b in per_rank[r][s : s + 2]:
+                    for row, mask in zip(b["input_ids"].tolist(), b["attention_mask"].tolist(), strict=True):
+                        ids.add(key[tuple(row[: sum(mask)])])
+            steps.append(ids)
+        return steps
+
+    two = seen(2, 0)  # 8 examples per step
+    done = set().union(*two[:2])
+    one = seen(1, 16)  # 4 examples per step
+    four = seen(4, 16)  # 16 examples per step
+    assert set().union(*one) == set().union(*two[2:])  # the rest of the epoch, 48 examples
+    assert not done & set().union(*one) and not done & set().union(*four)
+    assert set().union(*one[:2]) == two[2]  # the next 8 examples, whatever the world size
+    assert set().union(*four[:1]) == two[2] | two[3]

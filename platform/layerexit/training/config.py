@@ -53,6 +53,11 @@ class DataSection(StrictModel):
         "(temperature > 0), added to the greedy one; cached. Held-out instructions are never sampled.")
     sample_temperature: float = Field(0.8, gt=0.0, description="Sampling temperature of those extra answers.")
     sample_top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus (top-p) of those extra answers.")
+    group_by_length: bool = Field(
+        True, description="Length-grouped batching: each epoch's shuffled order is cut into windows of "
+        "length_group_size examples, each sorted longest first, so a global batch holds similar lengths (less "
+        "padding; every rank still pads micro-step b to one width). The order does not depend on the cluster size.")
+    length_group_size: int = Field(256, ge=2, description="Examples per length-sorting window (group_by_length).")
 
     @model_validator(mode="after")
     def _path_needed(self) -> DataSection:

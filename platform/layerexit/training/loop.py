@@ -214,23 +214,70 @@ def shared_widths(shards: Sequence[Sequence[TokenizedExample]], micro_batch: int
             for b in range(n_batches)]
 
 
-def epoch_batches(examples: Sequence[TokenizedExample], *, micro_batch: int, world: int, rank: int,
-                  grad_accum: int, epoch: int, seed: int, pad_id: int, skip: int = 0,
-                  device: torch.device | str = "cpu") -> Iterator[dict[str, torch.Tensor]]:
-    """This rank's micro-batches for one epoch: a seeded shuffle, equal share per rank, ``skip`` already done.
-    Micro-batch b has the same width on every rank (``shared_widths``)."""
-    per_step = micro_batch * world * grad_accum
-    usable = (len(examples) // per_step) * per_step
+def epoch_order(num_examples: int, *, epoch: int, seed: int, lengths: Sequence[int] | None = None,
+                group_size: int = 0) -> list[int]:
+    """The global order of one epoch's examples: a seeded shuffle, then (``lengths`` and ``group_size`` > 1) each
+    window of ``group_size`` consecutive examples sorted longest first (length grouping: a global batch holds
+    examples of similar length, so little of it is padding, while windows stay in random order).
+
+    It depends on the data, the seed and the epoch only, not on the number of ranks or the batch size, so a position
+    in it (``TrainState.examples_in_epoch``) means the same thing on any cluster size (resume on another world size).
+    """
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    order = torch.randperm(len(examples), generator=g)[:usable].tolist()
-    shards = [[examples[i] for i in order[r::world]] for r in range(world)]
+    order = torch.randperm(num_examples, generator=g).tolist()
+    if lengths is None or group_size <= 1:
+        return order
+    out: list[int] = []
+    for start in range(0, len(order), group_size):
+        window = order[start : start + group_size]
+        out.extend(sorted(window, key=lambda i: -lengths[i]))  # stable: ties keep their shuffled order
+    return out
+
+
+def rank_share(order: Sequence[int], *, skip: int, per_step: int, world: int, rank: int) -> list[int]:
+    """This rank's indices from ``order`` after the first ``skip`` (global) examples: the whole global steps that
+    remain, dealt out round-robin (example j of the rest goes to rank j % world). Dealing consecutive examples to
+    different ranks keeps micro-batch b of every rank in the same stretch of a length-sorted window."""
+    rest = list(order[skip:])
+    usable = (len(rest) // per_step) * per_step
+    return rest[:usable][rank::world]
+
+
+def epoch_batches(examples: Sequence[TokenizedExample], *, micro_batch: int, world: int, rank: int,
+                  grad_accum: int, epoch: int, seed: int, pad_id: int, skip: int = 0, group_size: int = 0,
+                  device: torch.device | str = "cpu") -> Iterator[dict[str, torch.Tensor]]:
+    """This rank's micro-batches for one epoch after the first ``skip`` examples of the epoch (global count, all
+    ranks): ``epoch_order`` (length-grouped when ``group_size`` > 1), an equal share per rank, whole global steps
+    only. Micro-batch b has the same width on every rank (``shared_widths``)."""
+    per_step = micro_batch * world * grad_accum
+    order = epoch_order(len(examples), epoch=epoch, seed=seed, group_size=group_size,
+                        lengths=[len(e.input_ids) for e in examples] if group_size > 1 else None)
+    shards = [[examples[i] for i in rank_share(order, skip=skip, per_step=per_step, world=world, rank=r)]
+              for r in range(world)]
     widths = shared_widths(shards, micro_batch)
     mine = shards[rank]
     for b, start in enumerate(range(0, len(mine), micro_batch)):
-        if b < skip:
-            continue
         batch = pad_to_width(collate(mine[start : start + micro_batch], pad_id), widths[b], pad_id)
         yield {k: v.to(device) for k, v in batch.items()}
+
+
+def padding_share(examples: Sequence[TokenizedExample], *, micro_batch: int, world: int, grad_accum: int,
+                  epoch: int, seed: int, group_size: int = 0) -> float:
+    """Share of the tokens of one epoch's micro-batches (all ranks) that are padding, as ``epoch_batches`` builds
+    them (without building the tensors)."""
+    per_step = micro_batch * world * grad_accum
+    order = epoch_order(len(examples), epoch=epoch, seed=seed, group_size=group_size,
+                        lengths=[len(e.input_ids) for e in examples] if group_size > 1 else None)
+    shards = [[len(examples[i].input_ids) for i in rank_share(order, skip=0, per_step=per_step, world=world,
+                                                              rank=r)] for r in range(world)]
+    n_batches = -(-len(shards[0]) // micro_batch) if shards and shards[0] else 0
+    real = padded = 0
+    for b in range(n_batches):
+        parts = [s[b * micro_batch : (b + 1) * micro_batch] for s in shards]
+        width = max(max(p) for p in parts if p)
+        real += sum(sum(p) for p in parts)
+        padded += sum(width * len(p) for p in parts)
+    return 1.0 - real / padded if padded else 0.0
 
 
 def eval_batches(examples: Sequence[TokenizedExample], *, micro_batch: int, world: int, rank: int, pad_id: int,
@@ -378,16 +425,24 @@ class TrainState:
 
     step: int = 0  # optimizer steps done
     epoch: int = 0
-    micro_in_epoch: int = 0  # this rank's micro-batches consumed in the current epoch
+    examples_in_epoch: int = 0  # examples of this epoch's global order consumed, all ranks (world-size free)
     tokens: float = 0.0  # non-padding tokens processed, all ranks
+    world_size: int = 1  # ranks that wrote the checkpoint holding this state
     resumed_from_step: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping) -> TrainState:
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+    def from_dict(cls, data: Mapping, examples_per_micro: int | None = None) -> TrainState:
+        """Read a saved state. States written before ``examples_in_epoch`` existed hold ``micro_in_epoch`` (this
+        rank's micro-batches); ``examples_per_micro`` (micro-batch size x the ranks that wrote it) converts them."""
+        state = cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+        if "examples_in_epoch" not in data and data.get("micro_in_epoch"):
+            if examples_per_micro is None:
+                raise ValueError("a saved state with micro_in_epoch needs examples_per_micro to convert it")
+            state.examples_in_epoch = int(data["micro_in_epoch"]) * examples_per_micro
+        return state
 
 
 @dataclass
@@ -429,6 +484,11 @@ class _Window:
             self.sums[k] = self.sums.get(k, 0.0) + v
 
 
+def batch_rows(batch: Mapping[str, torch.Tensor]) -> int:
+    """Examples (sequences, or cached positions) in a micro-batch."""
+    return int(next(iter(batch.values())).shape[0])
+
+
 def batch_tokens(batch: Mapping[str, torch.Tensor]) -> float:
     """Tokens a micro-batch trains on: non-padding tokens of sequences, or the rows of a batch of cached positions."""
     return float(batch["attention_mask"].sum()) if "attention_mask" in batch else float(batch["mask"].sum())
@@ -444,10 +504,14 @@ def train_loop(
 ) -> TrainState:
     """Run optimizer steps until ``settings.total_steps``; log, evaluate and checkpoint through ``callbacks``.
 
-    ``batches_for_epoch(epoch, skip)`` yields this rank's micro-batches of that epoch after the first ``skip``
-    (so a resumed run continues mid-epoch where it stopped). Returns the final state.
+    ``batches_for_epoch(epoch, skip)`` yields this rank's micro-batches of that epoch after its first ``skip``
+    examples (a global count over all ranks, ``TrainState.examples_in_epoch``), so a resumed run continues mid-epoch
+    where it stopped, on any number of ranks. Every rank's micro-batch holds the same number of examples, so one
+    micro-step consumes that number times the world size. Returns the final state.
     """
     state = state or TrainState()
+    _, world = world_info()
+    state.world_size = world
     cb = callbacks or LoopCallbacks()
     last_metrics: dict[str, float] = {}
     if state.step == 0 and settings.eval_at_start:
@@ -459,7 +523,7 @@ def train_loop(
     kwargs = {"teacher": teacher} if teacher is not None else {}
     while state.step < settings.total_steps:
         produced = False
-        for batch in batches_for_epoch(state.epoch, state.micro_in_epoch):
+        for batch in batches_for_epoch(state.epoch, state.examples_in_epoch):
             produced = True
             device_type = next(iter(batch.values())).device.type
             ctx = torch.autocast(device_type, dtype=torch.bfloat16) if settings.autocast else contextlib.nullcontext()
@@ -468,7 +532,7 @@ def train_loop(
             engine.backward(out["loss"])
             boundary = engine.is_gradient_accumulation_boundary()
             engine.step()
-            state.micro_in_epoch += 1
+            state.examples_in_epoch += batch_rows(batch) * world
             window.add(out, batch_tokens(batch))
             if not boundary:
                 continue
@@ -495,8 +559,8 @@ def train_loop(
             if last:
                 break
         else:
-            if not produced and state.micro_in_epoch == 0:
+            if not produced and state.examples_in_epoch == 0:
                 raise RuntimeError("an epoch produced no batches: the dataset is smaller than one global batch")
             state.epoch += 1
-            state.micro_in_epoch = 0
+            state.examples_in_epoch = 0
     return state

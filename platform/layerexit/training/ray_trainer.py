@@ -175,6 +175,10 @@ def _worker_env(cfg: TrainConfig) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k.startswith(("LAYEREXIT_", "HF_", "TRANSFORMERS_"))}
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # worker prints appear once in the driver's output
+    # The workers' RunLogger retries and then drops a call (never kills training); MLflow's own HTTP retries
+    # (7, exponential, up to minutes per call) would stall the step on top of that.
+    env.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"))
+    env.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "30"))
     if not cfg.scaling.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
     return env
@@ -209,8 +213,8 @@ def check_resume_compatible(cfg: TrainConfig) -> None:
     if not isinstance(saved, dict):
         return
     now = cfg.flat_params()
-    differ = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k)
-                    and not k.startswith(RESUMABLE_PREFIXES))
+    # A key the saved config lacks is a setting added since that run was written: not a difference.
+    differ = sorted(k for k in saved if saved.get(k) != now.get(k) and not k.startswith(RESUMABLE_PREFIXES))
     if differ:
         shown = "; ".join(f"{k}: {saved.get(k)!r} there, {now.get(k)!r} now" for k in differ[:5])
         more = f" (+{len(differ) - 5} more)" if len(differ) > 5 else ""
@@ -524,7 +528,9 @@ def train_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             print(f"[layerexit] resumed from checkpoint at step {state.step}", flush=True)
 
-    logger = RunLogger(config["run_id"], config["tracking_uri"]) if rank == 0 else None
+    # Retries, then drops a call with a warning: an MLflow outage must not kill training (the run falls back to its
+    # last checkpoint otherwise).
+    logger = RunLogger(config["run_id"], config["tracking_uri"], on_error="warn") if rank == 0 else None
     if logger is not None:
         logger.set_tags({"layerexit.precision.worker": precision})
         print(f"[layerexit] precision {precision}{_auto_reason(cfg)}", flush=True)
@@ -625,7 +631,8 @@ def train_worker(config: dict[str, Any]) -> None:
                                                seed=cfg.optim.seed, skip=skip, device=device)
         return epoch_batches(data.train, micro_batch=cfg.optim.micro_batch_size, world=world, rank=rank,
                              grad_accum=cfg.optim.grad_accum, epoch=epoch, seed=cfg.optim.seed, pad_id=pad_id,
-                             skip=skip, device=device)
+                             skip=skip, device=device,
+                             group_size=cfg.data.length_group_size if cfg.data.group_by_length else 0)
 
     settings = LoopSettings(total_steps=steps, log_every=cfg.mlflow.log_every_steps, eval_every=cfg.eval.every_steps,
                             eval_at_start=cfg.eval.at_start, checkpoint_every=cfg.checkpoint.every_steps,

@@ -215,16 +215,15 @@ class DistillObjective(nn.Module):
 def cache_epoch_batches(cache: TeacherCache, layers: list[int], *, positions: int, world: int, rank: int,
                         grad_accum: int, epoch: int, seed: int, skip: int = 0,
                         device: torch.device | str = "cpu") -> Iterator[dict[str, torch.Tensor]]:
-    """This rank's micro-batches of cached positions for one epoch: a seeded shuffle, equal share per rank, every
-    micro-batch exactly ``positions`` rows (so every rank makes the same head calls)."""
-    per_step = positions * world * grad_accum
-    usable = (cache.num_positions // per_step) * per_step
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    order = torch.randperm(cache.num_positions, generator=g)[:usable]
-    mine = order[rank::world]
-    for b, start in enumerate(range(0, len(mine), positions)):
-        if b < skip:
-            continue
+    """This rank's micro-batches of cached positions for one epoch, after its first ``skip`` positions (a global
+    count, as in ``training.loop.epoch_batches``): a seeded shuffle, equal share per rank, every micro-batch exactly
+    ``positions`` rows (so every rank makes the same head calls)."""
+    from layerexit.training.loop import epoch_order, rank_share
+
+    order = epoch_order(cache.num_positions, epoch=epoch, seed=seed)
+    mine = torch.tensor(rank_share(order, skip=skip, per_step=positions * world * grad_accum, world=world,
+                                   rank=rank), dtype=torch.long)
+    for start in range(0, len(mine), positions):
         idx = mine[start : start + positions]
         batch = {"teacher_ids": cache.ids[idx].long(), "teacher_logp": cache.logp[idx].float(),
                  "mask": torch.ones(len(idx))}
