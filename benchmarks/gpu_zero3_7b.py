@@ -1,4 +1,5 @@
-"""LITE training steps of a LLaMA-2-7B-shaped model (random weights) under DeepSpeed ZeRO-3 bf16 on ONE GPU.
+"""LITE training steps of a LLaMA-2-7B-shaped model (random weights) under DeepSpeed ZeRO (3 by default) bf16 on ONE
+GPU, with model FLOPs utilisation (MFU).
 
 Run (a GPU machine, no network needed; about 5 minutes on an H200):
     DS_ACCELERATOR=cuda .venv/bin/python benchmarks/gpu_zero3_7b.py --steps 10 --batch 4 --seq 512
@@ -15,7 +16,11 @@ uses is used here: ``TrainConfig`` -> ``deepspeed_config`` (ZeRO-3, bf16), ``bui
 ``epoch_batches`` (one width per micro-step). torch.distributed starts as a single rank from MASTER_ADDR/
 MASTER_PORT/RANK/WORLD_SIZE (defaults 127.0.0.1/29500/0/1), as `deepspeed` or torchrun would set them.
 
-Prints one JSON object: step times (median, min), tokens/s, peak GPU memory (allocated and reserved), model size.
+Prints one JSON object: step times (median, min), tokens/s, peak GPU memory (allocated and reserved), model size,
+and MFU: model FLOPs per token (``train_flops_per_token``: 6 x the decoder and final-head matmul parameters, causal
+attention 6 x layers x hidden x seq, and 6 x hidden x vocab per extra LITE exit head; activation recomputation is
+not counted, as MFU does not) x tokens/s over the chip's dense bf16 peak (``--peak-tflops``, else a table by device
+name). ``benchmarks/gpu_mfu_7b.py`` runs this over batch, ZeRO stage and recomputation and keeps the best.
 Exits 2 with a message when no CUDA GPU is visible (unless --shape tiny).
 """
 
@@ -56,6 +61,27 @@ def pick_layers(shape: dict, requested: str, gpu_bytes: int | None) -> int:
     return 4
 
 
+# Dense bf16 peak (no sparsity), TFLOP/s, by a substring of torch.cuda.get_device_name().
+PEAK_BF16_TFLOPS = {"H200": 989.4, "H100 PCIe": 756.0, "H100": 989.4, "GH200": 989.4, "B200": 2250.0,
+                    "A100": 312.0, "L40S": 362.1, "A10G": 125.0}
+
+
+def peak_tflops(device_name: str) -> float | None:
+    for key in sorted(PEAK_BF16_TFLOPS, key=len, reverse=True):  # "H100 PCIe" before "H100"
+        if key in device_name:
+            return PEAK_BF16_TFLOPS[key]
+    return None
+
+
+def train_flops_per_token(shape: dict, layers: int, seq: int, extra_heads: int) -> float:
+    """Model FLOPs of one training token (forward + backward = 3x forward), no recomputation counted."""
+    h, i, v = shape["hidden_size"], shape["intermediate_size"], shape["vocab_size"]
+    kv = h * shape["num_key_value_heads"] // shape["num_attention_heads"]
+    matmul_params = layers * (2 * h * h + 2 * h * kv + 3 * h * i) + h * v  # decoder linears + final LM head
+    attention = 6 * layers * h * seq  # QK^T and AV, causal (half the square), x3 for fwd+bwd
+    return 6 * matmul_params + attention + 6 * h * v * extra_heads
+
+
 def exit_layers(depth: int) -> list[int]:
     """The paper's exits for 32 layers (8..28 step 4), scaled: every depth/8 layers from depth/4."""
     step = max(1, depth // 8)
@@ -72,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="steps before measuring")
     parser.add_argument("--chunk", type=int, default=128, help="LM-head chunk (positions)")
     parser.add_argument("--offload-optimizer", action="store_true", help="ZeRO-Offload the optimizer (CPU Adam)")
+    parser.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=3, help="DeepSpeed ZeRO stage")
+    parser.add_argument("--no-grad-ckpt", action="store_true", help="no decoder activation recomputation")
+    parser.add_argument("--peak-tflops", type=float, help="the chip's dense bf16 peak (default: by device name)")
     args = parser.parse_args(argv)
 
     import torch
@@ -103,10 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     depth = pick_layers(shape, args.layers, gpu_total)
     exits = exit_layers(depth)
     cfg = TrainConfig.model_validate({
-        "name": "gpu_zero3_bench", "model": {"spec": "random-7b-shape", "gradient_checkpointing": True},
+        "name": "gpu_zero3_bench", "model": {"spec": "random-7b-shape", "gradient_checkpointing": not args.no_grad_ckpt},
         "lite": {"exit_layers": exits, "weights": "uniform", "chunk_size": args.chunk},
         "optim": {"lr": 2e-5, "micro_batch_size": args.batch, "grad_accum": 1, "grad_clip": 1.0},
-        "deepspeed": {"zero_stage": 3, "precision": "bf16", "offload_optimizer": args.offload_optimizer},
+        "deepspeed": {"zero_stage": args.zero_stage, "precision": "bf16", "offload_optimizer": args.offload_optimizer},
         "scaling": {"num_workers": 1, "use_gpu": True},
     })
 
@@ -118,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     with torch.device(device):  # random init directly on the GPU, in bf16 (no 27 GB fp32 copy on the host)
         model = LlamaForCausalLM(config)
     torch.set_default_dtype(previous)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if not args.no_grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     objective = LiteObjective(model, exit_weights(exits, depth, "uniform"), args.chunk)
@@ -154,13 +184,19 @@ def main(argv: list[str] | None = None) -> int:
             times.append(time.perf_counter() - start)
         losses.append(float(out["loss"].detach()))
     tokens = args.batch * args.seq
+    tokens_per_s = tokens / statistics.median(times)
+    flops = train_flops_per_token(shape, depth, args.seq, extra_heads=len(exits))
+    peak = args.peak_tflops or (peak_tflops(torch.cuda.get_device_name(device)) if on_gpu else None)
     result = {
         "device": torch.cuda.get_device_name(device) if on_gpu else "cpu",
-        "shape": args.shape, "layers": depth, "params": n_params, "exits": exits, "zero_stage": 3,
+        "shape": args.shape, "layers": depth, "params": n_params, "exits": exits, "zero_stage": args.zero_stage,
+        "grad_ckpt": not args.no_grad_ckpt, "chunk": args.chunk,
         "precision": "bf16", "offload_optimizer": args.offload_optimizer, "batch": args.batch, "seq": args.seq,
         "steps": args.steps, "setup_s": round(setup_s, 1),
         "step_s_median": statistics.median(times), "step_s_min": min(times),
-        "tokens_per_s": tokens / statistics.median(times),
+        "tokens_per_s": tokens_per_s,
+        "train_flops_per_token": flops, "peak_bf16_tflops": peak,
+        "mfu": tokens_per_s * flops / (peak * 1e12) if peak else None,
         "peak_gpu_mem_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30 if on_gpu else None,
         "peak_gpu_mem_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30 if on_gpu else None,
         "gpu_total_gib": gpu_total / 2**30 if gpu_total else None,

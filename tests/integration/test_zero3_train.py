@@ -88,7 +88,7 @@ def history(result, key: str) -> list[float]:
     return [m.value for m in sorted(hist, key=lambda m: (m.step, m.timestamp))]
 
 
-def test_zero3_two_ranks_different_lengths_train_gather_resume(ray_local, workdir) -> None:
+def test_zero3_two_ranks_different_lengths_train_gather_and_resume_world_size(ray_local, workdir) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -108,13 +108,92 @@ def test_zero3_two_ranks_different_lengths_train_gather_resume(ray_local, workdi
     ids = torch.tensor([tok("Say sea and sky.")["input_ids"]])
     assert not torch.allclose(trained(ids).logits, start(ids).logits)
 
-    # Same name, more steps: resumes from step 4 (DeepSpeed ZeRO-3 shards + trainer state) and finishes.
-    resumed = train(zero3_config(workdir, "tiny_zero3", max_steps=6))
+    state4 = json.loads((first.checkpoint_dir / "trainer_state.json").read_text())
+    assert state4["world_size"] == 2 and state4["epoch"] == 0
+    assert state4["examples_in_epoch"] == 4 * 8  # 4 steps x (2 ranks x micro 2 x accumulation 2)
+
+    # Same name, more steps, ONE rank: DeepSpeed's 2-rank ZeRO-3 shards are resharded (universal checkpoint) before
+    # any worker starts; the step count and the data position (examples of the epoch's order) continue exactly.
+    cfg = zero3_config(workdir, "tiny_zero3", max_steps=6)
+    cfg["scaling"]["num_workers"] = 1
+    resumed = train(cfg)
     assert resumed.run_id == first.run_id
     assert resumed.checkpoint_dir.name == "checkpoint_000006"
     assert resumed.metrics["resumed_from_step"] == 4
     assert len(history(resumed, "train/loss")) == 6
+    assert (first.checkpoint_dir / "deepspeed" / "state_universal").is_dir()
+    state6 = json.loads((resumed.checkpoint_dir / "trainer_state.json").read_text())
+    assert state6["world_size"] == 1 and state6["epoch"] == 0
+    assert state6["examples_in_epoch"] == 32 + 2 * 4  # 2 more steps of 1 rank x micro 2 x accumulation 2
+    # The resumed weights are the 2-rank run's: its last loss and the first one on 1 rank are of the same model.
+    losses = history(resumed, "train/loss")
+    assert all(v == v for v in losses) and abs(losses[4] - losses[3]) < 2.0
     AutoModelForCausalLM.from_pretrained(resumed.hf_model_dir)
+
+
+def test_resume_world_size_that_cannot_be_resharded_stops_before_workers(ray_local, workdir, tmp_path) -> None:
+    """A checkpoint whose DeepSpeed state cannot be resharded (here: a rank's optimizer shard is missing, as after
+    an interrupted upload) and a different scaling.num_workers: a ConfigError naming the field and the world size
+    that wrote it, before any worker starts; nothing is written."""
+    import shutil
+
+    from layerexit.errors import ConfigError
+
+    source = workdir / "ray_results" / "tiny_zero3_src"
+    cfg = zero3_config(workdir, "tiny_zero3_src", max_steps=2)
+    cfg["eval"] = {"at_start": False, "alignment_prompts": 0}
+    train(cfg)
+    storage = tmp_path / "ray_results"
+    shutil.copytree(source, storage / "tiny_zero3_src")
+    ckpt = storage / "tiny_zero3_src" / "checkpoint_000002"
+    for shard in (ckpt / "deepspeed" / "state").glob("*rank_1*optim_states.pt"):
+        shard.unlink()
+    cfg = {**cfg, "checkpoint": {**cfg["checkpoint"], "storage_path": str(storage)},
+           "scaling": {"num_workers": 1, "cpus_per_worker": 1}, "optim": {**cfg["optim"], "max_steps": 4}}
+    before = sorted(p.name for p in (storage / "tiny_zero3_src").iterdir())
+    with pytest.raises(ConfigError) as err:
+        train(cfg)
+    assert "scaling.num_workers" in str(err.value) and "written by 2 rank" in str(err.value)
+    assert "scaling.num_workers: 2" in (err.value.fix or "")
+    assert sorted(p.name for p in (storage / "tiny_zero3_src").iterdir()) == before
+    assert not (ckpt / "deepspeed" / "state_universal").exists()
+    assert not (ckpt / "deepspeed" / "state_universal.partial").exists()
+
+
+def test_zero3_init_per_rank_parameters_fall_with_rank_count(ray_local, workdir, monkeypatch) -> None:
+    """ZeRO-3 builds the model sharded (zero.Init): at 4 ranks each rank holds half the parameter bytes it holds at
+    2, and its measured load peak (anonymous RSS growth while loading, every rank) is lower too; the gathered
+    checkpoint loads in plain transformers with the original shapes."""
+    from mlflow import MlflowClient
+    from transformers import AutoModelForCausalLM
+
+    from layerexit.models.tiny import save_tiny_checkpoint
+
+    wide = save_tiny_checkpoint(workdir / "wide", num_layers=4, hidden_size=512, intermediate_size=2048,
+                                num_heads=8, num_kv_heads=4)  # ~15M parameters, 61 MiB in fp32
+    # Freed tensors go back to the OS at once, so RSS figures track live memory (glibc keeps freed heap otherwise).
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
+    figures = {}
+    for world in (2, 4):
+        cfg = zero3_config(workdir, f"wide_zero3_x{world}", max_steps=2)
+        cfg["model"]["spec"] = str(wide)
+        cfg["optim"].update(micro_batch_size=1, grad_accum=1)
+        cfg["scaling"] = {"num_workers": world, "cpus_per_worker": 2 / world}
+        cfg["eval"] = {"at_start": False, "alignment_prompts": 0}
+        result = train(cfg)
+        metrics = MlflowClient(tracking_uri=result.tracking_uri).get_run(result.run_id).data.metrics
+        per_rank = [metrics[f"memory/rank{r}_params_mib"] for r in range(world)]
+        peaks = [metrics[f"memory/rank{r}_load_peak_mib"] for r in range(world)]
+        assert len(set(round(p, 3) for p in per_rank)) == 1, per_rank  # an equal share on every rank
+        figures[world] = (per_rank[0], max(peaks))
+        loaded = AutoModelForCausalLM.from_pretrained(result.hf_model_dir)
+        assert sum(p.numel() for p in loaded.parameters()) == sum(
+            p.numel() for p in AutoModelForCausalLM.from_pretrained(wide).parameters())
+    full = sum(p.numel() * 4 for p in AutoModelForCausalLM.from_pretrained(wide).parameters()) / 2**20
+    (p2, peak2), (p4, peak4) = figures[2], figures[4]
+    assert abs(p2 - full / 2) < 0.05 * full and abs(p4 - full / 4) < 0.05 * full, (full, figures)
+    assert peak4 < peak2 < full, figures
 
 
 def test_multi_node_run_with_a_file_tracking_uri_fails_before_workers(workdir, tmp_path) -> None:

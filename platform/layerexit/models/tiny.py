@@ -93,12 +93,13 @@ def build_tiny_llama(
     return model
 
 
-def save_tiny_checkpoint(directory: str | Path, num_layers: int = 4, seed: int = 0) -> Path:
-    """Write a tiny model + tokenizer as a plain Hugging Face directory and return its path."""
+def save_tiny_checkpoint(directory: str | Path, num_layers: int = 4, seed: int = 0, **shape) -> Path:
+    """Write a tiny model + tokenizer as a plain Hugging Face directory and return its path (``shape``: other
+    ``build_tiny_llama`` sizes, e.g. ``hidden_size`` for a model whose weights dominate a process's memory)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tiny_tokenizer()
-    model = build_tiny_llama(num_layers=num_layers, vocab_size=len(tokenizer), seed=seed)
+    model = build_tiny_llama(num_layers=num_layers, vocab_size=len(tokenizer), seed=seed, **shape)
     model.config.eos_token_id = tokenizer.eos_token_id
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.bos_token_id = tokenizer.bos_token_id

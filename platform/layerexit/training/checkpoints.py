@@ -5,6 +5,7 @@ Layout of one checkpoint (the merge of every rank's directory)::
     hf_model/            config.json, model.safetensors, tokenizer files: loads with plain transformers
     deepspeed/latest     DeepSpeed engine state (module, optimizer shards per rank, LR scheduler)
     deepspeed/state/...
+    deepspeed/state_universal/  only after a resume on another number of ranks (training.resume)
     trainer_state.json   TrainState (step, epoch, position in the epoch, tokens)
     COMPLETE             written last by rank 0
 
@@ -27,6 +28,7 @@ from layerexit.training.loop import TrainState
 HF_DIR = "hf_model"
 DS_DIR = "deepspeed"
 DS_TAG = "state"
+UNIVERSAL_TAG = "state_universal"  # DeepSpeed's universal checkpoint of DS_TAG (resume on another world size)
 STATE_FILE = "trainer_state.json"
 COMPLETE = "COMPLETE"
 
@@ -76,18 +78,20 @@ def write_checkpoint(engine, tokenizer, target: Path, state: TrainState, *, zero
     return target
 
 
-def read_train_state(directory: str | Path) -> TrainState:
-    """The TrainState of a finished checkpoint; a clear error for an incomplete one."""
+def read_train_state(directory: str | Path, examples_per_micro: int | None = None) -> TrainState:
+    """The TrainState of a finished checkpoint; a clear error for an incomplete one. ``examples_per_micro``
+    converts states written before the data position counted examples (see ``TrainState.from_dict``)."""
     directory = Path(directory)
     if not (directory / COMPLETE).is_file() or not (directory / STATE_FILE).is_file():
         raise LayerexitError(f"checkpoint {directory} is incomplete (no {COMPLETE} marker)",
                              "delete it or start the run under a new name")
-    return TrainState.from_dict(json.loads((directory / STATE_FILE).read_text()))
+    return TrainState.from_dict(json.loads((directory / STATE_FILE).read_text()), examples_per_micro)
 
 
-def load_engine_state(engine, directory: str | Path) -> None:
-    """Restore module, optimizer and LR scheduler state into an initialised DeepSpeed engine."""
-    path, _ = engine.load_checkpoint(str(Path(directory) / DS_DIR), tag=DS_TAG)
+def load_engine_state(engine, directory: str | Path, universal: bool = False) -> None:
+    """Restore module, optimizer and LR scheduler state into an initialised DeepSpeed engine; ``universal``: from
+    the world-size-free copy ``training.resume`` made (the engine's config has ``checkpoint.load_universal``)."""
+    path, _ = engine.load_checkpoint(str(Path(directory) / DS_DIR), tag=UNIVERSAL_TAG if universal else DS_TAG)
     if path is None:
         raise LayerexitError(f"DeepSpeed could not load the checkpoint in {directory}",
                              "delete it or start the run under a new name")

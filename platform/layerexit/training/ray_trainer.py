@@ -172,7 +172,8 @@ def build_optimizer(cfg: TrainConfig, groups: list[dict[str, Any]]):
 
 
 def _worker_env(cfg: TrainConfig) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k.startswith(("LAYEREXIT_", "HF_", "TRANSFORMERS_"))}
+    # MALLOC_*: glibc allocator tuning (e.g. MALLOC_MMAP_THRESHOLD_, so freed tensors leave the RSS figures).
+    env = {k: v for k, v in os.environ.items() if k.startswith(("LAYEREXIT_", "HF_", "TRANSFORMERS_", "MALLOC_"))}
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # worker prints appear once in the driver's output
     # The workers' RunLogger retries and then drops a call (never kills training); MLflow's own HTTP retries
@@ -281,6 +282,13 @@ def run_training(cfg: TrainConfig, *, console=None, show_progress: bool = True,
     depth = validate_train_config(cfg)  # user errors surface here, before Ray or any worker starts
     multi_node = check_cluster(cfg, ray_init_kwargs)  # and these, before data preparation and workers
     check_resume_compatible(cfg)
+    import ray
+
+    from layerexit.training.host_memory import check_training_memory
+    from layerexit.training.resume import plan_resume
+
+    memory_plan = check_training_memory(cfg, ray.nodes(), console)  # a run that cannot fit stops here
+    resume = plan_resume(cfg, _run_info(cfg).get("config"), console)  # another world size: resharded here
     data = prepare_training_data(cfg, show_progress=show_progress)
     data.eval_prompts = data.eval_prompts[: cfg.eval.alignment_prompts]
     from layerexit.training import recipes
@@ -292,7 +300,6 @@ def run_training(cfg: TrainConfig, *, console=None, show_progress: bool = True,
     if not data.eval:
         raise ConfigError("data: the held-out split is empty", "raise data.eval_fraction or add data")
 
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -332,6 +339,10 @@ def run_training(cfg: TrainConfig, *, console=None, show_progress: bool = True,
                              "teacher_cache/mean_topk_mass": cache.meta.get("mean_topk_mass", 0.0)})
             run.log_dict(cache.meta, "teacher_cache.json")
         run.log_dict(deepspeed_config(cfg), "deepspeed_config.json")
+        if memory_plan is not None:
+            run.log_metrics(memory_plan.as_metrics())
+        if resume.reshard:
+            run.set_tags({f"layerexit.resumed_world_size.step{resume.step}": f"{resume.world_before}->{resume.world_now}"})
         if previous:
             _log(console, f"resuming MLflow run {run.run_id}")
         resources = {"CPU": cfg.scaling.cpus_per_worker}
@@ -341,7 +352,8 @@ def run_training(cfg: TrainConfig, *, console=None, show_progress: bool = True,
             train_worker,
             train_loop_config={"config": cfg.model_dump(mode="json"), "data_ref": data_ref, "total_steps": steps,
                                "num_layers": depth, "run_id": run.run_id, "tracking_uri": uri,
-                               "cache_dir": str(cache.path) if cache is not None else None},
+                               "cache_dir": str(cache.path) if cache is not None else None,
+                               **resume.worker_config()},
             scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                          resources_per_worker=resources),
             torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
@@ -432,10 +444,27 @@ def rank0_inference_copy(engine, hf, device, rank: int):
     return copy.to(device).eval()
 
 
-def _load_model(spec: str, dtype):
-    from layerexit.models.loading import load_model_and_tokenizer
+def _log_load_memory(report, rank: int, world: int, logger, step: int) -> None:
+    """Every rank's measured load cost, gathered to rank 0: printed, and logged as ``memory/rank<r>_*`` plus the
+    max over ranks (what decides whether a node fits). Collective."""
+    import torch.distributed as dist
 
-    return load_model_and_tokenizer(spec, dtype=dtype)
+    mine = {**report.as_metrics(), **{f"memory/{k}": v for k, v in report.extra.items()}}
+    rows = [mine]
+    if world > 1 and dist.is_initialized():
+        rows = [None] * world
+        dist.all_gather_object(rows, mine)
+    if logger is None:
+        return
+    metrics = {f"{k.replace('memory/', f'memory/rank{r}_')}": v for r, row in enumerate(rows) for k, v in row.items()}
+    metrics.update({f"{k}_max": max(row[k] for row in rows) for k in mine})
+    logger.log_metrics(metrics, step=step)
+    logger.set_tags({"layerexit.zero3_sharded_init": report.sharded})
+    params = ", ".join(f"{row['memory/params_mib']:.0f}" for row in rows)
+    peaks = ", ".join(f"{row['memory/load_peak_mib']:.0f}" for row in rows)
+    how = f"ZeRO-3 sharded over {world} ranks" if report.sharded else "a full copy per rank"
+    print(f"[layerexit] model loaded as {how}: parameters per rank {params} MiB; load peak (anonymous RSS growth) "
+          f"per rank {peaks} MiB", flush=True)
 
 
 def train_worker(config: dict[str, Any]) -> None:
@@ -467,7 +496,23 @@ def train_worker(config: dict[str, Any]) -> None:
     data: PreparedData = ray.get(config["data_ref"])
     steps, depth = int(config["total_steps"]), int(config["num_layers"])
     precision = cfg.resolve_precision()  # on this worker's machine (logged when `auto`)
-    model, tokenizer = _load_model(cfg.model.spec, torch.bfloat16 if precision == "bf16" else torch.float32)
+    from layerexit.training.sharded_load import load_for_training, load_teacher
+
+    ds_config = deepspeed_config(cfg)
+    checkpoint = ray.train.get_checkpoint()
+    written_by = world
+    if checkpoint is not None:  # which ranks wrote it decides how DeepSpeed must load it (training.resume)
+        with checkpoint.as_directory() as ckpt_dir:
+            raw_state = json.loads((Path(ckpt_dir) / ckpts.STATE_FILE).read_text())
+        written_by = int(raw_state.get("world_size") or config.get("world_before") or world)
+    universal = written_by != world
+    if universal:
+        ds_config.setdefault("checkpoint", {})["load_universal"] = True
+    # Under ZeRO-3 the model is built sharded (zero.Init): no rank ever holds a full copy. zero.Init reads the world
+    # size from deepspeed.comm, which wraps Ray Train's process group once initialised.
+    deepspeed.init_distributed(dist_backend="nccl" if cfg.scaling.use_gpu else "gloo")
+    model, tokenizer, load_report = load_for_training(
+        cfg.model.spec, torch.bfloat16 if precision == "bf16" else torch.float32, ds_config)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -502,31 +547,34 @@ def train_worker(config: dict[str, Any]) -> None:
                                   cfg.lite.anchor_weight)
     teacher = None
     if cfg.recipe == "lite" and cfg.lite.anchor_weight > 0:
-        t_model, _ = _load_model(cfg.model.spec, torch.float32 if precision == "fp32" else torch.bfloat16)
-        teacher = FrozenTeacher(t_model.to(device))
+        t_model, teacher_report = load_teacher(cfg.model.spec, torch.float32 if precision == "fp32" else torch.bfloat16,
+                                               ds_config, device)
+        teacher = FrozenTeacher(t_model)
+        load_report.extra["teacher_params_mib"] = teacher_report.param_bytes / 2**20
 
     warmup = max(cfg.optim.warmup_steps, int(cfg.optim.warmup_ratio * steps))
     optimizer = build_optimizer(cfg, param_groups(objective, cfg.optim.weight_decay))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(steps, warmup, cfg.optim.schedule, cfg.optim.min_lr_ratio))
     engine, _, _, _ = deepspeed.initialize(model=objective, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(cfg))
+                                           config=ds_config)
     zero_stage = cfg.deepspeed.zero_stage
 
     state = TrainState()
     start_report: AlignmentReport | None = None
-    checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
-            state = ckpts.read_train_state(ckpt_dir)
-            ckpts.load_engine_state(engine, ckpt_dir)
+            state = ckpts.read_train_state(ckpt_dir, examples_per_micro=cfg.optim.micro_batch_size * written_by)
+            ckpts.load_engine_state(engine, ckpt_dir, universal=universal)
             extra = json.loads((Path(ckpt_dir) / ckpts.STATE_FILE).read_text())
         if extra.get("start_alignment"):
             raw = extra["start_alignment"]
             start_report = AlignmentReport(**{**raw, "rows": [LayerAlignment(**r) for r in raw["rows"]]})
         state.resumed_from_step = state.step
         if rank == 0:
-            print(f"[layerexit] resumed from checkpoint at step {state.step}", flush=True)
+            how = f" (written by {written_by} ranks, resharded to {world})" if universal else ""
+            print(f"[layerexit] resumed from checkpoint at step {state.step}, example {state.examples_in_epoch} of "
+                  f"epoch {state.epoch}{how}", flush=True)
 
     # Retries, then drops a call with a warning: an MLflow outage must not kill training (the run falls back to its
     # last checkpoint otherwise).
@@ -536,6 +584,7 @@ def train_worker(config: dict[str, Any]) -> None:
         print(f"[layerexit] precision {precision}{_auto_reason(cfg)}", flush=True)
     if logger is not None and state.resumed_from_step is not None:
         logger.log_metrics({"resumed_from_step": state.resumed_from_step}, step=state.step)
+    _log_load_memory(load_report, rank, world, logger, state.step)
     hf = objective.model
     eval_layers = sorted(cfg.eval.layers or {*cfg.lite.exit_layers, depth})
     pad_id = tokenizer.pad_token_id
