@@ -162,8 +162,8 @@ def test_resume_world_size_that_cannot_be_resharded_stops_before_workers(ray_loc
 
 def test_zero3_init_per_rank_parameters_fall_with_rank_count(ray_local, workdir, monkeypatch) -> None:
     """ZeRO-3 builds the model sharded (zero.Init): at 4 ranks each rank holds half the parameter bytes it holds at
-    2, and its measured load peak (anonymous RSS growth while loading, every rank) is lower too; the gathered
-    checkpoint loads in plain transformers with the original shapes."""
+    2 (the anchor loss's frozen teacher the same), and its measured load peak (anonymous RSS growth while loading,
+    every rank) is lower too; the gathered checkpoint loads in plain transformers with the original shapes."""
     from mlflow import MlflowClient
     from transformers import AutoModelForCausalLM
 
@@ -181,9 +181,11 @@ def test_zero3_init_per_rank_parameters_fall_with_rank_count(ray_local, workdir,
         cfg["optim"].update(micro_batch_size=1, grad_accum=1)
         cfg["scaling"] = {"num_workers": world, "cpus_per_worker": 2 / world}
         cfg["eval"] = {"at_start": False, "alignment_prompts": 0}
+        cfg["lite"]["anchor_weight"] = 0.1  # the frozen teacher is built sharded too
         result = train(cfg)
         metrics = MlflowClient(tracking_uri=result.tracking_uri).get_run(result.run_id).data.metrics
         per_rank = [metrics[f"memory/rank{r}_params_mib"] for r in range(world)]
+        assert [metrics[f"memory/rank{r}_teacher_params_mib"] for r in range(world)] == per_rank
         peaks = [metrics[f"memory/rank{r}_load_peak_mib"] for r in range(world)]
         assert len(set(round(p, 3) for p in per_rank)) == 1, per_rank  # an equal share on every rank
         figures[world] = (per_rank[0], max(peaks))

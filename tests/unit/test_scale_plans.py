@@ -11,7 +11,7 @@ import pytest
 
 from layerexit.errors import ConfigError
 from layerexit.training import TrainConfig
-from layerexit.training.host_memory import (
+from layerexit.training.rank_memory import (
     PeakRss, check_host_memory, check_training_memory, model_param_count, plan_host_memory, rank_param_bytes,
 )
 from layerexit.training.resume import plan_resume
@@ -103,3 +103,24 @@ def test_resume_plan_fresh_same_world_and_a_shard_missing(tmp_path: Path) -> Non
     assert str(err.value).startswith("scaling.num_workers") and "written by 2 rank(s)" in str(err.value)
     assert err.value.fix.startswith("set scaling.num_workers: 2")
     assert not (tmp_path / "b" / "r" / "checkpoint_000004" / "deepspeed" / "state_universal").exists()
+
+
+def test_a_teacher_that_does_not_fit_on_the_gpus_is_named() -> None:
+    """LLaMA-2-13B, bf16, 8 x H100 80 GB, ZeRO-2 with the anchor teacher: the model's state fits, the full teacher
+    beside it does not -> lite.anchor_weight; ZeRO-3 shards both and passes; ZeRO-2 without a teacher passes."""
+    from layerexit.training.rank_memory import check_gpu_memory, gpu_memory_bytes, plan_gpu_memory
+
+    p13 = 13_015_864_320
+    nodes = [{"Alive": True, "Resources": {"GPU": 8.0, "accelerator_type:H100": 1.0, "memory": 1500 * GIB}}]
+    gpu = gpu_memory_bytes(nodes)
+    assert gpu == ("H100", 80 * 10**9)
+    kw = dict(zero_stage=2, offload_optimizer=False)
+    with pytest.raises(ConfigError) as err:
+        check_gpu_memory(plan_gpu_memory(p13, world=8, teacher=True, **kw), gpu, teacher=True, **kw)
+    assert str(err.value).startswith("lite.anchor_weight") and "teacher 24.2" in str(err.value)
+    check_gpu_memory(plan_gpu_memory(p13, world=8, teacher=False, **kw), gpu, teacher=False, **kw)
+    z3 = dict(zero_stage=3, offload_optimizer=False)
+    check_gpu_memory(plan_gpu_memory(p13, world=8, teacher=True, **z3), gpu, teacher=True, **z3)
+    with pytest.raises(ConfigError, match="deepspeed.zero_stage"):  # one GPU, ZeRO-2: 16 bytes/param > 80 GB
+        check_gpu_memory(plan_gpu_memory(p13, world=1, teacher=False, **kw), gpu, teacher=False, **kw)
+    assert gpu_memory_bytes([{"Alive": True, "Resources": {"accelerator_type:A100": 1.0}}]) is None  # 40 or 80 GB

@@ -284,7 +284,7 @@ def run_training(cfg: TrainConfig, *, console=None, show_progress: bool = True,
     check_resume_compatible(cfg)
     import ray
 
-    from layerexit.training.host_memory import check_training_memory
+    from layerexit.training.rank_memory import check_training_memory
     from layerexit.training.resume import plan_resume
 
     memory_plan = check_training_memory(cfg, ray.nodes(), console)  # a run that cannot fit stops here

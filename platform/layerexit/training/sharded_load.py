@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from layerexit.training.host_memory import PeakRss, rank_param_bytes
+from layerexit.training.rank_memory import PeakRss, rank_param_bytes
 
 
 @dataclass

@@ -1,14 +1,16 @@
-"""Host memory of a training rank: measured on the worker, planned on the driver before any worker starts.
+"""Memory of a training rank: host memory measured on the worker, host and GPU memory planned on the driver.
 
 Measured (worker): ``PeakRss`` samples the process's anonymous resident memory (``RssAnon``: heap and tensors,
 not file pages such as a memory-mapped safetensors file) in a thread while the model loads, and
 ``rank_param_bytes`` sums the parameter bytes this rank holds (under ZeRO-3 its partition, ``ds_tensor``; otherwise
 the whole tensor). The job logs both per rank (``memory/*`` metrics), so MLflow shows what sharding saved.
 
-Planned (driver): ``check_host_memory`` prices what each rank must hold in host memory on the path the config
-chooses (a full copy per rank without ZeRO-3, a 1/world share with it; the frozen teacher likewise; on CPU also
-gradients and optimizer state) against the memory Ray reports for the nodes, and stops a run that cannot fit with
-an error naming the field and the fix, instead of workers dying one by one in the kernel's OOM killer.
+Planned (driver, before any worker starts): ``check_training_memory`` prices what each rank must hold on the path
+the config chooses: in host memory (a full copy per rank without ZeRO-3, a 1/world share with it; the frozen teacher
+likewise; on CPU also gradients and optimizer state) against the memory Ray reports for the nodes, and on GPU
+(weights, gradients, fp32 master weights and Adam moments as the ZeRO stage shards them, plus the teacher) against
+the memory of the accelerator type Ray reports. A run that cannot fit stops with an error naming the field and the
+fix, instead of workers dying one by one in the OOM killer or CUDA's allocator.
 """
 
 from __future__ import annotations
@@ -188,8 +190,92 @@ def check_training_memory(cfg, nodes: list[dict[str, Any]], console=None) -> Hos
     ranks_per_node = -(-world // max(1, len(alive)))  # the most even spread Ray can make
     check_host_memory(plan, ranks_per_node=ranks_per_node, available_bytes=node_memory_bytes(alive),
                       zero_stage=cfg.deepspeed.zero_stage, teacher=teacher)
+    if cfg.scaling.use_gpu:
+        gpu_plan = plan_gpu_memory(params, world=world, zero_stage=cfg.deepspeed.zero_stage,
+                                   offload_optimizer=cfg.deepspeed.offload_optimizer, teacher=teacher,
+                                   trains_base=cfg.recipe != "adapters")
+        check_gpu_memory(gpu_plan, gpu_memory_bytes(alive), zero_stage=cfg.deepspeed.zero_stage, teacher=teacher,
+                         offload_optimizer=cfg.deepspeed.offload_optimizer)
     if console is not None:
         console.print(f"host memory per rank: {plan.per_rank_bytes / 2**30:.2f} GiB planned "
                       f"({'ZeRO-3 sharded construction' if plan.sharded else 'a full copy per rank'}, "
                       f"{params / 1e9:.2f}B parameters)")
     return plan
+
+
+# Memory of the accelerators Ray labels nodes with (``accelerator_type:<name>`` resources), GiB. Types whose
+# memory varies by model (A100 40/80 GB) are left out: unknown means no GPU check.
+GPU_MEMORY_GIB = {"H200": 141, "H100": 80, "GH200": 96, "B200": 180, "L40S": 48, "L40": 48, "L4": 24, "A10G": 24,
+                  "A10": 24, "V100": 16, "T4": 16}
+ACTIVATION_HEADROOM = 0.15  # share of a GPU kept for activations, head chunks, NCCL and allocator slack
+
+
+def gpu_memory_bytes(nodes: list[dict[str, Any]]) -> tuple[str, int] | None:
+    """(accelerator type, bytes per GPU) of the alive nodes' GPUs when Ray labels them with a known type; the
+    smallest if types differ; None when unknown."""
+    found = []
+    for n in nodes:
+        if not n.get("Alive", n.get("alive", True)):
+            continue
+        for key in n.get("Resources", {}):
+            if key.startswith("accelerator_type:"):
+                name = key.split(":", 1)[1]
+                if name in GPU_MEMORY_GIB:
+                    found.append((name, GPU_MEMORY_GIB[name] * 10**9))
+    return min(found, key=lambda t: t[1]) if found else None
+
+
+@dataclass(frozen=True)
+class GpuMemoryPlan:
+    """Bytes one GPU holds for the model's training state and the teacher (activations not included)."""
+
+    weights: int
+    grads: int
+    optimizer: int
+    teacher: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.grads + self.optimizer + self.teacher
+
+
+def plan_gpu_memory(params: int, *, world: int, zero_stage: int, offload_optimizer: bool, teacher: bool,
+                    trains_base: bool = True) -> GpuMemoryPlan:
+    """bf16 training on GPU: 2-byte weights (sharded under ZeRO-3), 2-byte gradients (sharded from ZeRO-2), 12 bytes
+    of fp32 master weights and Adam moments (sharded from ZeRO-1, none on the GPU when offloaded), and the frozen
+    teacher's 2-byte weights (sharded under ZeRO-3)."""
+    shard = lambda b, on: -(-b // world) if on else b  # noqa: E731
+    weights = shard(2 * params, zero_stage == 3)
+    if not trains_base:
+        return GpuMemoryPlan(weights, 0, 0, weights if teacher else 0)
+    grads = shard(2 * params, zero_stage >= 2)
+    optimizer = 0 if offload_optimizer else shard(12 * params, zero_stage >= 1)
+    return GpuMemoryPlan(weights, grads, optimizer, weights if teacher else 0)
+
+
+def check_gpu_memory(plan: GpuMemoryPlan, gpu: tuple[str, int] | None, *, zero_stage: int, teacher: bool,
+                     offload_optimizer: bool) -> None:
+    """Raise a ConfigError when ``plan`` leaves less than ``ACTIVATION_HEADROOM`` of a ``gpu`` (None: no check)."""
+    if gpu is None:
+        return
+    name, capacity = gpu
+    usable = (1 - ACTIVATION_HEADROOM) * capacity
+    if plan.total <= usable:
+        return
+    gib = 2**30
+    detail = (f"weights {plan.weights / gib:.1f} + gradients {plan.grads / gib:.1f} + optimizer "
+              f"{plan.optimizer / gib:.1f}" + (f" + teacher {plan.teacher / gib:.1f}" if teacher else "")
+              + f" = {plan.total / gib:.1f} GiB per GPU, over {usable / gib:.1f} GiB usable of an {name} "
+              f"({capacity / gib:.0f} GiB, {ACTIVATION_HEADROOM:.0%} kept for activations)")
+    if teacher and plan.total - plan.teacher <= usable:
+        field, fix = "lite.anchor_weight", ("the frozen teacher does not fit beside the model: set "
+                                            "deepspeed.zero_stage: 3 (it is sharded like the model) or "
+                                            "lite.anchor_weight: 0")
+    elif zero_stage < 3:
+        field, fix = "deepspeed.zero_stage", "set deepspeed.zero_stage: 3 (shards weights, gradients and optimizer)"
+    elif not offload_optimizer:
+        field, fix = "scaling.num_workers", ("use more GPUs (scaling.num_workers) or deepspeed.offload_optimizer: true "
+                                             "(optimizer state in host memory)")
+    else:
+        field, fix = "scaling.num_workers", "use more GPUs (scaling.num_workers)"
+    raise ConfigError(f"{field}: training state does not fit on the GPUs: {detail}", fix)
