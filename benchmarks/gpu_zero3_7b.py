@@ -42,11 +42,16 @@ SHAPES = {
 BYTES_PER_PARAM = 16  # bf16 weight + bf16 grad + fp32 master + fp32 Adam m and v (ZeRO-3, one rank)
 
 
-def params_for(shape: dict, layers: int) -> int:
-    h, i, v = shape["hidden_size"], shape["intermediate_size"], shape["vocab_size"]
+def layer_matmul_params(shape: dict) -> int:
+    """Weights of one decoder layer's linear maps (q, o; k, v; gate, up, down)."""
+    h, i = shape["hidden_size"], shape["intermediate_size"]
     kv = h * shape["num_key_value_heads"] // shape["num_attention_heads"]
-    per_layer = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h
-    return layers * per_layer + 2 * v * h + h
+    return 2 * h * h + 2 * h * kv + 3 * h * i
+
+
+def params_for(shape: dict, layers: int) -> int:
+    h, v = shape["hidden_size"], shape["vocab_size"]
+    return layers * (layer_matmul_params(shape) + 2 * h) + 2 * v * h + h  # + 2 norms per layer, embeddings, head
 
 
 def pick_layers(shape: dict, requested: str, gpu_bytes: int | None) -> int:
@@ -75,9 +80,8 @@ def peak_tflops(device_name: str) -> float | None:
 
 def train_flops_per_token(shape: dict, layers: int, seq: int, extra_heads: int) -> float:
     """Model FLOPs of one training token (forward + backward = 3x forward), no recomputation counted."""
-    h, i, v = shape["hidden_size"], shape["intermediate_size"], shape["vocab_size"]
-    kv = h * shape["num_key_value_heads"] // shape["num_attention_heads"]
-    matmul_params = layers * (2 * h * h + 2 * h * kv + 3 * h * i) + h * v  # decoder linears + final LM head
+    h, v = shape["hidden_size"], shape["vocab_size"]
+    matmul_params = layers * layer_matmul_params(shape) + h * v  # decoder linears + final LM head
     attention = 6 * layers * h * seq  # QK^T and AV, causal (half the square), x3 for fwd+bwd
     return 6 * matmul_params + attention + 6 * h * v * extra_heads
 

@@ -22,15 +22,9 @@ import tempfile
 from pathlib import Path
 
 import torch.multiprocessing as mp
+from proc_memory import rss_kib
 
 from layerexit.localhost import free_port
-
-
-def _vm_hwm_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def _rank(rank: int, world: int, port: int, args, stage: int, out_dir: str) -> None:
@@ -80,7 +74,7 @@ def _rank(rank: int, world: int, port: int, args, stage: int, out_dir: str) -> N
     row = {"rank": rank, "params_mib": report.param_bytes / 2**20,
            "load_peak_mib": report.load_peak_delta_bytes / 2**20, "load_s": report.seconds,
            "teacher_params_mib": teacher_report.param_bytes / 2**20 if teacher_report else None,
-           "vm_hwm_mib": _vm_hwm_mib(), "losses": losses, "sharded": report.sharded}
+           "vm_hwm_mib": rss_kib("VmHWM") / 1024, "losses": losses, "sharded": report.sharded}
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(row))
 
 

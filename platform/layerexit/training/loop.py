@@ -245,17 +245,24 @@ def rank_share(order: Sequence[int], *, skip: int, per_step: int, world: int, ra
     return rest[:usable][rank::world]
 
 
-def epoch_batches(examples: Sequence[TokenizedExample], *, micro_batch: int, world: int, rank: int,
-                  grad_accum: int, epoch: int, seed: int, pad_id: int, skip: int = 0, group_size: int = 0,
-                  device: torch.device | str = "cpu") -> Iterator[dict[str, torch.Tensor]]:
-    """This rank's micro-batches for one epoch after the first ``skip`` examples of the epoch (global count, all
-    ranks): ``epoch_order`` (length-grouped when ``group_size`` > 1), an equal share per rank, whole global steps
-    only. Micro-batch b has the same width on every rank (``shared_widths``)."""
+def epoch_shards(examples: Sequence[TokenizedExample], *, micro_batch: int, world: int, grad_accum: int,
+                 epoch: int, seed: int, skip: int = 0, group_size: int = 0) -> list[list[TokenizedExample]]:
+    """Every rank's examples for one epoch after the first ``skip`` examples of the epoch (global count, all ranks):
+    ``epoch_order`` (length-grouped when ``group_size`` > 1), an equal share per rank, whole global steps only."""
     per_step = micro_batch * world * grad_accum
     order = epoch_order(len(examples), epoch=epoch, seed=seed, group_size=group_size,
                         lengths=[len(e.input_ids) for e in examples] if group_size > 1 else None)
-    shards = [[examples[i] for i in rank_share(order, skip=skip, per_step=per_step, world=world, rank=r)]
-              for r in range(world)]
+    return [[examples[i] for i in rank_share(order, skip=skip, per_step=per_step, world=world, rank=r)]
+            for r in range(world)]
+
+
+def epoch_batches(examples: Sequence[TokenizedExample], *, micro_batch: int, world: int, rank: int,
+                  grad_accum: int, epoch: int, seed: int, pad_id: int, skip: int = 0, group_size: int = 0,
+                  device: torch.device | str = "cpu") -> Iterator[dict[str, torch.Tensor]]:
+    """This rank's micro-batches of ``epoch_shards``. Micro-batch b has the same width on every rank
+    (``shared_widths``)."""
+    shards = epoch_shards(examples, micro_batch=micro_batch, world=world, grad_accum=grad_accum, epoch=epoch,
+                          seed=seed, skip=skip, group_size=group_size)
     widths = shared_widths(shards, micro_batch)
     mine = shards[rank]
     for b, start in enumerate(range(0, len(mine), micro_batch)):
@@ -265,20 +272,13 @@ def epoch_batches(examples: Sequence[TokenizedExample], *, micro_batch: int, wor
 
 def padding_share(examples: Sequence[TokenizedExample], *, micro_batch: int, world: int, grad_accum: int,
                   epoch: int, seed: int, group_size: int = 0) -> float:
-    """Share of the tokens of one epoch's micro-batches (all ranks) that are padding, as ``epoch_batches`` builds
+    """Share of the tokens of one epoch's micro-batches (all ranks) that are padding, as ``epoch_batches`` pads
     them (without building the tensors)."""
-    per_step = micro_batch * world * grad_accum
-    order = epoch_order(len(examples), epoch=epoch, seed=seed, group_size=group_size,
-                        lengths=[len(e.input_ids) for e in examples] if group_size > 1 else None)
-    shards = [[len(examples[i].input_ids) for i in rank_share(order, skip=0, per_step=per_step, world=world,
-                                                              rank=r)] for r in range(world)]
-    n_batches = -(-len(shards[0]) // micro_batch) if shards and shards[0] else 0
-    real = padded = 0
-    for b in range(n_batches):
-        parts = [s[b * micro_batch : (b + 1) * micro_batch] for s in shards]
-        width = max(max(p) for p in parts if p)
-        real += sum(sum(p) for p in parts)
-        padded += sum(width * len(p) for p in parts)
+    shards = epoch_shards(examples, micro_batch=micro_batch, world=world, grad_accum=grad_accum, epoch=epoch,
+                          seed=seed, group_size=group_size)
+    widths = shared_widths(shards, micro_batch)
+    real = sum(len(e.input_ids) for s in shards for e in s)
+    padded = sum(w * len(s[b * micro_batch : (b + 1) * micro_batch]) for s in shards for b, w in enumerate(widths))
     return 1.0 - real / padded if padded else 0.0
 
 

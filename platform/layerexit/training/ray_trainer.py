@@ -566,9 +566,8 @@ def train_worker(config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as ckpt_dir:
             state = ckpts.read_train_state(ckpt_dir, examples_per_micro=cfg.optim.micro_batch_size * written_by)
             ckpts.load_engine_state(engine, ckpt_dir, universal=universal)
-            extra = json.loads((Path(ckpt_dir) / ckpts.STATE_FILE).read_text())
-        if extra.get("start_alignment"):
-            raw = extra["start_alignment"]
+        if raw_state.get("start_alignment"):  # the same trainer_state.json, read before loading the model
+            raw = raw_state["start_alignment"]
             start_report = AlignmentReport(**{**raw, "rows": [LayerAlignment(**r) for r in raw["rows"]]})
         state.resumed_from_step = state.step
         if rank == 0:
