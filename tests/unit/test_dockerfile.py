@@ -1,12 +1,14 @@
-"""The Dockerfile, without a Docker daemon (issue 15): what the k8s manifests run is what it builds.
+"""The Dockerfile, without a Docker daemon: its two images install from the lock the tests run with.
 
-- FROM is Ray's GPU image pinned to an exact Ray version: the project's Ray, and the manifests' ``rayVersion``;
-  its Python (``-pyXY``) is one ``requires-python`` allows.
-- The project is installed (``pip install .``, not editable: the image has no source checkout to point at) from
-  the repository copied to /home/ray/layerexit, where the RayJob entrypoints ``cd``; every path the entrypoints
-  and the Serve configs read is copied in; the pins name exact versions equal to the ones tested here.
-- The image name agrees everywhere: the Dockerfile's build command, the manifests' ``image:``, and the build/push
-  commands in docs/kubernetes.md and the kustomization's ``images:`` mapping.
+- One base, Ray's GPU image at an exact Ray version: the locks' Ray and the manifests' ``rayVersion``; its Python
+  (``-pyXY``) is one ``requires-python`` allows. Two targets build on it: ``train`` (layerexit:latest) and ``vllm``
+  (layerexit-vllm:latest).
+- Each target copies its lock before installing and installs with it as constraints (``-c``); every version a RUN
+  line names equals its lock's pin; the project goes in with ``pip install .`` (``--no-deps`` in the vLLM image),
+  never editable; every path the entrypoints and the Serve configs read is copied in.
+- The locks agree where they must: the same torch in both images, the vLLM the Makefile locks is the one installed.
+- The image names agree everywhere: the build commands opening the Dockerfile, the manifests' ``image:``, the
+  build/tag/push commands in docs/kubernetes.md and k8s/README.md, and the kustomization's ``images:`` mapping.
 """
 
 from __future__ import annotations
@@ -20,10 +22,14 @@ import pytest
 import yaml
 from packaging.specifiers import SpecifierSet
 
+from layerexit.envlock import canonical, public_version, read_lock
+
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "Dockerfile"
 DOCS = REPO / "docs" / "kubernetes.md"
 K8S = REPO / "k8s"
+LOCKS = {"train": "requirements/lock.txt", "vllm": "requirements/vllm-gpu.lock.txt"}
+IMAGES = {"train": "layerexit:latest", "vllm": "layerexit-vllm:latest"}
 
 
 def instructions(text: str) -> list[tuple[str, str]]:
@@ -40,27 +46,40 @@ def instructions(text: str) -> list[tuple[str, str]]:
     return out
 
 
+def stages(parsed: list[tuple[str, str]]) -> dict[str, list[tuple[str, str]]]:
+    """Instructions per build stage, by stage name (``FROM x AS name``), each stage including its parents'."""
+    out: dict[str, list[tuple[str, str]]] = {}
+    current: list[tuple[str, str]] = []
+    for op, args in parsed:
+        if op == "FROM":
+            image, _, name = args.partition(" AS ")
+            current = list(out.get(image.strip(), [])) + [(op, args)]
+            out[name.strip() or image.strip()] = current
+        else:
+            current.append((op, args))
+    return out
+
+
 @pytest.fixture(scope="module")
 def parsed() -> list[tuple[str, str]]:
-    assert DOCKERFILE.is_file(), "the manifests run an image built from ./Dockerfile"
+    assert DOCKERFILE.is_file(), "the manifests run images built from ./Dockerfile"
     return instructions(DOCKERFILE.read_text(encoding="utf-8"))
 
 
-def args_defaults(parsed) -> dict[str, str]:
-    return dict(a.split("=", 1) for op, a in parsed if op == "ARG" and "=" in a)
+def pip_installs(stage: list[tuple[str, str]]) -> list[list[str]]:
+    runs = [a for op, a in stage if op == "RUN"]
+    return [shlex.split(part) for r in runs for part in r.split("&&") if "pip install" in part]
 
 
-def expand(text: str, env: dict[str, str]) -> str:
-    return re.sub(r"\$\{(\w+)\}", lambda m: env[m.group(1)], text)
-
-
-def test_from_is_a_pinned_ray_gpu_image_matching_project_and_manifests(parsed) -> None:
+def test_one_pinned_ray_gpu_base_matching_locks_project_and_manifests(parsed) -> None:
     froms = [a for op, a in parsed if op == "FROM"]
-    assert len(froms) == 1
-    m = re.fullmatch(r"rayproject/ray:(\d+\.\d+\.\d+)-py(\d)(\d+)-(gpu|cu\d+)", froms[0])
-    assert m, f"FROM {froms[0]}: use rayproject/ray:<x.y.z>-py<XY>-gpu (an exact Ray version, no `latest`)"
+    external = [f for f in froms if not f.startswith("base ")]
+    assert len(external) == 1, f"one external base image, got {external}"
+    m = re.fullmatch(r"rayproject/ray:(\d+\.\d+\.\d+)-py(\d)(\d+)-(gpu|cu\d+) AS base", external[0])
+    assert m, f"FROM {external[0]}: use rayproject/ray:<x.y.z>-py<XY>-gpu AS base (an exact Ray version)"
     ray_version, py = m.group(1), f"{m.group(2)}.{m.group(3)}"
-    assert ray_version == importlib.metadata.version("ray"), "the image's Ray must be the project's Ray"
+    for lock in LOCKS.values():
+        assert read_lock(REPO / lock)["ray"] == ray_version, f"{lock}: the image's Ray must be the lock's Ray"
     for path in K8S.glob("*.yaml"):
         for doc in yaml.safe_load_all(path.read_text()):
             cluster = (doc or {}).get("spec", {}).get("rayClusterSpec") or (doc or {}).get("spec", {}).get(
@@ -69,44 +88,67 @@ def test_from_is_a_pinned_ray_gpu_image_matching_project_and_manifests(parsed) -
                 assert cluster["rayVersion"] == ray_version, path.name
     requires = SpecifierSet(importlib.metadata.metadata("layerexit")["Requires-Python"])
     assert py in requires, f"python {py} of the image is outside requires-python {requires}"
+    assert set(stages(parsed)) >= {"base", "train", "vllm"}
 
 
-def test_project_is_installed_with_exact_pins_in_the_entrypoints_directory(parsed) -> None:
-    workdirs = [a for op, a in parsed if op == "WORKDIR"]
-    assert workdirs[-1] == "/home/ray/layerexit"
-    runs = [expand(a, args_defaults(parsed)) for op, a in parsed if op == "RUN"]
-    installs = [shlex.split(r.split("&&")[0]) for r in runs if "pip install" in r]
-    assert installs, "no pip install"
+@pytest.mark.parametrize("target", sorted(LOCKS))
+def test_each_image_installs_from_its_lock_in_the_entrypoints_directory(parsed, target: str) -> None:
+    stage = stages(parsed)[target]
+    assert [a for op, a in stage if op == "WORKDIR"][-1] == "/home/ray/layerexit"
+    lock_path = LOCKS[target]
+    copies = [a for op, a in stage if op == "COPY"]
+    first_install = next(i for i, (op, a) in enumerate(stage) if op == "RUN" and "pip install" in a)
+    copied_before = [a for op, a in stage[:first_install] if op == "COPY"]
+    assert any(lock_path in a for a in copied_before), f"{target}: COPY {lock_path} before installing"
+    installs = pip_installs(stage)
+    lock = read_lock(REPO / lock_path)
+    with_deps = [cmd for cmd in installs if "--no-deps" not in cmd]
+    assert with_deps, f"{target}: no pip install"
+    for cmd in with_deps:  # every install that resolves dependencies is constrained by the lock
+        assert "-c" in cmd and cmd[cmd.index("-c") + 1] == lock_path, f"{target}: `{shlex.join(cmd)}` lacks -c {lock_path}"
     tokens = [t for cmd in installs for t in cmd]
     assert "." in tokens and "-e" not in tokens, "install the project itself with `pip install .`"
-    pins = dict(t.split("==", 1) for t in tokens if "==" in t)
-    for dist in ("torch", "transformers", "deepspeed", "mlflow"):
-        assert pins.get(dist) == importlib.metadata.version(dist).split("+")[0], f"{dist} pin != tested version"
-    assert pins.get("ray[train,serve,tune]") == importlib.metadata.version("ray")
-    copied = {src.lstrip("./") for op, a in parsed if op == "COPY"
-              for src in [t for t in a.split() if not t.startswith("--")][:-1]}
+    for token in tokens:
+        if "==" in token:
+            name, version = token.split("==", 1)
+            name = canonical(name.split("[", 1)[0])
+            assert lock.get(name) == version, f"{target}: {token} but {lock_path} pins {name}=={lock.get(name)}"
+    copied = {src.lstrip("./") for a in copies for src in [t for t in a.split() if not t.startswith("--")][:-1]}
     for needed in ("platform", "pyproject.toml", "jobs", "tune", "serve_configs"):
-        assert needed in copied, f"the image lacks {needed}/"
+        assert needed in copied, f"the {target} image lacks {needed}/"
 
 
-def test_image_name_agrees_in_dockerfile_manifests_docs_and_kustomization() -> None:
-    build = re.search(r"docker build -t (\S+) \.", DOCKERFILE.read_text().splitlines()[0])
-    assert build, "the Dockerfile opens with its build command"
-    image = build.group(1)
+def test_locks_agree_on_torch_and_the_locked_vllm_is_the_installed_one(parsed) -> None:
+    train, vllm = read_lock(REPO / LOCKS["train"]), read_lock(REPO / LOCKS["vllm"])
+    assert public_version(train["torch"]) == vllm["torch"], "both images run one torch"
+    makefile = (REPO / "Makefile").read_text()
+    locked_vllm = re.search(r"^VLLM_GPU_PKG := vllm==(\S+)", makefile, re.M).group(1)
+    assert vllm["vllm"] == locked_vllm
+    assert f'"vllm=={locked_vllm}"' in " ".join(a for op, a in stages(parsed)["vllm"] if op == "RUN")
+
+
+def test_image_names_agree_in_dockerfile_manifests_docs_and_kustomization(parsed) -> None:
+    head = DOCKERFILE.read_text().splitlines()[:2]
+    built = {m.group(1): m.group(2) for line in head
+             for m in [re.search(r"docker build --target (\w+) -t (\S+) \.", line)] if m}
+    assert built == IMAGES, "the Dockerfile opens with the build command of each image"
     manifest_images = set()
     for path in K8S.glob("*.yaml"):
         manifest_images |= set(re.findall(r"image: (layerexit\S*)", path.read_text()))
-    assert manifest_images == {image}, f"manifests run {manifest_images}, the Dockerfile builds {image}"
+    assert manifest_images == set(IMAGES.values()), f"manifests run {manifest_images}"
     docs = DOCS.read_text()
-    assert f"docker build -t {image} ." in docs, "docs/kubernetes.md must give the Dockerfile's build command"
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
-    [entry] = [i for i in kustomization["images"] if i["name"] == image.split(":")[0]]
-    pushed = f"{entry['newName']}:{entry['newTag']}"
-    assert f"docker tag {image} {pushed}" in docs and f"docker push {pushed}" in docs
-    assert f"docker build -t {image} ." in (K8S / "README.md").read_text()
+    for target, image in IMAGES.items():
+        build = f"docker build --target {target} -t {image} ."
+        assert build in docs, f"docs/kubernetes.md must give `{build}`"
+        assert build in (K8S / "README.md").read_text(), f"k8s/README.md must give `{build}`"
+        [entry] = [i for i in kustomization["images"] if i["name"] == image.split(":")[0]]
+        pushed = f"{entry['newName']}:{entry['newTag']}"
+        assert f"docker tag {image} {pushed}" in docs and f"docker push {pushed}" in docs
 
 
-def test_dockerignore_keeps_local_state_out() -> None:
+def test_dockerignore_keeps_local_state_out_and_the_lock_in() -> None:
     ignored = (REPO / ".dockerignore").read_text().split()
     for entry in (".git", ".venv", "mlflow.db", "outputs"):
         assert entry in ignored
+    assert not any(e.startswith("requirements") for e in ignored), "the images install from requirements/"
