@@ -14,8 +14,11 @@ Serve config gets the draft's path and num_speculative_tokens (an engine Serve c
 user_config), in place, comments kept.
 
 Check only (load and validate the YAML with its overrides, the layers against the model's depth from its
-config.json, the Serve config and the vLLM environment; start nothing):
+config.json or model.num_layers, the Serve config and the vLLM environment; start nothing, download nothing;
+confirm.python: auto finding no vLLM on this machine is a note, not an error):
     python jobs/tune_draft.py --config tune/smollm2_draft.yaml --check
+On a GPU, in the layerexit-vllm image (vLLM in the same Python: confirm.python auto):
+    python jobs/tune_draft.py --config tune/llama2_7b_draft.yaml --serve-config serve_configs/7b.yaml
 
 Exit status: 0 done (or valid, with --check); 2 bad input (one line on stderr); 3 the best draft's predicted
 speedup is below export.min_speedup; 4 the vLLM confirmation failed (in both the draft and the report are still
@@ -35,18 +38,24 @@ def check(config: str, overrides: list[str], serve_config: str | None) -> int:
     from layerexit.tuning.draft_config import DraftTuneConfig
     from layerexit.tuning.draft_search import model_depth_of, preflight
 
+    notes: list[str] = []
     try:
         cfg = load_config(DraftTuneConfig, config, list(overrides))
-        preflight(cfg, serve_config or cfg.export.serve_config)
-        depth = model_depth_of(cfg.model.spec)
+        preflight(cfg, serve_config or cfg.export.serve_config, notes)
+        depth = model_depth_of(cfg.model.spec, cfg.model.num_layers)
         if depth is not None:
             cfg.space.check(depth)
+        else:
+            notes.append(f"the depth of {cfg.model.spec} is not known offline: space.layers are checked when the job "
+                         "loads it (set model.num_layers to check them now)")
     except LayerexitError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"config {config} is valid: model {cfg.model.spec} ({depth or '?'} layers), draft layers "
           f"{cfg.space.layers}, k {cfg.space.ks[0]}..{cfg.space.ks[-1]}: {cfg.space.size} trials; vLLM confirmation "
-          f"{'on' if cfg.confirm.vllm else 'off'}")
+          f"{'on (' + cfg.confirm.python + ')' if cfg.confirm.vllm else 'off'}")
+    for note in notes:
+        print(f"note: {note}")
     return 0
 
 

@@ -37,7 +37,7 @@ def _config(tiny_dir, tmp_path, *overrides) -> TuneSearchConfig:
 def _serve_config(tmp_path) -> Path:
     src = REPO / "serve_configs" / "smollm2.yaml"
     if not src.is_file():
-        src = REPO / "serve_configs" / "7b.yaml"
+        src = REPO / "serve_configs" / "7b_exits.yaml"
     dst = tmp_path / "serve.yaml"
     dst.write_text(src.read_text())
     return dst

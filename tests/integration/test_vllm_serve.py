@@ -54,7 +54,7 @@ def cluster(tmp_path_factory, draft_dir):
     c = VllmCluster(tmp_path_factory.mktemp("vllm-serve"))
     try:
         config["http_options"].update(request_timeout_s=300)  # 2 shared cores: slow steps
-        config["applications"][0]["args"].update(draft=str(draft_dir), max_model_len=512)
+        config["applications"][0]["args"].update(model=MODEL, draft=str(draft_dir), max_model_len=512)
         c.serve_and_wait(config, timeout=START_DEADLINE_S)
         print(f"vLLM app up after {c.start_s:.0f} s")
         yield c

@@ -220,7 +220,7 @@ def test_job_script_doc_help_and_check(capsys, tmp_path):
         job.main(["--help"])
     assert exc.value.code == 0 and "--serve-config" in capsys.readouterr().out
     for path in DRAFT_YAMLS:
-        spec = [] if path == SMOLLM2 else [f"model.spec={tmp_path}"]
+        spec = [f"model.spec={tmp_path}"] if path.name == "tiny_draft.yaml" else []
         if spec:
             from layerexit.models.tiny import save_tiny_checkpoint
 
@@ -270,3 +270,109 @@ def test_a_draft_dir_that_is_not_a_draft_is_refused_before_any_trial(tmp_path):
                       [f"export.draft_dir={tmp_path}/drafts-l{{layer}}"])
     with pytest.raises(ConfigError, match="export.draft_dir: .*drafts-l2 exists and is not a draft directory"):
         preflight(cfg, None)
+
+
+# ------------------------------------------------------------------------------------- LLaMA on a GPU
+LLAMA_7B = REPO / "tune" / "llama2_7b_draft.yaml"
+
+
+def test_llama_draft_config_is_for_a_gpu_and_the_served_draft_model():
+    cfg = load_config(DraftTuneConfig, LLAMA_7B)
+    assert (cfg.model.device, cfg.model.dtype, cfg.confirm.dtype) == ("cuda", "bfloat16", "bfloat16")
+    assert cfg.confirm.vllm and cfg.confirm.python == "auto"
+    served = yaml.safe_load((REPO / "serve_configs" / "7b.yaml").read_text())["applications"][0]["args"]
+    assert cfg.model.spec == served["model"]  # the search measures the model serve_configs/7b.yaml serves
+    assert cfg.space.check(cfg.model.num_layers).layers[-1] < 32
+
+
+def test_llama_check_passes_here_without_gpu_weights_or_vllm(tmp_path, monkeypatch, capsys):
+    """`--check` on this CPU machine: the MLflow model is not downloaded (its depth is model.num_layers) and auto
+    finding no vLLM is a note; the job itself refuses to start without vLLM, naming confirm.python."""
+    import layerexit.models.mlflow_source as mlflow_source
+    from layerexit.tuning import draft_search
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("--check downloaded the model")
+
+    monkeypatch.setattr(mlflow_source, "download_mlflow_model", no_download)
+    monkeypatch.chdir(tmp_path)  # no .venv-vllm here
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "vllm" else real_find_spec(name, *a))
+    assert draft_search.find_vllm_python("auto") is None
+    rc = _job().main(["--config", str(LLAMA_7B), "--check"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert "(32 layers)" in out.out and "vLLM confirmation on (auto)" in out.out
+    assert "note: confirm.python auto: no vLLM here" in out.out and "layerexit-vllm" in out.out
+    rc = _job().main(["--config", str(LLAMA_7B), "--check", "space.layers=[8,32]"])
+    assert rc == 2 and "space.layers" in capsys.readouterr().err  # the layers are still checked (num_layers)
+
+    cfg = load_config(DraftTuneConfig, LLAMA_7B)
+    with pytest.raises(ConfigError) as err:
+        draft_search.preflight(cfg, None)
+    assert err.value.problem.startswith("confirm.python: auto found no vLLM")
+    assert "layerexit-vllm image" in err.value.fix and "confirm.vllm: false" in err.value.fix
+
+
+def test_confirm_python_auto_prefers_this_python_then_the_vllm_venv(tmp_path, monkeypatch):
+    import sys
+
+    from layerexit.tuning.draft_search import find_vllm_python, vllm_python
+
+    monkeypatch.chdir(tmp_path)
+    real_find_spec = importlib.util.find_spec
+    have_vllm = {"here": False}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: (object() if have_vllm["here"] else None)
+                        if name == "vllm" else real_find_spec(name, *a))
+    venv = tmp_path / ".venv-vllm" / "bin" / "python"
+    venv.parent.mkdir(parents=True)
+    venv.symlink_to(sys.executable)
+    assert find_vllm_python("auto") == Path(".venv-vllm/bin/python")
+    have_vllm["here"] = True  # the layerexit-vllm image: vLLM and the project in one Python
+    assert find_vllm_python("auto") == Path(sys.executable)
+    assert find_vllm_python("~/v/bin/python") == Path.home() / "v" / "bin" / "python"  # a path stays a path
+    cfg = load_config(DraftTuneConfig, LLAMA_7B)
+    assert vllm_python(cfg) == Path(sys.executable)
+    with pytest.raises(ConfigError, match="confirm.python"):
+        load_config(DraftTuneConfig, LLAMA_7B, ["confirm.python=' '"])
+
+
+def test_stated_depth_must_match_a_readable_model(tmp_path):
+    from layerexit.models.tiny import save_tiny_checkpoint
+    from layerexit.tuning.draft_search import model_depth_of
+
+    save_tiny_checkpoint(tmp_path)  # 4 layers
+    assert model_depth_of(str(tmp_path)) == 4 == model_depth_of(str(tmp_path), 4)
+    with pytest.raises(ConfigError, match=r"model.num_layers=32 but .* has 4 layers"):
+        model_depth_of(str(tmp_path), 32)
+    assert model_depth_of("models:/anything@trained", 32) == 32  # never downloaded
+    assert model_depth_of("models:/anything@trained") is None
+
+
+def test_vllm_check_formats_prompts_as_our_engine_does():
+    """The vLLM confirmation decodes the prompts our engine measured: through the chat template when the tokenizer has
+    one, else raw text (LLaMA-2 and its LITE models have none; vLLM's chat() would refuse them)."""
+    from types import SimpleNamespace
+
+    from layerexit.serving.vllm_check import complete
+
+    class FakeLLM:
+        def __init__(self, template):
+            self.tokenizer, self.calls = SimpleNamespace(chat_template=template), []
+
+        def get_tokenizer(self):
+            return self.tokenizer
+
+        def chat(self, conversations, params, use_tqdm=True):
+            self.calls.append(("chat", conversations))
+            return ["c"] * len(conversations)
+
+        def generate(self, prompts, params, use_tqdm=True):
+            self.calls.append(("generate", prompts))
+            return ["g"] * len(prompts)
+
+    with_template, without = FakeLLM("{{ messages }}"), FakeLLM(None)
+    assert complete(with_template, ["Hi", "Yo"], None) == ["c", "c"]
+    assert with_template.calls == [("chat", [[{"role": "user", "content": "Hi"}], [{"role": "user", "content": "Yo"}]])]
+    assert complete(without, ["Hi"], None) == ["g"] and without.calls == [("generate", ["Hi"])]

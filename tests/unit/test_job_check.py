@@ -86,3 +86,51 @@ def test_check_starts_nothing(tmp_path: Path) -> None:
                             env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
     assert result.returncode == 0, result.stderr[-2000:]
     assert "clean" in result.stdout
+
+
+def test_an_mlflow_base_model_with_num_layers_checks_offline(tmp_path: Path, monkeypatch, capsys) -> None:
+    """jobs/configs/llama2_7b_draft.yaml trains on models:/layerexit-llama2_7b_lite@trained: --check takes its depth
+    from model.num_layers and never contacts MLflow (the registry would hand over the whole 7B model)."""
+    import layerexit.models.mlflow_source as mlflow_source
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("--check downloaded the MLflow model")
+
+    monkeypatch.setattr(mlflow_source, "download_mlflow_model", no_download)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # nothing listens there
+    config = REPO / "jobs" / "configs" / "llama2_7b_draft.yaml"
+    assert job("train_lite").main(["--config", str(config), "--check"]) == 0, capsys.readouterr().err
+    rc = job("train_lite").main(["--config", str(config), "lite.exit_layers=[4,32]", "--check"])
+    assert rc == 2 and "lite.exit_layers" in capsys.readouterr().err  # still checked against num_layers
+
+
+def test_an_mlflow_base_model_without_num_layers_names_the_fix(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")  # an empty registry
+    config = REPO / "jobs" / "configs" / "llama2_7b_draft.yaml"
+    rc = job("train_lite").main(["--config", str(config), "model.num_layers=null", "--check"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "model.spec" in err and "layerexit-llama2_7b_lite" in err and "model.num_layers" in err
+
+
+def test_the_job_checks_an_mlflow_base_models_real_depth(tmp_path: Path, monkeypatch) -> None:
+    """At run time the registered model is fetched anyway: a model.num_layers that is not its depth stops the job."""
+    import layerexit.models.loading as loading
+    from layerexit.errors import ConfigError
+    from layerexit.models.tiny import save_tiny_checkpoint
+    from layerexit.training import load_train_config
+    from layerexit.training.config import check_registered_depth
+
+    tiny = save_tiny_checkpoint(tmp_path / "tiny")  # 4 layers
+    fetched = []
+
+    def fake_resolve(spec: str, fetch: bool = True):
+        fetched.append(spec)
+        return loading.ResolvedModel(spec, "mlflow", str(tiny))
+
+    monkeypatch.setattr(loading, "resolve_model", fake_resolve)
+    cfg = load_train_config(REPO / "jobs" / "configs" / "llama2_7b_draft.yaml", ["lite.exit_layers=[1,2]",
+                                                                                 "model.num_layers=4"])
+    assert not fetched  # validation took num_layers
+    assert check_registered_depth(cfg, 4) == 4 and fetched == ["models:/layerexit-llama2_7b_lite@trained"]
+    with pytest.raises(ConfigError, match="model.num_layers=32 but models:/layerexit-llama2_7b_lite@trained has 4"):
+        check_registered_depth(cfg.model_copy(update={"model": cfg.model.model_copy(update={"num_layers": 32})}), 32)

@@ -3,9 +3,12 @@
 - Ray resources (RayJob, RayService, RayCluster) validate against the KubeRay CRDs' ``openAPIV3Schema``
   with unknown fields rejected; the CRDs come from ``../shared/kuberay-crds`` (or ``$KUBERAY_CRDS_DIR``).
 - Built-in kinds validate with ``kubernetes_validate`` in strict mode.
-- The RayService's ``serveConfigV2`` is exactly ``serve_configs/7b.yaml`` (``layerexit k8s render``).
+- Each RayService's ``serveConfigV2`` is exactly its Serve config and runs its image (``layerexit k8s render``'s table:
+  rayservice-7b.yaml <- serve_configs/7b.yaml, vLLM image; rayservice-7b-exits.yaml <- 7b_exits.yaml, engine image).
 - Every RayJob's entrypoint RUNS with ``--check`` (the job's own config and overrides load and validate, offline,
-  in the container's environment); the RayService's serveConfigV2 applications' args go through ``build_app``.
+  in the container's environment); the RayServices' applications' args go through their backend's argument model.
+- The training RayJobs' worker GPUs equal their entrypoint's ``scaling.num_workers``; ``render --gpus N`` changes
+  both (and grad_accum, CPU, memory) and ``--check`` catches drift.
 - Kustomize wiring (images, namespace, storage class) works.
 """
 
@@ -25,15 +28,18 @@ import jsonschema
 import pytest
 import yaml
 
-from layerexit.deploy.k8s import check_rayservice_in_sync, k8s_app, render_rayservice
+from layerexit.deploy.k8s import RAYSERVICES, TRAIN_JOBS, check_rayservice_in_sync, k8s_app, render_rayservice
 from layerexit.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
-SERVE_7B = REPO / "serve_configs" / "7b.yaml"
-SERVE_13B = REPO / "serve_configs" / "13b.yaml"
+SERVE_7B = REPO / "serve_configs" / "7b.yaml"  # vLLM + the trained draft
+SERVE_7B_EXITS = REPO / "serve_configs" / "7b_exits.yaml"  # our engine's exit policies
+SERVE_13B_EXITS = REPO / "serve_configs" / "13b_exits.yaml"
 RAYSERVICE = K8S / "rayservice-7b.yaml"
+RAYSERVICE_EXITS = K8S / "rayservice-7b-exits.yaml"
 TRAIN_JOB = K8S / "rayjob-train-lite.yaml"
+DRAFT_JOB = K8S / "rayjob-train-draft-7b.yaml"
 TUNE_JOB = K8S / "rayjob-tune-thresholds.yaml"
 SECRET_EXAMPLE = K8S / "mlflow" / "secret.example.yaml"
 K8S_VERSION = "1.33"  # a version kubernetes_validate ships schemas for (1.25 .. 1.37 in 1.37.0)
@@ -169,7 +175,9 @@ def test_k8s_has_the_ray_resources() -> None:
     kinds = sorted((d["kind"], d["metadata"]["name"]) for _, d in RAY_DOCS)
     assert ("RayJob", "layerexit-train-lite") in kinds
     assert ("RayJob", "layerexit-tune-thresholds") in kinds
+    assert ("RayJob", "layerexit-train-draft-7b") in kinds
     assert ("RayService", "layerexit-7b") in kinds
+    assert ("RayService", "layerexit-7b-exits") in kinds
 
 
 @pytest.mark.parametrize(("path", "doc"), RAY_DOCS, ids=[doc_id(p, d) for p, d in RAY_DOCS])
@@ -279,24 +287,49 @@ def test_ray_metadata_is_valid_object_meta(path: Path, doc: dict[str, Any]) -> N
 # ------------------------------------------------------------------------------- serveConfigV2 sync
 
 
-def test_rayservice_serve_config_is_serve_configs_7b() -> None:
-    embedded = the_doc(RAYSERVICE, "RayService")["spec"]["serveConfigV2"]
-    assert embedded == SERVE_7B.read_text(encoding="utf-8"), (
-        "k8s/rayservice-7b.yaml is out of date: run `layerexit k8s render`"
+def test_render_table_pairs_each_rayservice_with_its_serve_config_and_image() -> None:
+    table = {(REPO / s.manifest, REPO / s.serve_config, s.image) for s in RAYSERVICES}
+    assert table == {(RAYSERVICE, SERVE_7B, "layerexit-vllm:latest"),
+                     (RAYSERVICE_EXITS, SERVE_7B_EXITS, "layerexit:latest")}
+    rayservices = {p for p, d in RAY_DOCS if d["kind"] == "RayService"}
+    assert rayservices == {m for m, _, _ in table}, "every RayService is rendered from a Serve config"
+    backends = {yaml.safe_load(s.read_text())["applications"][0]["import_path"] for _, s, _ in table}
+    assert backends == {"layerexit.serving.vllm_backend:build_app", "layerexit.serving.app:build_app"}
+
+
+@pytest.mark.parametrize("source", RAYSERVICES, ids=lambda s: s.manifest.name)
+def test_rayservice_serve_config_is_its_serve_config(source) -> None:
+    manifest, serve = REPO / source.manifest, REPO / source.serve_config
+    embedded = the_doc(manifest, "RayService")["spec"]["serveConfigV2"]
+    assert embedded == serve.read_text(encoding="utf-8"), (
+        f"{source.manifest} is out of date: run `layerexit k8s render`"
     )
-    assert yaml.safe_load(embedded) == yaml.safe_load(SERVE_7B.read_text(encoding="utf-8"))
-    assert check_rayservice_in_sync(SERVE_7B, RAYSERVICE)
+    assert yaml.safe_load(embedded) == yaml.safe_load(serve.read_text(encoding="utf-8"))
+    assert check_rayservice_in_sync(serve, manifest, source.image)
+    assert {c["image"] for c in all_containers(the_doc(manifest, "RayService"))} == {source.image}
 
 
-def test_render_is_a_fixed_point() -> None:
-    assert render_rayservice(SERVE_7B, RAYSERVICE, write=False) == RAYSERVICE.read_text(encoding="utf-8")
+@pytest.mark.parametrize("source", RAYSERVICES, ids=lambda s: s.manifest.name)
+def test_render_is_a_fixed_point(source) -> None:
+    manifest = REPO / source.manifest
+    rendered = render_rayservice(REPO / source.serve_config, manifest, write=False, image=source.image)
+    assert rendered == manifest.read_text(encoding="utf-8")
+
+
+def test_render_sets_the_image_and_check_sees_a_wrong_one(tmp_path: Path) -> None:
+    manifest = tmp_path / "rs.yaml"
+    manifest.write_text(RAYSERVICE.read_text().replace("image: layerexit-vllm:latest", "image: layerexit:latest"))
+    assert check_rayservice_in_sync(SERVE_7B, manifest)  # the config alone is in sync...
+    assert not check_rayservice_in_sync(SERVE_7B, manifest, "layerexit-vllm:latest")  # ...the image is not
+    render_rayservice(SERVE_7B, manifest, image="layerexit-vllm:latest")
+    assert manifest.read_text() == RAYSERVICE.read_text()
 
 
 @pytest.fixture
 def scratch(tmp_path: Path) -> tuple[Path, Path]:
-    serve, manifest = tmp_path / "7b.yaml", tmp_path / "rayservice.yaml"
-    shutil.copy(SERVE_7B, serve)
-    shutil.copy(RAYSERVICE, manifest)
+    serve, manifest = tmp_path / "7b_exits.yaml", tmp_path / "rayservice.yaml"
+    shutil.copy(SERVE_7B_EXITS, serve)
+    shutil.copy(RAYSERVICE_EXITS, manifest)
     return serve, manifest
 
 
@@ -320,7 +353,7 @@ def test_render_follows_an_edited_serve_config_and_keeps_comments(scratch: tuple
     assert embedded == serve.read_text()
     assert yaml.safe_load(embedded)["applications"][0]["deployments"][0]["user_config"]["thresholds"][28] == 0.6
     # Everything else is untouched: same data, same comments.
-    assert without_serve_config(manifest) == without_serve_config(RAYSERVICE)
+    assert without_serve_config(manifest) == without_serve_config(RAYSERVICE_EXITS)
     comments = [line for line in before.splitlines() if line.lstrip().startswith("#") and "serve" not in line]
     assert comments and all(line in rendered for line in comments)
 
@@ -340,7 +373,7 @@ def test_render_refuses_a_manifest_without_rayservice(tmp_path: Path) -> None:
     manifest = tmp_path / "job.yaml"
     shutil.copy(TRAIN_JOB, manifest)
     with pytest.raises(ConfigError, match="RayService"):
-        render_rayservice(SERVE_7B, manifest)
+        render_rayservice(SERVE_7B_EXITS, manifest)
 
 
 def test_render_refuses_a_file_that_is_not_a_serve_config(scratch: tuple[Path, Path]) -> None:
@@ -384,7 +417,7 @@ def test_render_cli_reports_a_missing_file(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------------------- serve configs
 
 
-@pytest.mark.parametrize("path", [SERVE_7B, SERVE_13B], ids=["7b", "13b"])
+@pytest.mark.parametrize("path", [SERVE_7B_EXITS, SERVE_13B_EXITS], ids=["7b_exits", "13b_exits"])
 def test_serve_config_is_a_ray_serve_config_with_its_command(path: Path) -> None:
     text = path.read_text(encoding="utf-8")
     assert text.splitlines()[0] == f"# serve run serve_configs/{path.name}"
@@ -401,8 +434,8 @@ def test_serve_config_thresholds_are_the_papers() -> None:
         return app["deployments"][0]["user_config"]["thresholds"]
 
     paper_7b = {8: 0.95, 12: 0.95, 16: 0.9, 20: 0.9, 24: 0.8, 28: 0.7}
-    assert thresholds(SERVE_7B) == paper_7b
-    assert thresholds(SERVE_13B) == {**paper_7b, 32: 0.7, 36: 0.65}
+    assert thresholds(SERVE_7B_EXITS) == paper_7b
+    assert thresholds(SERVE_13B_EXITS) == {**paper_7b, 32: 0.7, 36: 0.65}
 
 
 # -------------------------------------------------------------------------------------- RayJob contents
@@ -454,8 +487,8 @@ def test_rayjob_check_fails_on_a_bad_override() -> None:
     assert "storage_path" in result.stderr and "unknown key" in result.stderr
 
 
-def serve_applications() -> list[dict[str, Any]]:
-    serve = yaml.safe_load(the_doc(RAYSERVICE, "RayService")["spec"]["serveConfigV2"])
+def serve_applications(manifest: Path = RAYSERVICE_EXITS) -> list[dict[str, Any]]:
+    serve = yaml.safe_load(the_doc(manifest, "RayService")["spec"]["serveConfigV2"])
     return serve["applications"]
 
 
@@ -480,6 +513,22 @@ def test_rayservice_applications_build_through_build_app() -> None:
             ongoing = deployment.get("max_ongoing_requests")
             assert ongoing is None or ongoing >= args.max_batch_size, f"{app['name']}: a replica cannot hold a batch"
     assert not ray.is_initialized(), "validating the Serve config must not start Ray"
+
+
+def test_vllm_rayservice_applications_pass_the_vllm_argument_model() -> None:
+    """The vLLM RayService's args pass ``VllmServeArgs`` (build_app itself needs vLLM, which the main .venv lacks: the
+    layerexit-vllm image has it) and serve the registered model with its registered draft."""
+    from layerexit.serving.vllm_config import parse_vllm_args
+
+    apps = serve_applications(RAYSERVICE)
+    assert apps
+    for app in apps:
+        assert app["import_path"] == "layerexit.serving.vllm_backend:build_app", app["name"]
+        args = parse_vllm_args(app["args"], f"{app['name']} args")
+        assert args.device == "gpu" and args.draft_kind == "model"
+        assert args.model.startswith("models:/") and args.draft.startswith("models:/")
+    with pytest.raises(ConfigError, match="num_speculative_token"):
+        parse_vllm_args({**apps[0]["args"], "num_speculative_token": 3})
 
 
 def test_rayservice_validation_rejects_a_bad_arg() -> None:
@@ -531,19 +580,26 @@ def test_ray_pods_share_storage_and_mlflow(path: Path, doc: dict[str, Any]) -> N
                 assert volumes[mounts["/mnt/shared"]]["persistentVolumeClaim"]["claimName"] == "layerexit-shared"
 
 
-def test_rayservice_autoscales_gpu_workers() -> None:
-    doc = the_doc(RAYSERVICE, "RayService")
+@pytest.mark.parametrize("manifest", [RAYSERVICE, RAYSERVICE_EXITS], ids=lambda p: p.name)
+def test_rayservice_autoscales_gpu_workers(manifest: Path) -> None:
+    doc = the_doc(manifest, "RayService")
     cluster = doc["spec"]["rayClusterConfig"]
     assert cluster["enableInTreeAutoscaling"] is True
     [group] = cluster["workerGroupSpecs"]
     assert 1 <= group["minReplicas"] < group["maxReplicas"]
     [worker] = containers_of(group["template"])
     gpus_per_pod = int(worker["resources"]["limits"]["nvidia.com/gpu"])
-    serve = yaml.safe_load(doc["spec"]["serveConfigV2"])
-    deployment = serve["applications"][0]["deployments"][0]
-    assert deployment["ray_actor_options"]["num_gpus"] <= gpus_per_pod
+    app = yaml.safe_load(doc["spec"]["serveConfigV2"])["applications"][0]
+    if app["import_path"].startswith("layerexit.serving.vllm_backend"):
+        # Ray Serve LLM: one vLLM engine per replica on tensor_parallel_size GPUs (a placement group)
+        gpus_per_replica = app["args"].get("tensor_parallel_size", 1)
+        deployment = app["args"]["deployment_config"]
+    else:
+        deployment = app["deployments"][0]
+        gpus_per_replica = deployment["ray_actor_options"]["num_gpus"]
+    assert gpus_per_replica <= gpus_per_pod
     max_serve_replicas = deployment.get("autoscaling_config", {}).get("max_replicas", deployment.get("num_replicas"))
-    assert max_serve_replicas <= group["maxReplicas"] * gpus_per_pod
+    assert max_serve_replicas * gpus_per_replica <= group["maxReplicas"] * gpus_per_pod
 
 
 # --------------------------------------------------------------------------------- secrets, kustomize
@@ -612,16 +668,240 @@ def test_kubectl_kustomize_builds_with_image_namespace_and_storage_class(tmp_pat
     assert result.returncode == 0, result.stderr
     built = [d for d in yaml.safe_load_all(result.stdout) if d]
     settings = yaml.safe_load(kz.read_text())
-    layerexit_image = next(i for i in settings["images"] if i["name"] == "layerexit")
-    want_image = f"{layerexit_image['newName']}:{layerexit_image['newTag']}"
+    pushed = {i["name"]: f"{i['newName']}:{i['newTag']}" for i in settings["images"] if "newName" in i}
     assert {d["kind"] for d in built} >= {"RayJob", "RayService", "Deployment", "Service", "PersistentVolumeClaim"}
     for doc in built:
         assert doc["metadata"]["namespace"] == settings["namespace"]
         for c in all_containers(doc):
             assert not c["image"].startswith("layerexit:"), f"{doc['kind']}: image placeholder left"
         if doc["kind"] in RAY_KINDS:
-            assert {c["image"] for c in all_containers(doc)} == {want_image}
+            want = pushed["layerexit-vllm" if doc["metadata"]["name"] == "layerexit-7b" else "layerexit"]
+            assert {c["image"] for c in all_containers(doc)} == {want}
         if doc["kind"] == "PersistentVolumeClaim":
             assert doc["spec"].get("storageClassName"), doc["metadata"]["name"]
     rayservice = next(d for d in built if d["kind"] == "RayService")
     assert yaml.safe_load(rayservice["spec"]["serveConfigV2"]) == yaml.safe_load(SERVE_7B.read_text())
+
+
+# ------------------------------------------------------------------------------------ the draft RayJob
+
+
+def draft_export_command(doc: dict[str, Any]) -> list[str]:
+    """argv of the ``layerexit export-draft`` the draft RayJob runs after training (inside ``ray job submit``)."""
+    parts = [shlex.split(p) for p in doc["spec"]["entrypoint"].split("&&")]
+    [submit] = [p for p in parts if p[:3] == ["ray", "job", "submit"]]
+    return submit[submit.index("--") + 1:]
+
+
+def test_draft_job_trains_then_exports_what_the_vllm_rayservice_serves() -> None:
+    """The RayJob trains jobs/configs/llama2_7b_draft.yaml, exports its draft on a GPU worker with --device cuda
+    --dtype bfloat16, and the names it registers are the model and draft serve_configs/7b.yaml (rayservice-7b) loads."""
+    from layerexit.models.draft_export import registered_name
+    from layerexit.training import load_train_config
+
+    doc = the_doc(DRAFT_JOB, "RayJob")
+    assert doc["spec"]["suspend"] is True, "applied suspended: it trains on the model rayjob-train-lite registers"
+    _, train = entrypoint_command(doc)
+    assert train[1:4] == ["jobs/train_lite.py", "--config", "jobs/configs/llama2_7b_draft.yaml"]
+    cfg = load_train_config(REPO / train[3], [a for a in train[4:] if "=" in a], check=False)
+    lite = load_train_config(REPO / "jobs/configs/llama2_7b_lite.yaml", check=False)
+    assert cfg.model.spec == f"models:/{lite.registered_model_name}@{lite.mlflow.alias}"  # trains on train-lite's model
+    parts = [shlex.split(p) for p in doc["spec"]["entrypoint"].split("&&")]
+    [submit] = [p for p in parts if p[:3] == ["ray", "job", "submit"]]
+    assert submit[submit.index("--entrypoint-num-gpus") + 1] == "1"  # the head has no GPU
+    export = draft_export_command(doc)
+    assert export[:2] == ["layerexit", "export-draft"]
+    model_uri = export[2]
+    assert model_uri == f"models:/{cfg.registered_model_name}@{cfg.mlflow.alias}"
+    assert export[export.index("--device") + 1] == "cuda" and export[export.index("--dtype") + 1] == "bfloat16"
+    assert export[export.index("--out") + 1].startswith("/mnt/shared/")
+    layer = int(export[export.index("--layer") + 1])
+    assert layer in cfg.lite.exit_layers, "export an exit the job trained an adapter for"
+    served = yaml.safe_load(the_doc(RAYSERVICE, "RayService")["spec"]["serveConfigV2"])["applications"][0]["args"]
+    assert served["model"] == model_uri
+    assert served["draft"] == f"models:/{registered_name(model_uri)}-draft@trained"  # what export-draft registers
+
+
+def test_draft_job_export_command_parses_with_the_cli() -> None:
+    """The export's arguments are ones `layerexit export-draft` takes (an unknown option would fail on the cluster
+    only after hours of training)."""
+    import typer.main
+
+    from layerexit.cli import app
+
+    command = typer.main.get_command(app).commands["export-draft"]
+    args = draft_export_command(the_doc(DRAFT_JOB, "RayJob"))[2:]
+    ctx = command.make_context("export-draft", list(args), resilient_parsing=False)
+    assert ctx.params["device"] == "cuda" and ctx.params["dtype"] == "bfloat16" and ctx.params["layer"] == 8
+    with pytest.raises(Exception, match="No such option: --devise"):  # typer's own click's UsageError
+        command.make_context("export-draft", [*args, "--devise", "cuda"])
+
+
+def test_every_alias_is_the_one_the_configs_register() -> None:
+    """The manifests and docs name alias `trained` (MLflow reserves `latest`)."""
+    for path in [*K8S.rglob("*.yaml"), K8S / "README.md", REPO / "docs" / "kubernetes.md"]:
+        text = path.read_text()
+        assert "alias `latest`" not in text and "@latest" not in text, path
+    for path in (REPO / "jobs" / "configs").glob("llama2_*.yaml"):
+        assert yaml.safe_load(path.read_text())["mlflow"]["alias"] == "trained"
+
+
+# ------------------------------------------------------------------------------------ GPU counts (--gpus)
+
+
+def worker_gpus(path: Path) -> tuple[int, int, dict[str, Any]]:
+    """(GPUs over all worker pods, GPUs per pod, the worker container's resources) of a training RayJob."""
+    doc = the_doc(path, "RayJob")
+    [group] = doc["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    [worker] = containers_of(group["template"])
+    resources = worker["resources"]
+    assert resources["limits"]["nvidia.com/gpu"] == resources["requests"]["nvidia.com/gpu"]
+    per_pod = int(resources["limits"]["nvidia.com/gpu"])
+    return group["replicas"] * per_pod, per_pod, resources
+
+
+def overrides_of(path: Path) -> dict[str, str]:
+    _, argv = entrypoint_command(the_doc(path, "RayJob"))
+    return dict(a.split("=", 1) for a in argv if "=" in a)
+
+
+def test_training_jobs_are_the_render_tables() -> None:
+    trains = {p for p, d in RAYJOBS if "jobs/train_lite.py" in d["spec"]["entrypoint"]}
+    assert trains == {REPO / j for j in TRAIN_JOBS} == {TRAIN_JOB, DRAFT_JOB}
+
+
+@pytest.mark.parametrize("path", [TRAIN_JOB, DRAFT_JOB], ids=lambda p: p.name)
+def test_committed_training_jobs_have_as_many_workers_as_gpus(path: Path) -> None:
+    from layerexit.deploy.k8s_gpus import train_job_problems
+
+    gpus, _, _ = worker_gpus(path)
+    assert int(overrides_of(path)["scaling.num_workers"]) == gpus == 4
+    assert train_job_problems(path, repo=REPO) == []
+    assert train_job_problems(path, repo=REPO, gpus=4) == []  # rendered for --gpus 4 exactly
+
+
+@pytest.fixture
+def repo_copy(tmp_path: Path, monkeypatch) -> Path:
+    """k8s/, serve_configs/ and jobs/configs/ in a scratch repository root (the CLI's working directory)."""
+    shutil.copytree(K8S, tmp_path / "k8s")
+    shutil.copytree(REPO / "serve_configs", tmp_path / "serve_configs")
+    shutil.copytree(REPO / "jobs" / "configs", tmp_path / "jobs" / "configs")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_render_gpus_rewrites_limits_and_num_workers_together(repo_copy: Path, capsys) -> None:
+    from typer.testing import CliRunner
+
+    from layerexit.training import load_train_config
+
+    runner = CliRunner()
+    result = runner.invoke(k8s_app, ["render", "--gpus", "8"])
+    assert result.exit_code == 0, result.output
+    for job in TRAIN_JOBS:
+        path = repo_copy / job
+        gpus, per_pod, resources = worker_gpus(path)
+        over = overrides_of(path)
+        assert (gpus, per_pod) == (8, 8) and int(over["scaling.num_workers"]) == 8
+        assert resources["limits"]["cpu"] == "64" and resources["limits"]["memory"] == "512Gi"  # 8 CPUs, 64Gi / GPU
+        assert resources["requests"] == resources["limits"]
+        _, argv = entrypoint_command(the_doc(path, "RayJob"))
+        cfg = load_train_config(REPO / argv[3], [a for a in argv[4:] if "=" in a], check=False)
+        assert cfg.scaling.num_workers == 8
+        if cfg.optim.global_batch_size is not None:  # llama2_7b_lite: the paper's 128 stays 128
+            assert cfg.train_batch_size == cfg.optim.global_batch_size == 128 and cfg.optim.grad_accum == 4
+    # The rendered entrypoints still run: the job's own --check accepts them.
+    for job in TRAIN_JOBS:
+        _, argv = entrypoint_command(the_doc(repo_copy / job, "RayJob"))
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu", "MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}
+        done = subprocess.run([sys.executable, str(REPO / argv[1]), *argv[2:], "--check"], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+    # Comments and layout elsewhere are kept: only the counted lines changed.
+    before, after = TRAIN_JOB.read_text().splitlines(), (repo_copy / TRAIN_JOB.relative_to(REPO)).read_text().splitlines()
+    changed = [(a, b) for a, b in zip(before, after) if a != b]
+    counted = ("nvidia.com/gpu", "scaling.num_workers", "optim.grad_accum", "groupName: gpu-")
+    assert len(before) == len(after) and len(changed) == 5, changed
+    assert all(any(key in a and key in b for key in counted) for a, b in changed), changed
+    assert runner.invoke(k8s_app, ["render", "--check", "--gpus", "8"]).exit_code == 0
+    assert runner.invoke(k8s_app, ["render", "--check"]).exit_code == 0  # consistent at 8 as well
+    assert runner.invoke(k8s_app, ["render", "--check", "--gpus", "4"]).exit_code == 1
+    back = runner.invoke(k8s_app, ["render", "--gpus", "4"])
+    assert back.exit_code == 0 and (repo_copy / TRAIN_JOB.relative_to(REPO)).read_text() == TRAIN_JOB.read_text()
+
+
+def test_render_gpus_per_pod_splits_over_pods(repo_copy: Path) -> None:
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(k8s_app, ["render", "--gpus", "8", "--gpus-per-pod", "2"])
+    assert result.exit_code == 0, result.output
+    doc = the_doc(repo_copy / TRAIN_JOB.relative_to(REPO), "RayJob")
+    [group] = doc["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    assert (group["replicas"], group["minReplicas"], group["maxReplicas"], group["groupName"]) == (4, 4, 4, "gpu-2x")
+    gpus, per_pod, resources = worker_gpus(repo_copy / TRAIN_JOB.relative_to(REPO))
+    assert (gpus, per_pod, resources["limits"]["cpu"], resources["limits"]["memory"]) == (8, 2, "16", "128Gi")
+    assert int(overrides_of(repo_copy / TRAIN_JOB.relative_to(REPO))["scaling.num_workers"]) == 8
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--gpus", "6"], "--gpus 6: k8s/rayjob-train-lite.yaml trains with optim.global_batch_size=128"),
+    (["--gpus", "8", "--gpus-per-pod", "3"], "--gpus-per-pod 3 does not divide --gpus 8"),
+    (["--gpus-per-pod", "2"], "--gpus-per-pod needs --gpus"),
+])
+def test_render_gpus_refuses_counts_it_cannot_keep_and_writes_nothing(repo_copy: Path, args, message) -> None:
+    from typer.testing import CliRunner
+
+    before = {p: p.read_text() for p in (repo_copy / "k8s").glob("*.yaml")}
+    result = CliRunner().invoke(k8s_app, ["render", *args])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert {p: p.read_text() for p in (repo_copy / "k8s").glob("*.yaml")} == before
+
+
+def test_check_catches_gpus_edited_by_hand(repo_copy: Path) -> None:
+    """Someone gives the worker pod 8 GPUs (and their CPUs and memory) and forgets the entrypoint: --check and plain
+    render fail naming --gpus; `render --gpus 8` completes the edit (scaling.num_workers, grad_accum)."""
+    from typer.testing import CliRunner
+
+    path = repo_copy / TRAIN_JOB.relative_to(REPO)
+    path.write_text(path.read_text().replace('{cpu: "32", memory: 256Gi, nvidia.com/gpu: 4}',
+                                             '{cpu: "64", memory: 512Gi, nvidia.com/gpu: 8}'))
+    runner = CliRunner()
+    drift = runner.invoke(k8s_app, ["render", "--check"])
+    assert drift.exit_code == 1
+    assert "the worker pods hold 8 GPUs (1 x 8) but the job runs scaling.num_workers=4" in drift.output
+    assert "layerexit k8s render --gpus N" in drift.output
+    assert runner.invoke(k8s_app, ["render"]).exit_code == 1  # without --gpus it cannot tell which is meant
+    assert runner.invoke(k8s_app, ["render", "--gpus", "8"]).exit_code == 0
+    assert runner.invoke(k8s_app, ["render", "--check"]).exit_code == 0
+    assert overrides_of(path)["optim.grad_accum"] == "4"
+
+
+def test_check_catches_workers_edited_by_hand(repo_copy: Path) -> None:
+    from typer.testing import CliRunner
+
+    path = repo_copy / DRAFT_JOB.relative_to(REPO)
+    path.write_text(path.read_text().replace("scaling.num_workers=4", "scaling.num_workers=2"))
+    drift = CliRunner().invoke(k8s_app, ["render", "--check"])
+    assert drift.exit_code == 1
+    assert "rayjob-train-draft-7b.yaml: the worker pods hold 4 GPUs (1 x 4) but the job runs scaling.num_workers=2" \
+        in drift.output
+    lite = repo_copy / TRAIN_JOB.relative_to(REPO)  # here the global batch no longer adds up: also drift
+    lite.write_text(lite.read_text().replace("scaling.num_workers=4", "scaling.num_workers=2"))
+    drift = CliRunner().invoke(k8s_app, ["render", "--check"])
+    assert drift.exit_code == 1 and "optim.global_batch_size=128" in drift.output
+
+
+def test_check_covers_every_rayservice(repo_copy: Path) -> None:
+    from typer.testing import CliRunner
+
+    runner = CliRunner()
+    assert runner.invoke(k8s_app, ["render", "--check"]).exit_code == 0
+    serve = repo_copy / "serve_configs" / "7b_exits.yaml"
+    serve.write_text(serve.read_text().replace("kv: recompute", "kv: propagate"))
+    drift = runner.invoke(k8s_app, ["render", "--check"])
+    assert drift.exit_code == 1 and "k8s/rayservice-7b-exits.yaml: spec.serveConfigV2" in drift.output
+    assert "rayservice-7b.yaml:" not in drift.output.replace("rayservice-7b-exits.yaml", "")
+    fixed = runner.invoke(k8s_app, ["render"])
+    assert fixed.exit_code == 0 and "k8s/rayservice-7b-exits.yaml updated" in fixed.output
+    assert "k8s/rayservice-7b.yaml unchanged" in fixed.output
+    assert runner.invoke(k8s_app, ["render", "--check"]).exit_code == 0

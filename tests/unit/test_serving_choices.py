@@ -175,7 +175,7 @@ def test_kv_budget_larger_than_the_device_fails_naming_the_field(tiny_model_and_
     with pytest.raises(ConfigError, match="kv_budget_tokens") as info:
         check_kv_budget(1001, per_token, weights_bytes=10, device_bytes=1000 * per_token + 10)
     assert "at most 1000" in str(info.value)
-    # LLaMA-2 7B in bf16: 0.5 MiB per position; the 7b.yaml budget fits an 80 GB GPU beside 13.5 GB of weights
+    # LLaMA-2 7B in bf16: 0.5 MiB per position; the 7b_exits.yaml budget fits an 80 GB GPU beside 13.5 GB of weights
     llama7b = type("C", (), dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=32,
                                  num_hidden_layers=32))()
     assert kv_bytes_per_token(llama7b, torch.bfloat16) == (2 * 32 * 4096 + 4096) * 2

