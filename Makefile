@@ -128,8 +128,13 @@ model: setup
 demo: model
 	$(PY) jobs/demo.py
 
-test: model vllm-env browser check-lock
-	$(PY) -m pytest
+# The three set-ups are independent and mostly wait on the network: they run side by side. The suite runs on two
+# workers, integration modules in two lanes beside the unit tests (tests/conftest.py); PYTEST_ARGS= runs it serially.
+PYTEST_ARGS ?= -n 2 --dist loadgroup
+test:
+	@$(MAKE) --no-print-directory -j3 model vllm-env browser
+	@$(MAKE) --no-print-directory check-lock
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: setup
 	$(PY) -m pytest -m "not integration and not slow"

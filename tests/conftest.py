@@ -59,3 +59,21 @@ def prompts_file(tmp_path) -> Path:
         '{"prompt": "Explain why the sky is blue.", "id": 3}\n'
     )
     return path
+
+
+# `make test` runs the suite on two pytest-xdist workers (`-n 2 --dist loadgroup`): each integration module joins
+# one of two lanes, a lane's modules run one after another on one worker (they start Ray clusters, Serve, vLLM and
+# DeepSpeed, which wait on start-ups more than they compute), and the unit tests fill both workers around them.
+SERVING_LANE_PREFIXES = ("test_serve", "test_vllm", "test_lm_eval", "test_mlflow", "test_judge", "test_demo")
+
+
+def integration_lane(module: str) -> str:
+    """The xdist group of an integration test module: ``serving`` (HTTP, vLLM, UI) or ``training`` (Ray Train,
+    Tune, DeepSpeed)."""
+    return "serving" if module.startswith(SERVING_LANE_PREFIXES) else "training"
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if item.get_closest_marker("integration") is not None and item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(integration_lane(item.path.stem)))
