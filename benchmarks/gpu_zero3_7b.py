@@ -32,6 +32,10 @@ import os
 import statistics
 import sys
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 SHAPES = {
     "7b": dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=32, intermediate_size=11008,
@@ -40,6 +44,7 @@ SHAPES = {
                  vocab_size=512, max_position_embeddings=1024),
 }
 BYTES_PER_PARAM = 16  # bf16 weight + bf16 grad + fp32 master + fp32 Adam m and v (ZeRO-3, one rank)
+HEADROOM_BYTES = 14 * 2**30  # activations (checkpointed), head chunks, DeepSpeed buckets, allocator slack
 
 
 def layer_matmul_params(shape: dict) -> int:
@@ -59,9 +64,8 @@ def pick_layers(shape: dict, requested: str, gpu_bytes: int | None) -> int:
         return int(requested)
     if gpu_bytes is None:
         return 4
-    headroom = 14 * 2**30  # activations (checkpointed), head chunks, DeepSpeed buckets, allocator slack
     for layers in (32, 24, 16, 8):
-        if params_for(shape, layers) * BYTES_PER_PARAM + headroom <= 0.95 * gpu_bytes:
+        if params_for(shape, layers) * BYTES_PER_PARAM + HEADROOM_BYTES <= 0.95 * gpu_bytes:
             return layers
     return 4
 
@@ -92,6 +96,23 @@ def exit_layers(depth: int) -> list[int]:
     return list(range(max(1, depth // 4), depth, step))
 
 
+def random_model(shape: dict, layers: int, device: torch.device | str) -> torch.nn.Module:
+    """LlamaForCausalLM of ``shape`` with ``layers`` decoder layers, randomly initialised (seed 0) directly on
+    ``device`` in bf16 (no fp32 copy on the host), untied head."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(num_hidden_layers=layers, tie_word_embeddings=False, **shape)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            return LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="7b")
@@ -119,7 +140,6 @@ def main(argv: list[str] | None = None) -> int:
                        ("LOCAL_RANK", "0")):
         os.environ.setdefault(key, value)
     import deepspeed
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from layerexit.data.datasets import IGNORE_INDEX, TokenizedExample
     from layerexit.losses import exit_weights
@@ -144,13 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     })
 
     t0 = time.perf_counter()
-    torch.manual_seed(0)
-    config = LlamaConfig(num_hidden_layers=depth, tie_word_embeddings=False, **shape)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device(device):  # random init directly on the GPU, in bf16 (no 27 GB fp32 copy on the host)
-        model = LlamaForCausalLM(config)
-    torch.set_default_dtype(previous)
+    model = random_model(shape, depth, device)  # directly on the GPU, in bf16 (no 27 GB fp32 copy on the host)
     if not args.no_grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()

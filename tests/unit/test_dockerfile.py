@@ -28,8 +28,10 @@ REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "Dockerfile"
 DOCS = REPO / "docs" / "kubernetes.md"
 K8S = REPO / "k8s"
-LOCKS = {"train": "requirements/lock.txt", "vllm": "requirements/vllm-gpu.lock.txt"}
-IMAGES = {"train": "layerexit:latest", "vllm": "layerexit-vllm:latest"}
+LOCKS = {"train": "requirements/lock.txt", "vllm": "requirements/vllm-gpu.lock.txt",
+         "tune": "requirements/vllm-gpu.lock.txt"}
+IMAGES = {"train": "layerexit:latest", "vllm": "layerexit-vllm:latest", "tune": "layerexit-tune:latest"}
+SERVED = {"layerexit:latest", "layerexit-vllm:latest"}  # what the k8s manifests run
 
 
 def instructions(text: str) -> list[tuple[str, str]]:
@@ -46,18 +48,24 @@ def instructions(text: str) -> list[tuple[str, str]]:
     return out
 
 
-def stages(parsed: list[tuple[str, str]]) -> dict[str, list[tuple[str, str]]]:
-    """Instructions per build stage, by stage name (``FROM x AS name``), each stage including its parents'."""
+def stages(parsed: list[tuple[str, str]], inherited: bool = True) -> dict[str, list[tuple[str, str]]]:
+    """Instructions per build stage, by stage name (``FROM x AS name``), each stage including its parents' unless
+    ``inherited`` is false."""
     out: dict[str, list[tuple[str, str]]] = {}
+    own: dict[str, list[tuple[str, str]]] = {}
     current: list[tuple[str, str]] = []
+    mine: list[tuple[str, str]] = []
     for op, args in parsed:
         if op == "FROM":
             image, _, name = args.partition(" AS ")
             current = list(out.get(image.strip(), [])) + [(op, args)]
+            mine = [(op, args)]
             out[name.strip() or image.strip()] = current
+            own[name.strip() or image.strip()] = mine
         else:
             current.append((op, args))
-    return out
+            mine.append((op, args))
+    return out if inherited else own
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +81,8 @@ def pip_installs(stage: list[tuple[str, str]]) -> list[list[str]]:
 
 def test_one_pinned_ray_gpu_base_matching_locks_project_and_manifests(parsed) -> None:
     froms = [a for op, a in parsed if op == "FROM"]
-    external = [f for f in froms if not f.startswith("base ")]
+    names = {f.partition(" AS ")[2] for f in froms}
+    external = [f for f in froms if f.split()[0] not in names]
     assert len(external) == 1, f"one external base image, got {external}"
     m = re.fullmatch(r"rayproject/ray:(\d+\.\d+\.\d+)-py(\d)(\d+)-(gpu|cu\d+) AS base", external[0])
     assert m, f"FROM {external[0]}: use rayproject/ray:<x.y.z>-py<XY>-gpu AS base (an exact Ray version)"
@@ -88,7 +97,7 @@ def test_one_pinned_ray_gpu_base_matching_locks_project_and_manifests(parsed) ->
                 assert cluster["rayVersion"] == ray_version, path.name
     requires = SpecifierSet(importlib.metadata.metadata("layerexit")["Requires-Python"])
     assert py in requires, f"python {py} of the image is outside requires-python {requires}"
-    assert set(stages(parsed)) >= {"base", "train", "vllm"}
+    assert set(stages(parsed)) >= {"base", *IMAGES}
 
 
 @pytest.mark.parametrize("target", sorted(LOCKS))
@@ -97,17 +106,19 @@ def test_each_image_installs_from_its_lock_in_the_entrypoints_directory(parsed, 
     assert [a for op, a in stage if op == "WORKDIR"][-1] == "/home/ray/layerexit"
     lock_path = LOCKS[target]
     copies = [a for op, a in stage if op == "COPY"]
-    first_install = next(i for i, (op, a) in enumerate(stage) if op == "RUN" and "pip install" in a)
-    copied_before = [a for op, a in stage[:first_install] if op == "COPY"]
+    own = stages(parsed, inherited=False)[target]  # this target's own installs (tune builds on train)
+    first_install = next(i for i, (op, a) in enumerate(own) if op == "RUN" and "pip install" in a)
+    copied_before = [a for op, a in own[:first_install] if op == "COPY"]
     assert any(lock_path in a for a in copied_before), f"{target}: COPY {lock_path} before installing"
-    installs = pip_installs(stage)
+    installs = pip_installs(own)
     lock = read_lock(REPO / lock_path)
     with_deps = [cmd for cmd in installs if "--no-deps" not in cmd]
     assert with_deps, f"{target}: no pip install"
     for cmd in with_deps:  # every install that resolves dependencies is constrained by the lock
         assert "-c" in cmd and cmd[cmd.index("-c") + 1] == lock_path, f"{target}: `{shlex.join(cmd)}` lacks -c {lock_path}"
     tokens = [t for cmd in installs for t in cmd]
-    assert "." in tokens and "-e" not in tokens, "install the project itself with `pip install .`"
+    assert "." in tokens or target == "tune", "install the project itself with `pip install .`"
+    assert "-e" not in tokens, "never an editable install: the image has no checkout to point at"
     for token in tokens:
         if "==" in token:
             name, version = token.split("==", 1)
@@ -128,17 +139,20 @@ def test_locks_agree_on_torch_and_the_locked_vllm_is_the_installed_one(parsed) -
 
 
 def test_image_names_agree_in_dockerfile_manifests_docs_and_kustomization(parsed) -> None:
-    head = DOCKERFILE.read_text().splitlines()[:2]
+    head = DOCKERFILE.read_text().splitlines()[:len(IMAGES)]
     built = {m.group(1): m.group(2) for line in head
              for m in [re.search(r"docker build --target (\w+) -t (\S+) \.", line)] if m}
     assert built == IMAGES, "the Dockerfile opens with the build command of each image"
     manifest_images = set()
     for path in K8S.glob("*.yaml"):
         manifest_images |= set(re.findall(r"image: (layerexit\S*)", path.read_text()))
-    assert manifest_images == set(IMAGES.values()), f"manifests run {manifest_images}"
+    assert manifest_images == SERVED, f"manifests run {manifest_images}"
     docs = DOCS.read_text()
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     for target, image in IMAGES.items():
+        if image not in SERVED:
+            assert f"docker build --target {target} -t {image} ." in (REPO / "docs" / "gpu.md").read_text()
+            continue
         build = f"docker build --target {target} -t {image} ."
         assert build in docs, f"docs/kubernetes.md must give `{build}`"
         assert build in (K8S / "README.md").read_text(), f"k8s/README.md must give `{build}`"
@@ -149,6 +163,16 @@ def test_image_names_agree_in_dockerfile_manifests_docs_and_kustomization(parsed
 
 def test_dockerignore_keeps_local_state_out_and_the_lock_in() -> None:
     ignored = (REPO / ".dockerignore").read_text().split()
-    for entry in (".git", ".venv", "mlflow.db", "outputs"):
+    for entry in (".git", ".venv", ".venv-vllm", "mlflow.db", "outputs"):
         assert entry in ignored
-    assert not any(e.startswith("requirements") for e in ignored), "the images install from requirements/"
+    for needed in ("requirements", "benchmarks"):  # the locks; the device check (benchmarks/gpu_check.py)
+        assert not any(e.startswith(needed) for e in ignored), f"the images need {needed}/"
+
+
+def test_the_tune_image_gives_the_draft_search_its_vllm_python(parsed) -> None:
+    own = stages(parsed, inherited=False)["tune"]
+    env = " ".join(a for op, a in own if op == "ENV")
+    venv = re.search(r"LAYEREXIT_VLLM_PYTHON=(\S+)/bin/python", env)
+    assert venv, "confirm.python: auto finds vLLM through LAYEREXIT_VLLM_PYTHON"
+    runs = " ".join(a for op, a in own if op == "RUN")
+    assert f"python -m venv {venv.group(1)}" in runs and f"{venv.group(1)}/bin/pip install" in runs

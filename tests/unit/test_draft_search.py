@@ -296,6 +296,7 @@ def test_llama_check_passes_here_without_gpu_weights_or_vllm(tmp_path, monkeypat
 
     monkeypatch.setattr(mlflow_source, "download_mlflow_model", no_download)
     monkeypatch.chdir(tmp_path)  # no .venv-vllm here
+    monkeypatch.delenv("LAYEREXIT_VLLM_PYTHON", raising=False)
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "vllm" else real_find_spec(name, *a))
@@ -304,7 +305,7 @@ def test_llama_check_passes_here_without_gpu_weights_or_vllm(tmp_path, monkeypat
     out = capsys.readouterr()
     assert rc == 0, out.err
     assert "(32 layers)" in out.out and "vLLM confirmation on (auto)" in out.out
-    assert "note: confirm.python auto: no vLLM here" in out.out and "layerexit-vllm" in out.out
+    assert "note: confirm.python auto: no vLLM here" in out.out and "layerexit-tune" in out.out
     rc = _job().main(["--config", str(LLAMA_7B), "--check", "space.layers=[8,32]"])
     assert rc == 2 and "space.layers" in capsys.readouterr().err  # the layers are still checked (num_layers)
 
@@ -312,7 +313,7 @@ def test_llama_check_passes_here_without_gpu_weights_or_vllm(tmp_path, monkeypat
     with pytest.raises(ConfigError) as err:
         draft_search.preflight(cfg, None)
     assert err.value.problem.startswith("confirm.python: auto found no vLLM")
-    assert "layerexit-vllm image" in err.value.fix and "confirm.vllm: false" in err.value.fix
+    assert "layerexit-tune image" in err.value.fix and "confirm.vllm: false" in err.value.fix
 
 
 def test_confirm_python_auto_prefers_this_python_then_the_vllm_venv(tmp_path, monkeypatch):
@@ -321,6 +322,7 @@ def test_confirm_python_auto_prefers_this_python_then_the_vllm_venv(tmp_path, mo
     from layerexit.tuning.draft_search import find_vllm_python, vllm_python
 
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LAYEREXIT_VLLM_PYTHON", raising=False)
     real_find_spec = importlib.util.find_spec
     have_vllm = {"here": False}
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: (object() if have_vllm["here"] else None)
@@ -376,3 +378,12 @@ def test_vllm_check_formats_prompts_as_our_engine_does():
     assert complete(with_template, ["Hi", "Yo"], None) == ["c", "c"]
     assert with_template.calls == [("chat", [[{"role": "user", "content": "Hi"}], [{"role": "user", "content": "Yo"}]])]
     assert complete(without, ["Hi"], None) == ["g"] and without.calls == [("generate", ["Hi"])]
+
+
+def test_auto_python_prefers_the_images_vllm_environment(tmp_path, monkeypatch):
+    """The layerexit-tune image names its vLLM venv in LAYEREXIT_VLLM_PYTHON: auto takes it over this Python."""
+    from layerexit.tuning import draft_search
+
+    monkeypatch.setenv("LAYEREXIT_VLLM_PYTHON", str(tmp_path / "vllm-venv" / "bin" / "python"))
+    assert draft_search.find_vllm_python("auto") == tmp_path / "vllm-venv" / "bin" / "python"
+    assert draft_search.find_vllm_python("/opt/x/bin/python") == Path("/opt/x/bin/python")

