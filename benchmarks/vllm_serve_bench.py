@@ -1,11 +1,20 @@
 """Lossless serving over HTTP, side by side: vLLM (``.venv-vllm``, Ray Serve LLM) without a draft, with n-gram
-drafting and with early-exit drafts (the base model's, a trained model's), and our engine's compiled ``final`` and
-its lossless drafting, on the same held-out prompts, at several client concurrencies, in one run.
+drafting, with early-exit drafts (the base model's, a trained model's) and with an EAGLE-3 feature draft (vLLM's
+``method: eagle3``), and our engine's compiled ``final`` and its lossless drafting, on the same held-out prompts, at
+several client concurrencies, in one run.
 
 Run (main venv; ``make vllm-env`` first):
 
     .venv/bin/python benchmarks/vllm_serve_bench.py --trained /path/to/trained/hf_model \\
         --concurrency 1,4,16 --duration 20 --max-tokens 32
+    # vLLM with the registered EAGLE-3 draft against vLLM without a draft, same run:
+    .venv/bin/python benchmarks/vllm_serve_bench.py --rows vllm-final,vllm-eagle3 \\
+        --eagle3 models:/layerexit-smollm2_eagle3@trained --concurrency 1,4
+
+``--eagle3`` is a model that carries an EAGLE-3 draft (served as the model, ``draft: shipped``) or an exported EAGLE-3
+draft (``layerexit export-draft``: served as ``--model``'s draft); its draft length is the one it ships unless
+``--eagle3-k``. Its LLaMA-2-7B prediction prices one EAGLE-3 layer (``fc`` over 3 aux layers, attention over 2 x
+hidden, MLP, a head pruned in the same proportion) under the same weight-bytes model.
 
 Each server runs alone on the machine (one vLLM cluster at a time, then our engine), greedy, the same dtype
 (``--dtype``, default float32: drafting is then exact on both engines). A phase is ``--duration`` seconds of
@@ -38,7 +47,7 @@ from serve_load import _free_port, run_phase, summarize  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 VLLM_CONFIG = REPO / "serve_configs" / "smollm2_vllm.yaml"
-ROWS = ("vllm-final", "vllm-ngram", "vllm-draft-base", "vllm-draft-trained", "ours-final", "ours-ngram",
+ROWS = ("vllm-final", "vllm-ngram", "vllm-draft-base", "vllm-draft-trained", "vllm-eagle3", "ours-final", "ours-ngram",
         "ours-draft-trained")
 OURS_REQUESTS = {
     "ours-final": {"policy": "final"},
@@ -80,26 +89,30 @@ def _settled_counters(cluster, wait_s: float = 3.0) -> dict[str, float]:
     return last
 
 
-def run_vllm_row(row: str, draft: str | None, k: int, args, prompts: list[str], tmp: Path) -> dict:
+def run_vllm_row(row: str, draft: str | None, k: int, args, prompts: list[str], tmp: Path,
+                 model: str | None = None) -> dict:
     from layerexit.serving.vllm_cluster import VllmCluster
 
     config = yaml.safe_load(VLLM_CONFIG.read_text())
     config["http_options"]["request_timeout_s"] = 900
     app = config["applications"][0]
-    app["args"].update(draft=draft or "none", dtype=args.dtype, max_model_len=args.max_model_len,
-                       max_num_seqs=max(args.concurrency))
+    app["args"].update(model=_absolute(model or args.model), draft=_absolute(draft) if draft else "none",
+                       dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=max(args.concurrency))
+    app["args"].pop("num_speculative_tokens", None)
+    if args.compile:
+        app["args"]["enforce_eager"] = False
     if draft:
         app["args"]["num_speculative_tokens"] = k
     with VllmCluster(tmp / row) as cluster:
         try:
-            start_s = cluster.serve_and_wait(config)
+            start_s = cluster.serve_and_wait(config, timeout=1200 if args.compile else 360)
         except (RuntimeError, TimeoutError) as err:
             raise SystemExit(f"{row}: vLLM did not come up: {err}\n{cluster.logs()}") from None
         from layerexit.serving.vllm_config import served_name_for
 
         model = app["args"].get("model_name") or served_name_for(app["args"]["model"])
-        out = {"setup_s": round(start_s, 1), "draft": draft, "num_speculative_tokens": k if draft else 0,
-               "by_concurrency": {}}
+        out = {"setup_s": round(start_s, 1), "model": app["args"]["model"], "draft": draft,
+               "num_speculative_tokens": k if draft else 0, "by_concurrency": {}}
         for c in args.concurrency:
             before = _settled_counters(cluster, 1.0) if draft else {}
             res = _closed_loop(cluster.base + "/v1", model, prompts, c, args.duration, args.max_tokens, None)
@@ -184,14 +197,34 @@ def _line(s: dict) -> str:
             f"ttft p50 {s['ttft_p50_s']:.2f} s, {s['requests']} requests, {s['errors']} errors{acc}")
 
 
+def eagle3_llama_cost_ratio(draft_vocab_share: float, num_aux: int = 3, num_layers: int = 32, hidden: int = 4096,
+                            intermediate: int = 11008, vocab: int = 32000, kv_heads_ratio: float = 1.0) -> float:
+    """Weight bytes one EAGLE-3 draft token reads on a LLaMA shape (default LLaMA-2-7B) over a full step's: ``fc``
+    (num_aux x hidden -> hidden), one decoder layer whose q/k/v read 2 x hidden, its MLP, and a head of
+    ``draft_vocab_share`` of the vocabulary; the embedding row it reads is negligible. Same model as
+    ``tuning.draft_choice.llama_shape_cost_ratio``."""
+    one = hidden * hidden * (2 + 2 * kv_heads_ratio) + 3 * hidden * intermediate
+    head = vocab * hidden
+    draft_attn = 2 * hidden * hidden * (1 + 2 * kv_heads_ratio) + hidden * hidden  # q, k, v over 2H; o
+    draft = num_aux * hidden * hidden + draft_attn + 3 * hidden * intermediate + draft_vocab_share * head
+    return draft / (num_layers * one + head)
+
+
 def predict_7b(report: dict, smol_layers: int) -> None:
-    """Per draft row: the LLaMA-2-7B speedup its measured tokens per verification predicts (same relative depth)."""
+    """Per draft row: the LLaMA-2-7B speedup its measured tokens per verification predicts (same relative depth;
+    an EAGLE-3 draft: one EAGLE-3 layer with the same draft-vocabulary share)."""
     from layerexit.tuning.draft_choice import llama_shape_cost_ratio
 
     for row, res in report["rows"].items():
         layer = res.get("draft_layer")
         k = res.get("num_speculative_tokens") or res.get("num_draft")
         first = res["by_concurrency"].get("1", {})
+        if k and "tokens_per_verification" in first and res.get("eagle3"):
+            e3 = res["eagle3"]
+            c = eagle3_llama_cost_ratio(e3["draft_vocab_size"] / e3["vocab_size"], num_aux=len(e3["aux_layers"]))
+            res["llama2_7b_prediction"] = {"draft": "eagle3", "cost_ratio": round(c, 4), "num_draft": k,
+                                           "speedup": round(first["tokens_per_verification"] / (k * c + 1), 3)}
+            continue
         if not layer or not k or "tokens_per_verification" not in first:
             continue
         layer_7b = max(1, round(layer * 32 / smol_layers))
@@ -230,6 +263,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--base-draft-layer", type=int, default=24, help="layer of the base model's draft")
     parser.add_argument("--num-speculative-tokens", type=int, default=3, help="k for the base and n-gram drafts "
                         "(the trained draft uses the k it ships with)")
+    parser.add_argument("--eagle3", default=None, help="the vllm-eagle3 row: a model carrying an EAGLE-3 draft "
+                        "(models:/layerexit-smollm2_eagle3@trained or its directory; served with draft: shipped) or an "
+                        "exported EAGLE-3 draft (directory or models:/ URI; served as --model's draft)")
+    parser.add_argument("--eagle3-k", type=int, default=None, help="draft length of the vllm-eagle3 row (default: "
+                        "the one it ships)")
     parser.add_argument("--concurrency", default="1,4,16", help="comma-separated client counts")
     parser.add_argument("--duration", type=float, default=20.0, help="seconds per phase (closed loop)")
     parser.add_argument("--max-tokens", type=int, default=32)
@@ -237,6 +275,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--limit", type=int, default=16, help="distinct prompts")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--max-model-len", type=int, default=1024)
+    parser.add_argument("--compile", action="store_true", help="let vLLM compile (torch.compile; starts in 3-6 min on "
+                        "a CPU) instead of the config's enforce_eager")
     parser.add_argument("--drafts-dir", default="outputs/bench/drafts", help="where exported drafts are kept")
     parser.add_argument("--experiment", default="layerexit-bench")
     parser.add_argument("--tracking-uri", default=None)
@@ -250,6 +290,8 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--rows: unknown {unknown}; choose from {', '.join(ROWS)}")
     if any(r.endswith("trained") for r in rows) and not args.trained:
         parser.error("--rows has trained-draft rows: pass --trained MODEL_DIR (or drop them from --rows)")
+    if "vllm-eagle3" in rows and not args.eagle3:
+        parser.error("--rows has vllm-eagle3: pass --eagle3 MODEL_OR_DRAFT (or drop it from --rows)")
 
     from layerexit import tracking
     from layerexit.data.instructions import heldout_instructions
@@ -264,12 +306,13 @@ def main(argv: list[str] | None = None) -> dict:
     drafts = Path(args.drafts_dir).expanduser().resolve()  # vLLM resolves paths from its own cwd
     report: dict = {"command": "benchmarks/vllm_serve_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                     "machine": machine_line(describe_machine()), "dtype": args.dtype, "max_tokens": args.max_tokens,
+                    "vllm_compiled": args.compile,
                     "duration_s": args.duration, "prompts": len(prompts), "concurrency": args.concurrency, "rows": {}}
     print(report["machine"], flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="vllm-bench-"))
     k = args.num_speculative_tokens
     for row in [r for r in rows if r.startswith("vllm-")]:
-        draft, draft_info, row_k = None, {}, 0
+        draft, draft_info, row_k, row_model, extra = None, {}, 0, None, {}
         if row == "vllm-ngram":
             draft, row_k = "ngram", k
         elif row == "vllm-draft-base":
@@ -281,14 +324,17 @@ def main(argv: list[str] | None = None) -> dict:
             out = drafts / f"trained-{Path(args.trained).resolve().parent.name}-l{shipped.get('layer', 'x')}"
             draft_info = _export_draft(args.trained, None, out)
             draft, row_k = str(out), int(shipped.get("num_draft", k))
+        elif row == "vllm-eagle3":
+            row_model, draft, row_k, extra = _eagle3_source(args)
         try:
-            res = run_vllm_row(row, draft, row_k, args, prompts, tmp)
+            res = run_vllm_row(row, draft, row_k, args, prompts, tmp, model=row_model)
         except SystemExit as err:  # one row's failure is reported; the other rows still run
             print(f"{row}: failed: {err}", flush=True)
             res = {"error": str(err)[-2000:], "by_concurrency": {}}
         if draft_info:
             res.update(draft_layer=draft_info["layer"],
                        adapter_layers=draft_info["num_layers"] - draft_info["layer"])
+        res.update(extra)
         report["rows"][row] = res
         _save(report, args.out)  # a later failure keeps what was measured
     ours = [r for r in rows if r.startswith("ours-")]
@@ -323,6 +369,38 @@ def main(argv: list[str] | None = None) -> dict:
         run.log_artifact(str(png))
     print(f"wrote {out} and {png}; MLflow run {run.run_id}")
     return report
+
+
+def _absolute(spec: str) -> str:
+    """A local path made absolute (the Serve app resolves specs from its cluster's own directory); others as given."""
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if path.exists() else spec
+
+
+def _eagle3_source(args) -> tuple[str, str, int, dict]:
+    """(model, draft, k, row info) of the vllm-eagle3 row: a model carrying an EAGLE-3 draft is served with
+    ``draft: shipped``, an exported EAGLE-3 draft as ``--model``'s; both checked as the Serve backend checks them."""
+    from layerexit.errors import LayerexitError
+    from layerexit.models.eagle3_export import carried_eagle3, is_eagle3_checkpoint
+    from layerexit.serving.vllm_config import parse_vllm_args, resolve_sources, resolve_spec
+
+    try:
+        local, _ = resolve_spec(args.eagle3, "--eagle3")
+        if Path(local).is_dir() and carried_eagle3(local) is not None:
+            model, draft = args.eagle3, "shipped"
+        elif is_eagle3_checkpoint(local):
+            model, draft = args.model, args.eagle3
+        else:
+            raise SystemExit(f"--eagle3 {args.eagle3}: neither carries an EAGLE-3 draft nor is one")
+        sources = resolve_sources(parse_vllm_args({"model": model, "draft": draft, "device": "cpu",
+                                                   "num_speculative_tokens": args.eagle3_k}, "--eagle3"))
+    except LayerexitError as err:
+        raise SystemExit(f"--eagle3: {err}") from None
+    config = json.loads((Path(sources.draft) / "config.json").read_text())
+    info = {"eagle3": {"source": args.eagle3, "draft_dir": sources.draft, "vocab_size": config["vocab_size"],
+                       "draft_vocab_size": config.get("draft_vocab_size", config["vocab_size"]),
+                       "aux_layers": config.get("eagle_config", {}).get("eagle_aux_hidden_state_layer_ids", [])}}
+    return model, draft, int(sources.num_speculative_tokens), info
 
 
 def _save(report: dict, path: str) -> Path:

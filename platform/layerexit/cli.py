@@ -221,9 +221,14 @@ def bench(
     assistant_model: Annotated[Optional[Path], typer.Option(
         help="Add transformers' assisted generation with this draft model directory (assistant_model=, e.g. from "
         "`layerexit export-draft`; row 'hf-assisted-draft', batch 1).")] = None,
+    replay: Annotated[str, typer.Option(
+        help="k of the 'replay (free perfect draft)' rows (the final layer's own answer as the draft: the loop's own "
+        "ceiling), comma-separated; 'auto': 1,2,3,4,5 when a configuration is self-speculative; 'none': no rows.")
+    ] = "auto",
 ) -> None:
     """Tokens/s and FLOPs/token of each configuration vs transformers generate (KV cache, greedy), with the
-    weights loop, the memory-bandwidth floor and, for n-gram drafting, transformers' prompt-lookup decoding. Every
+    weights loop, the memory-bandwidth floor and, for n-gram drafting, transformers' prompt-lookup decoding; for
+    self-speculative configurations the acceptance per draft position, tau and the free-perfect-draft rows. Every
     JSON row carries the machine (CPU, ISA flags, threads)."""
     import torch
 
@@ -241,6 +246,14 @@ def bench(
     if assistant_model is not None and not assistant_model.is_dir():
         raise ConfigError(f"--assistant-model {assistant_model}: not a directory",
                           "pass a draft model directory, e.g. from `layerexit export-draft`")
+    replay_ks = None if replay == "auto" else [] if replay == "none" else None
+    if replay not in ("auto", "none"):
+        try:
+            replay_ks = [int(k) for k in replay.split(",") if k.strip()]
+        except ValueError as err:
+            raise ConfigError(f"--replay {replay!r} is not a list of k", "e.g. --replay 1,2,3,4,5") from err
+        if any(not 1 <= k <= 32 for k in replay_ks):
+            raise ConfigError(f"--replay {replay!r}: k must be in 1..32", "e.g. --replay 1,2,3,4,5")
     configs = {}
     for pol in [p.strip() for p in policies.split(",") if p.strip()]:
         lossless = pol in ("final", "self-speculative")
@@ -273,7 +286,7 @@ def bench(
     rows, _ = run_bench(m, ids, configs, eos_ids(m, tok), tok.pad_token_id, max_new_tokens, batch_size,
                         show_progress=not as_json, compile=compile, hf_compiled=compile or hf_compiled,
                         assistant_early_exit=assistant_early_exit,
-                        assistant_model=draft, bandwidth_bytes=bandwidth_mib << 20)
+                        assistant_model=draft, bandwidth_bytes=bandwidth_mib << 20, replay_ks=replay_ks)
     table = bench_markdown(rows)
     if markdown is not None:
         markdown.write_text(table + "\n")
@@ -387,28 +400,62 @@ def train(
 def export_draft_cmd(
     model: Annotated[str, typer.Argument(help="smollm2, a local HF directory, a .gguf file, or an MLflow model URI "
                                          "(models:/name@alias: the draft is registered beside it as <name>-draft).")],
-    out: Annotated[Path, typer.Option(help="Directory to write the plain Hugging Face draft checkpoint into.")],
+    out: Annotated[Path, typer.Option(help="Directory to write the draft checkpoint into (a plain Hugging Face "
+                                      "model for a layer draft, vLLM's EAGLE-3 checkpoint for a feature draft).")],
     layer: Annotated[Optional[int], typer.Option(
-        min=1, help="Exit layer the draft ends at (its adapter, if any, follows); default: the draft layer the model "
-        "ships in draft_settings.json (what its training run chose).")] = None,
+        min=1, help="Exit layer the draft ends at (its adapter, if any, follows); default: the draft the model ships "
+        "(draft_settings.json): its EAGLE-3 draft when it carries one (eagle3 recipe), else its draft layer.")] = None,
     measure: Annotated[int, typer.Option(min=0, help="Held-out prompts to measure the draft's agreement with the "
                                          "final layer on (0: skip).")] = 8,
     register: Annotated[Optional[bool], typer.Option(
         "--register/--no-register", help="Register the draft in MLflow as <name>-draft@trained (default: when MODEL "
         "is a models:/ URI).")] = None,
     alias: Annotated[str, typer.Option(help="Alias of the registered draft.")] = "trained",
+    device: Annotated[Optional[str], typer.Option(
+        help="cpu or cuda (cuda:N): where the model is loaded and the agreement measured. Default: the device it was "
+        "trained on, from its training run (MLflow run of a models:/ URI, or the checkpoint's layerexit_mlflow.json); "
+        "cpu when that is not recorded.")] = None,
+    dtype: Annotated[Optional[str], typer.Option(
+        help="float32, bfloat16 or float16: the weights' dtype while exporting and measuring (the draft is saved in "
+        "it). Default: the dtype it was trained in (bfloat16 for a bf16 GPU run), float32 when not recorded; an "
+        "EAGLE-3 draft: the dtype it was saved in.")] = None,
 ) -> None:
     """Export an exit as a draft model: layers 1..LAYER (+ the exit's decoder-layer adapter), final norm and head,
-    as a plain checkpoint that transformers (assistant_model=) and vLLM (speculative_config) run unchanged."""
+    as a plain checkpoint that transformers (assistant_model=) and vLLM (speculative_config) run unchanged.
+
+    A model that carries an EAGLE-3 draft (eagle3 recipe: eagle3/ + draft_settings.json) exports that draft when
+    --layer is not given: vLLM's LlamaForCausalLMEagle3 checkpoint (speculative_config method eagle3) in --dtype,
+    with the tokenizer and layerexit_draft.json (the shipped num_draft); nothing is loaded or measured.
+
+    A 7B model on its GPU: --device cuda --dtype bfloat16 (the default for a model trained that way)."""
+    import torch
+
     from layerexit.errors import ConfigError
     from layerexit.evaluation.prompt_sets import heldout_prompts as heldout
     from layerexit.models import draft_export
     from layerexit.models.loading import load_model_and_tokenizer
+    from layerexit.models.trained_for import choose_placement
 
     register = model.startswith("models:/") if register is None else register
     if register:
         draft_export.registered_name(model)  # a clear error before any loading
-    m, tok = load_model_and_tokenizer(model)
+    if layer is None:
+        from layerexit.models.eagle3_export import carried_eagle3, export_eagle3, register_eagle3
+        from layerexit.models.loading import resolve_model
+
+        location = Path(resolve_model(model).location)
+        if location.is_dir() and carried_eagle3(location) is not None:
+            typer.echo(f"export-draft: {model} carries an EAGLE-3 draft: exporting it for vLLM (method eagle3), "
+                       f"dtype {dtype or 'as saved'}" + (f"; --device {device} is not used" if device else ""),
+                       err=True)
+            e3 = export_eagle3(location, out, dtype=dtype, base_spec=model)
+            if register:
+                e3.registered = register_eagle3(e3, model, alias)
+            typer.echo(json.dumps({**e3.to_dict(), "directory": str(e3.directory), "registered": e3.registered}))
+            return
+    placement, note = choose_placement(model, device, dtype)  # cuda without CUDA: an error naming --device
+    typer.echo(f"export-draft: {note}", err=True)
+    m, tok = load_model_and_tokenizer(model, dtype=getattr(torch, placement.dtype), device=placement.device)
     if layer is None:
         from layerexit.models.draft_settings import draft_settings_of
 
@@ -421,7 +468,8 @@ def export_draft_cmd(
     if measure:
         prompts = [p.prompt for p in heldout()[:measure]]
         agreement = draft_export.measure_agreement(m, tok, layer, prompts)
-    info = draft_export.export_draft(m, tok, layer, out, agreement=agreement, base_spec=model)
+    info = draft_export.export_draft(m, tok, layer, out, agreement=agreement, base_spec=model,
+                                     measured_on=f"{placement.device}/{placement.dtype}" if measure else None)
     if register:
         info.registered = draft_export.register_draft(info, model, alias)
     typer.echo(json.dumps({**info.to_dict(), "directory": str(info.directory), "registered": info.registered}))

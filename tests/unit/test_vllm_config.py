@@ -1,6 +1,7 @@
 """The vLLM backend's config and its checks before any replica starts (main .venv: no vLLM, nothing loaded).
 
-- every serve_configs/*_vllm.yaml is a Ray Serve config whose args validate (``VllmServeArgs``);
+- every vLLM Serve config (serve_configs/smollm2_vllm.yaml, and 7b.yaml / 13b.yaml: the GPU defaults) is a Ray Serve
+  config whose args validate (``VllmServeArgs``);
 - bad input fails with a ConfigError naming the field and the fix: a draft for another vocabulary or tokenizer, a
   draft as deep as or deeper than the model, a draft path or MLflow URI that does not resolve, vLLM missing;
 - the args map onto Ray Serve LLM's ``LLMConfig`` pieces (engine kwargs, speculative config, env).
@@ -25,7 +26,9 @@ from layerexit.serving.vllm_config import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
-VLLM_CONFIGS = sorted((REPO / "serve_configs").glob("*_vllm.yaml"))
+VLLM_IMPORT = "layerexit.serving.vllm_backend:build_app"
+VLLM_CONFIGS = sorted(p for p in (REPO / "serve_configs").glob("*.yaml")
+                      if any(a["import_path"] == VLLM_IMPORT for a in yaml.safe_load(p.read_text())["applications"]))
 
 
 def fake_checkpoint(directory: Path, *, layers: int = 4, vocab: int = 8, hidden: int = 16, words: str = "abcdefgh",
@@ -68,16 +71,35 @@ def test_every_vllm_serve_config_is_valid(path: Path) -> None:
 
 def test_the_three_vllm_configs_exist_and_say_where_they_run() -> None:
     names = {p.name for p in VLLM_CONFIGS}
-    assert {"smollm2_vllm.yaml", "7b_vllm.yaml", "13b_vllm.yaml"} <= names
+    assert {"smollm2_vllm.yaml", "7b.yaml", "13b.yaml"} <= names
+    assert not list((REPO / "serve_configs").glob("[0-9]*b_vllm.yaml")), "7b.yaml / 13b.yaml are the vLLM configs"
     cpu = parse_vllm_args(yaml.safe_load((REPO / "serve_configs/smollm2_vllm.yaml").read_text())
                           ["applications"][0]["args"])
     assert cpu.device == "cpu" and cpu.enforce_eager and cpu.cpu_reserved_cpus == 0
     assert (REPO / "serve_configs/smollm2_vllm.yaml").read_text().startswith(
         "# .venv-vllm/bin/serve run serve_configs/smollm2_vllm.yaml")
-    for name in ("7b_vllm.yaml", "13b_vllm.yaml"):
-        gpu = parse_vllm_args(yaml.safe_load((REPO / "serve_configs" / name).read_text())["applications"][0]["args"])
+    for name in ("7b.yaml", "13b.yaml"):
+        text = (REPO / "serve_configs" / name).read_text()
+        gpu = parse_vllm_args(yaml.safe_load(text)["applications"][0]["args"])
         assert gpu.device == "gpu" and gpu.gpu_memory_utilization and gpu.max_model_len
         assert gpu.model.startswith("models:/") and gpu.chat_template == "alpaca"
+        # The opening comment says why vLLM is the GPU default and where the exit policies went.
+        head = text.split("proxy_location")[0]
+        assert "0.55x" in head and f"serve_configs/{name.replace('.yaml', '_exits.yaml')}" in head
+
+
+def test_the_7b_default_serves_the_trained_draft_the_draft_job_registers() -> None:
+    """serve_configs/7b.yaml names the model jobs/configs/llama2_7b_draft.yaml registers and the draft
+    `layerexit export-draft` registers beside it (``<name>-draft``, same alias)."""
+    from layerexit.models.draft_export import registered_name
+    from layerexit.training import load_train_config
+
+    train = load_train_config(REPO / "jobs" / "configs" / "llama2_7b_draft.yaml", check=False)
+    args = parse_vllm_args(yaml.safe_load((REPO / "serve_configs" / "7b.yaml").read_text())["applications"][0]["args"])
+    model_uri = f"models:/{train.registered_model_name}@{train.mlflow.alias}"
+    assert args.model == model_uri
+    assert args.draft == f"models:/{registered_name(model_uri)}-draft@{train.mlflow.alias}"
+    assert train.recipe == "adapters" and train.adapters.kind == "decoder_layer"  # frozen base: lossless draft
 
 
 # --------------------------------------------------------------------------------------------- bad input
@@ -136,7 +158,8 @@ def test_draft_as_deep_as_the_model_or_deeper_is_refused(tmp_path, model_dir, la
 def test_a_shallower_draft_of_the_same_model_resolves(tmp_path, model_dir) -> None:
     draft = fake_checkpoint(tmp_path / "draft", layers=2)
     sources = resolve_sources(parse_vllm_args(args_for(model_dir, draft)))
-    assert sources == ResolvedSources(str(model_dir.resolve()), str(draft.resolve()))
+    assert sources == ResolvedSources(str(model_dir.resolve()), str(draft.resolve()), method="draft_model",
+                                      num_speculative_tokens=3)
 
 
 def test_missing_draft_directory_names_the_field(tmp_path, model_dir) -> None:

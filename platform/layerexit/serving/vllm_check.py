@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         require_vllm()
         cfg = parse_vllm_args({"model": args.model, "draft": args.draft, "device": "cpu", "dtype": args.dtype,
                                "num_speculative_tokens": args.num_speculative_tokens,
-                               "draft_method": args.draft_method, "mlflow_tracking_uri": args.mlflow_tracking_uri}, "vllm_check arguments")
+                               "draft_method": args.draft_method, "mlflow_tracking_uri": args.mlflow_tracking_uri},
+                              "vllm_check arguments")
         sources = resolve_sources(cfg)
     except LayerexitError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -129,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     prompts = read_prompts(args.prompts, args.limit)
     spec = speculative_config(cfg, sources)
     report: dict[str, Any] = {"model": sources.model, "draft": sources.draft, "method": sources.method,
-                              "dtype": args.dtype, "num_speculative_tokens": sources.num_speculative_tokens, "prompts": len(prompts),
-                              "max_tokens": args.max_tokens}
+                              "dtype": args.dtype, "num_speculative_tokens": sources.num_speculative_tokens,
+                              "prompts": len(prompts), "max_tokens": args.max_tokens}
     report["with_draft"] = run(sources.model, spec, prompts, args)
     if args.compare:
         report["without_draft"] = run(sources.model, None, prompts, args)

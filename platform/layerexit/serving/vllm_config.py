@@ -1,6 +1,6 @@
-"""What the vLLM backend is built from: ``VllmServeArgs`` (the ``args:`` of ``serve_configs/*_vllm.yaml``) and the
-checks that run before any replica starts (model and draft resolved to local directories, the draft checked
-against the model, vLLM importable).
+"""What the vLLM backend is built from: ``VllmServeArgs`` (the ``args:`` of ``serve_configs/7b.yaml``, ``13b.yaml``
+and ``smollm2_vllm.yaml``) and the checks that run before any replica starts (model and draft resolved to local
+directories, the draft checked against the model, vLLM importable).
 
 Importable without vLLM, Ray or torch (pydantic, yaml and the standard library only), so the main ``.venv`` can
 validate these configs and report "vLLM is missing" as a config error instead of an ImportError. The backend
@@ -26,6 +26,8 @@ from layerexit.errors import ConfigError, LayerexitError
 EMBEDDED_ALIASES = {"smollm2", "smollm2-135m", "smollm2-135m-instruct"}
 MLFLOW_SCHEMES = ("models:/", "runs:/")
 NO_DRAFT = ("none", "")
+SHIPPED_DRAFT = "shipped"  # the EAGLE-3 draft the model carries (eagle3/ beside its weights)
+DEFAULT_NUM_SPECULATIVE_TOKENS = 3
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 # Engine arguments this config sets itself: passing them through engine_kwargs would bypass the checks.
 MANAGED_ENGINE_KWARGS = {
@@ -66,11 +68,23 @@ class VllmServeArgs(StrictModel):
     )
     draft: str | None = Field(
         None,
-        description="Speculative decoding: null/none (off), `ngram` (prompt lookup), or a draft checkpoint: a local "
-        "directory or MLflow URI of `layerexit export-draft MODEL --layer L --out DIR` (the model's first L layers + "
-        "final norm + head). Checked against the model (vocabulary, tokenizer, depth) before any replica starts.",
+        description="Speculative decoding: null/none (off), `ngram` (prompt lookup), `shipped` (the EAGLE-3 draft the "
+        "model carries: its eagle3/ directory, as its draft_settings.json says), or a draft checkpoint: a local "
+        "directory or MLflow URI of `layerexit export-draft` (a layer draft: the model's first L layers + final norm + "
+        "head; or an EAGLE-3 draft). Checked against the model (vocabulary, tokenizer, depth; an EAGLE-3 draft: the "
+        "target shape it was trained for and its aux layers) before any replica starts.",
     )
-    num_speculative_tokens: int = Field(3, ge=1, le=16, description="Draft tokens proposed per step.")
+    draft_method: Literal["auto", "draft_model", "eagle3"] = Field(
+        "auto",
+        description="How vLLM runs the draft checkpoint: `eagle3` (a feature draft over the model's hidden states, "
+        "speculative_config method eagle3), `draft_model` (a plain smaller model), or `auto`: eagle3 when the "
+        "checkpoint's config.json says LlamaForCausalLMEagle3, else draft_model. An explicit value is checked against "
+        "the checkpoint.",
+    )
+    num_speculative_tokens: int | None = Field(
+        None, ge=1, le=16, description="Draft tokens proposed per step (default: the num_draft the draft ships with "
+        "- the model's draft_settings.json or the export's layerexit_draft.json - else 3).",
+    )
     ngram_prompt_lookup_max: int = Field(4, ge=1, le=32, description="`ngram` draft: longest n-gram matched.")
     ngram_prompt_lookup_min: int = Field(2, ge=1, le=32, description="`ngram` draft: shortest n-gram matched.")
     device: Literal["cpu", "gpu"] = Field(
@@ -144,6 +158,9 @@ class VllmServeArgs(StrictModel):
                 raise ValueError("cpu_kvcache_space_gib applies to device: cpu only (device is gpu)")
         if self.chat_template not in ("model", "alpaca") and not Path(self.chat_template).expanduser().is_file():
             raise ValueError(f"chat_template {self.chat_template!r} is neither model, alpaca nor an existing file")
+        if self.draft_method != "auto" and self.draft_kind != "model":
+            raise ValueError(f"draft_method {self.draft_method} needs a draft checkpoint (draft is "
+                             f"{self.draft or 'none'})")
         if self.ngram_prompt_lookup_min > self.ngram_prompt_lookup_max:
             raise ValueError(f"ngram_prompt_lookup_min ({self.ngram_prompt_lookup_min}) exceeds "
                              f"ngram_prompt_lookup_max ({self.ngram_prompt_lookup_max})")
@@ -151,9 +168,14 @@ class VllmServeArgs(StrictModel):
 
     @property
     def draft_kind(self) -> Literal["none", "ngram", "model"]:
+        """none, ngram, or model: a draft checkpoint (a directory, an MLflow URI, or the one the model ships)."""
         if self.draft is None or self.draft.strip().lower() in NO_DRAFT:
             return "none"
         return "ngram" if self.draft.strip().lower() == "ngram" else "model"
+
+    @property
+    def draft_shipped(self) -> bool:
+        return self.draft is not None and self.draft.strip().lower() == SHIPPED_DRAFT
 
     def served_name(self) -> str:
         return self.model_name or served_name_for(self.model)
@@ -199,14 +221,16 @@ class ResolvedSources:
     draft: str | None  # a directory, "ngram", or None
     model_version: str | None = None
     draft_version: str | None = None
+    method: Literal["ngram", "draft_model", "eagle3"] | None = None  # None: no draft
+    num_speculative_tokens: int | None = None  # None: no draft
 
 
 def require_vllm() -> None:
     """vLLM must be importable in the Python that builds the app (and so in its replicas)."""
     if importlib.util.find_spec("vllm") is None:
         raise ConfigError(
-            f"vLLM is not installed in this Python ({sys.executable}); serve_configs/*_vllm.yaml need it "
-            "(import_path layerexit.serving.vllm_backend:build_app)", VLLM_ENV_HINT,
+            f"vLLM is not installed in this Python ({sys.executable}); serve_configs/7b.yaml, 13b.yaml and "
+            "smollm2_vllm.yaml need it (import_path layerexit.serving.vllm_backend:build_app)", VLLM_ENV_HINT,
         )
 
 
@@ -244,19 +268,90 @@ def resolve_spec(spec: str, field: str, tracking_uri: str | None = None) -> tupl
 
 
 def resolve_sources(cfg: VllmServeArgs) -> ResolvedSources:
-    """Resolve the model and the draft to local directories and check the draft against the model."""
+    """Resolve the model and the draft to local directories, tell how vLLM runs the draft (``method``), take the
+    draft length (``num_speculative_tokens``: the config's, else the draft's shipped ``num_draft``, else 3) and check
+    the draft against the model."""
     tracking_uri = cfg.mlflow_tracking_uri
     model, model_version = resolve_spec(cfg.model, "model", tracking_uri)
     kind = cfg.draft_kind
     if kind == "none":
         return ResolvedSources(model, None, model_version)
     if kind == "ngram":
-        return ResolvedSources(model, "ngram", model_version)
+        k = cfg.num_speculative_tokens or DEFAULT_NUM_SPECULATIVE_TOKENS
+        return ResolvedSources(model, "ngram", model_version, method="ngram", num_speculative_tokens=k)
     assert cfg.draft is not None
-    draft, draft_version = resolve_spec(cfg.draft, "draft", tracking_uri)
+    if cfg.draft_shipped:
+        draft, draft_version = shipped_draft(model, cfg.model), model_version
+    else:
+        draft, draft_version = resolve_spec(cfg.draft, "draft", tracking_uri)
+    method = draft_method(cfg, draft)
     if Path(model).is_dir() and Path(draft).is_dir():
-        check_draft(Path(model), Path(draft))
-    return ResolvedSources(model, draft, model_version, draft_version)
+        if method == "eagle3":
+            check_eagle3_draft(Path(model), Path(draft))
+        else:
+            check_draft(Path(model), Path(draft))
+    k = cfg.num_speculative_tokens or shipped_draft_length(model, draft, method) or DEFAULT_NUM_SPECULATIVE_TOKENS
+    return ResolvedSources(model, draft, model_version, draft_version, method, k)
+
+
+def shipped_draft(model_dir: str, spec: str) -> str:
+    """``draft: shipped``: the EAGLE-3 draft directory the model carries (``eagle3/``)."""
+    from layerexit.models.eagle3_export import EAGLE3_DIR, carried_eagle3
+
+    if not Path(model_dir).is_dir():
+        raise ConfigError(f"draft: shipped needs a local or MLflow model; {spec} is a hub id",
+                          "pass the draft checkpoint's directory as draft")
+    found = carried_eagle3(model_dir, "draft")
+    if found is None:
+        settings = Path(model_dir) / "draft_settings.json"
+        layer = None
+        if settings.is_file():
+            try:
+                layer = json.loads(settings.read_text()).get("layer")
+            except (OSError, json.JSONDecodeError, AttributeError):
+                layer = None
+        if layer is not None:
+            raise ConfigError(f"draft: shipped: {spec} ships a layer-{layer} draft, which vLLM runs only once it is "
+                              "exported as a checkpoint", f"layerexit export-draft {spec} --out DIR, then draft: DIR")
+        raise ConfigError(f"draft: shipped: {spec} carries no EAGLE-3 draft ({model_dir}/{EAGLE3_DIR} is missing)",
+                          "train one with the eagle3 recipe, or pass a draft checkpoint directory, ngram or none")
+    return str(found.resolve())
+
+
+def draft_method(cfg: VllmServeArgs, draft: str) -> Literal["draft_model", "eagle3"]:
+    """How vLLM runs ``draft``: from ``cfg.draft_method``, checked against the checkpoint, or detected (``auto``)."""
+    from layerexit.models.eagle3_export import ARCHITECTURE, is_eagle3_checkpoint
+
+    if not Path(draft).is_dir():  # a hub id: nothing to read here
+        return "eagle3" if cfg.draft_method == "eagle3" else "draft_model"
+    eagle3 = is_eagle3_checkpoint(draft)
+    if cfg.draft_method == "eagle3" and not eagle3:
+        raise ConfigError(f"draft_method: eagle3, but {draft} is not an EAGLE-3 checkpoint (its config.json does not "
+                          f"name {ARCHITECTURE})", "pass an EAGLE-3 export (layerexit export-draft MODEL --out DIR for "
+                          "a model trained with the eagle3 recipe), or set draft_method: auto")
+    if cfg.draft_method == "draft_model" and eagle3:
+        raise ConfigError(f"draft_method: draft_model, but {draft} is an EAGLE-3 checkpoint ({ARCHITECTURE}): it "
+                          "reads the model's hidden states and cannot run as a model of its own",
+                          "set draft_method: eagle3 (or auto)")
+    return "eagle3" if eagle3 else "draft_model"
+
+
+def shipped_draft_length(model_dir: str, draft_dir: str, method: str) -> int | None:
+    """The draft length the draft ships with: the export's ``layerexit_draft.json`` ``num_draft``, else (EAGLE-3)
+    the model's ``draft_settings.json`` ``num_draft`` when the draft is the model's own kind."""
+    from layerexit.models.eagle3_export import DRAFT_META, ships_eagle3, shipped_num_draft
+
+    meta = Path(draft_dir) / DRAFT_META
+    if meta.is_file():
+        try:
+            value = json.loads(meta.read_text()).get("num_draft")
+        except (OSError, json.JSONDecodeError, AttributeError):
+            value = None
+        if value:
+            return int(value)
+    if method == "eagle3" and Path(model_dir).is_dir() and ships_eagle3(model_dir):
+        return shipped_num_draft(model_dir)
+    return None
 
 
 def _read_config(directory: Path, field: str) -> dict[str, Any]:
@@ -303,6 +398,26 @@ def check_draft(model_dir: Path, draft_dir: Path) -> None:
                               "the model (an exit draft costs its layers on every proposed token)",
                               f"export it with --layer below {ml}: layerexit export-draft {model_dir} --layer L "
                               "--out DIR")
+
+
+def check_eagle3_draft(model_dir: Path, draft_dir: Path) -> None:
+    """An EAGLE-3 draft must be trained for this model: the target shape in its config (``layerexit.spec``: hidden
+    size, depth, vocabulary; vLLM's ``target_hidden_size`` for other exports), aux layers the model has, a draft
+    vocabulary no larger than the model's, and (when the export carries one) the model's tokenizer."""
+    from layerexit.models.eagle3_export import check_eagle3_for_model
+
+    try:
+        raw_model = json.loads((model_dir / "config.json").read_text())
+        raw_draft = json.loads((draft_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"draft: cannot read the model's or the draft's config.json ({err})",
+                          "pass Hugging Face model directories") from None
+    check_eagle3_for_model(raw_model, raw_draft, "draft", str(model_dir), str(draft_dir))
+    mt, dt = tokenizer_fingerprint(model_dir), tokenizer_fingerprint(draft_dir)
+    if mt is not None and dt is not None and mt != dt:
+        raise ConfigError(f"draft: the EAGLE-3 draft's tokenizer ({draft_dir}/tokenizer.json) differs from the "
+                          f"model's ({model_dir}/tokenizer.json): it was trained for another model",
+                          f"export the draft of this model: layerexit export-draft {model_dir} --out DIR")
 
 
 def check_max_model_len(cfg: VllmServeArgs, model_dir: str) -> None:
