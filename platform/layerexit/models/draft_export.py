@@ -37,10 +37,14 @@ class DraftInfo:
     fingerprint: dict[str, str]
     agreement: float | None = None
     registered: dict = field(default_factory=dict)
+    measured_on: str | None = None  # "<device>/<dtype>" the agreement was measured with (bf16 can flip near-ties)
 
     def to_dict(self) -> dict:
-        return {"format": DRAFT_FORMAT, "layer": self.layer, "num_layers": self.num_layers, "adapter": self.adapter,
-                "fingerprint": self.fingerprint, "agreement": self.agreement}
+        out = {"format": DRAFT_FORMAT, "layer": self.layer, "num_layers": self.num_layers, "adapter": self.adapter,
+               "fingerprint": self.fingerprint, "agreement": self.agreement}
+        if self.measured_on is not None:
+            out["agreement_measured_on"] = self.measured_on
+        return out
 
 
 def draft_layers(model: nn.Module, layer: int) -> tuple[list[nn.Module], str | None]:
@@ -115,8 +119,11 @@ def measure_agreement(model: nn.Module, tokenizer, layer: int, prompts: list[str
 
 
 def export_draft(model: nn.Module, tokenizer, layer: int, out: str | Path, agreement: float | None = None,
-                 base_spec: str | None = None) -> DraftInfo:
-    """Write the draft at ``layer`` to ``out`` (config + safetensors + tokenizer + chat template + draft json)."""
+                 base_spec: str | None = None, measured_on: str | None = None) -> DraftInfo:
+    """Write the draft at ``layer`` to ``out`` (config + safetensors + tokenizer + chat template + draft json).
+
+    The model may sit on any device in any dtype: the draft is built on the CPU, in the model's dtype, from copies.
+    ``measured_on`` records where ``agreement`` was measured (``"cuda/bfloat16"``)."""
     from layerexit.models.adapters import base_fingerprint
 
     _, kind = draft_layers(model, layer)
@@ -124,7 +131,8 @@ def export_draft(model: nn.Module, tokenizer, layer: int, out: str | Path, agree
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not (out / DRAFT_META).is_file():
         raise ConfigError(f"--out {out} exists and is not a draft directory", "pass a new or an earlier draft's directory")
-    info = DraftInfo(out, layer, draft.config.num_hidden_layers, kind, base_fingerprint(model, tokenizer), agreement)
+    info = DraftInfo(out, layer, draft.config.num_hidden_layers, kind, base_fingerprint(model, tokenizer), agreement,
+                     measured_on=measured_on)
     with atomic_directory(out) as tmp:
         draft.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -156,6 +164,8 @@ def register_draft(info: DraftInfo, model_uri: str, alias: str = "trained") -> d
             "layerexit.draft.base_model": model_uri}
     if info.agreement is not None:
         tags["layerexit.draft.agreement"] = f"{info.agreement:.4f}"
+    if info.measured_on is not None:
+        tags["layerexit.draft.agreement_measured_on"] = info.measured_on
     mlflow.set_experiment("layerexit-drafts")
     with mlflow.start_run(run_name=f"export-draft-{name}-l{info.layer}"):
         mlflow.log_params({"layer": info.layer, "num_layers": info.num_layers, "base_model": model_uri})
