@@ -58,9 +58,15 @@ def read_lock(path: str | Path) -> dict[str, str]:
 
 
 def installed() -> dict[str, str]:
-    """``{canonical name: version}`` of every distribution in this interpreter's environment."""
+    """``{canonical name: version}`` of every distribution installed in this interpreter's environment.
+
+    Only the environment's site-packages are read: packages vendor copies of others with their metadata and put
+    them on ``sys.path`` when imported (setuptools' ``_vendor``), which are not installed distributions."""
+    import sysconfig
+
+    paths = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
     found: dict[str, str] = {}
-    for dist in importlib.metadata.distributions():
+    for dist in importlib.metadata.distributions(path=paths):
         name = dist.metadata["Name"]
         if name:
             found.setdefault(canonical(name), dist.version)
