@@ -19,11 +19,13 @@ from layerexit.errors import ConfigError, LayerexitError
 class ModelSection(StrictModel):
     """Which model to fine-tune."""
 
-    spec: str = Field(..., description="smollm2, a local Hugging Face directory, a .gguf file, or a hub id.")
+    spec: str = Field(..., description="smollm2, a local Hugging Face directory, a .gguf file, a hub id, or an MLflow "
+                      "model URI (models:/name@alias: e.g. a LITE model as the frozen base of recipe adapters).")
     num_layers: int | None = Field(
         None, ge=1,
         description="Expected decoder depth. Used to check exit layers when the model's config cannot be read "
-        "offline (hub ids not yet downloaded); when it can be read, the two must agree.",
+        "offline (hub ids not yet downloaded; MLflow model URIs, which are not downloaded to validate the config: "
+        "the registry holds the whole model); when it can be read, the two must agree.",
     )
     gradient_checkpointing: bool = Field(False, description="Recompute decoder activations in backward (saves memory).")
 
@@ -355,14 +357,23 @@ class TrainConfig(StrictModel):
 
 
 def model_depth(cfg: TrainConfig) -> int:
-    """The model's number of decoder layers, read from its config (cache only for hub ids), else model.num_layers."""
+    """The model's number of decoder layers, read from its config (cache only for hub ids), else model.num_layers.
+
+    An MLflow model URI with ``model.num_layers`` set is not downloaded here (validating a config must not fetch a
+    7B model, and ``--check`` runs offline): its depth is ``num_layers``, checked again when the job loads it."""
     from layerexit.models.loading import resolve_model
+    from layerexit.models.mlflow_source import is_mlflow_uri
 
     spec = cfg.model.spec
+    if is_mlflow_uri(spec) and cfg.model.num_layers is not None:
+        return int(cfg.model.num_layers)
     depth = None
     try:
         resolved = resolve_model(spec)
     except LayerexitError as err:
+        if is_mlflow_uri(spec):
+            fix = "set model.num_layers to validate without MLflow"
+            raise ConfigError(f"model.spec: {err.problem}", f"{err.fix}, or {fix}" if err.fix else fix) from None
         raise ConfigError(f"model.spec: {err}") from None
     config_file: str | None = None
     if resolved.source == "hub":
@@ -389,6 +400,20 @@ def model_depth(cfg: TrainConfig) -> int:
         raise ConfigError(f"model.spec: cannot read the depth of {spec!r} offline",
                           "download the model first or set model.num_layers")
     return int(depth)
+
+
+def check_registered_depth(cfg: TrainConfig, depth: int) -> int:
+    """When the job starts: an MLflow model URI that validation took ``model.num_layers`` for is downloaded (the job
+    needs it next) and its real depth must equal that; other specs were read already. Returns the depth."""
+    from layerexit.models.mlflow_source import is_mlflow_uri
+
+    if not is_mlflow_uri(cfg.model.spec) or cfg.model.num_layers is None:
+        return depth
+    actual = model_depth(cfg.model_copy(update={"model": cfg.model.model_copy(update={"num_layers": None})}))
+    if actual != depth:
+        raise ConfigError(f"model.num_layers={depth} but {cfg.model.spec} has {actual} layers",
+                          "fix model.num_layers or remove it")
+    return actual
 
 
 def validate_against_model(cfg: TrainConfig, depth: int) -> None:
@@ -418,11 +443,15 @@ def validate_against_model(cfg: TrainConfig, depth: int) -> None:
 
 
 def model_vocab_size(cfg: TrainConfig) -> int | None:
-    """The model's vocabulary size from its config.json (None when it cannot be read offline)."""
+    """The model's vocabulary size from its config.json (None when it cannot be read offline; MLflow model URIs are
+    not downloaded for it)."""
     import json
 
     from layerexit.models.loading import resolve_model
+    from layerexit.models.mlflow_source import is_mlflow_uri
 
+    if is_mlflow_uri(cfg.model.spec):
+        return None
     try:
         location = resolve_model(cfg.model.spec).location
     except LayerexitError:

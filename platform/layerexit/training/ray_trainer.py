@@ -21,7 +21,7 @@ from typing import Any
 from layerexit.data.datasets import PreparedData, TokenizedExample, finish_example
 from layerexit.deploy.cluster import package_runtime_env
 from layerexit.errors import ConfigError
-from layerexit.training.config import TrainConfig, validate_train_config
+from layerexit.training.config import TrainConfig, check_registered_depth, validate_train_config
 from layerexit.training.loop import steps_per_epoch
 
 RUN_INFO_FILE = "layerexit_mlflow.json"
@@ -173,7 +173,9 @@ def build_optimizer(cfg: TrainConfig, groups: list[dict[str, Any]]):
 
 def _worker_env(cfg: TrainConfig) -> dict[str, str]:
     # MALLOC_*: glibc allocator tuning (e.g. MALLOC_MMAP_THRESHOLD_, so freed tensors leave the RSS figures).
-    env = {k: v for k, v in os.environ.items() if k.startswith(("LAYEREXIT_", "HF_", "TRANSFORMERS_", "MALLOC_"))}
+    # NCCL_*: the collective settings of docs/gpu.md (interfaces, InfiniBand, debug) reach every rank.
+    env = {k: v for k, v in os.environ.items()
+           if k.startswith(("LAYEREXIT_", "HF_", "TRANSFORMERS_", "MALLOC_", "NCCL_"))}
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # worker prints appear once in the driver's output
     # The workers' RunLogger retries and then drops a call (never kills training); MLflow's own HTTP retries
@@ -280,6 +282,7 @@ def run_training(cfg: TrainConfig, *, console=None, show_progress: bool = True,
     """Validate, prepare data, train on Ray Train + DeepSpeed, log to MLflow, register the model."""
     t0 = time.time()
     depth = validate_train_config(cfg)  # user errors surface here, before Ray or any worker starts
+    depth = check_registered_depth(cfg, depth)  # an MLflow base model: fetched now, its depth checked
     multi_node = check_cluster(cfg, ray_init_kwargs)  # and these, before data preparation and workers
     check_resume_compatible(cfg)
     import ray
