@@ -221,9 +221,14 @@ def bench(
     assistant_model: Annotated[Optional[Path], typer.Option(
         help="Add transformers' assisted generation with this draft model directory (assistant_model=, e.g. from "
         "`layerexit export-draft`; row 'hf-assisted-draft', batch 1).")] = None,
+    replay: Annotated[str, typer.Option(
+        help="k of the 'replay (free perfect draft)' rows (the final layer's own answer as the draft: the loop's own "
+        "ceiling), comma-separated; 'auto': 1,2,3,4,5 when a configuration is self-speculative; 'none': no rows.")
+    ] = "auto",
 ) -> None:
     """Tokens/s and FLOPs/token of each configuration vs transformers generate (KV cache, greedy), with the
-    weights loop, the memory-bandwidth floor and, for n-gram drafting, transformers' prompt-lookup decoding. Every
+    weights loop, the memory-bandwidth floor and, for n-gram drafting, transformers' prompt-lookup decoding; for
+    self-speculative configurations the acceptance per draft position, tau and the free-perfect-draft rows. Every
     JSON row carries the machine (CPU, ISA flags, threads)."""
     import torch
 
@@ -241,6 +246,14 @@ def bench(
     if assistant_model is not None and not assistant_model.is_dir():
         raise ConfigError(f"--assistant-model {assistant_model}: not a directory",
                           "pass a draft model directory, e.g. from `layerexit export-draft`")
+    replay_ks = None if replay == "auto" else [] if replay == "none" else None
+    if replay not in ("auto", "none"):
+        try:
+            replay_ks = [int(k) for k in replay.split(",") if k.strip()]
+        except ValueError as err:
+            raise ConfigError(f"--replay {replay!r} is not a list of k", "e.g. --replay 1,2,3,4,5") from err
+        if any(not 1 <= k <= 32 for k in replay_ks):
+            raise ConfigError(f"--replay {replay!r}: k must be in 1..32", "e.g. --replay 1,2,3,4,5")
     configs = {}
     for pol in [p.strip() for p in policies.split(",") if p.strip()]:
         lossless = pol in ("final", "self-speculative")
@@ -273,7 +286,7 @@ def bench(
     rows, _ = run_bench(m, ids, configs, eos_ids(m, tok), tok.pad_token_id, max_new_tokens, batch_size,
                         show_progress=not as_json, compile=compile, hf_compiled=compile or hf_compiled,
                         assistant_early_exit=assistant_early_exit,
-                        assistant_model=draft, bandwidth_bytes=bandwidth_mib << 20)
+                        assistant_model=draft, bandwidth_bytes=bandwidth_mib << 20, replay_ks=replay_ks)
     table = bench_markdown(rows)
     if markdown is not None:
         markdown.write_text(table + "\n")

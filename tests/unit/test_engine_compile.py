@@ -36,7 +36,7 @@ def test_compiled_final_equals_eager(tiny_model, prompts):
     eager.keep_last_cache = compiled.keep_last_cache = True
     sp = SamplingParams(max_new_tokens=12)
     _same(eager.generate(prompts, ExitConfig(), sp), compiled.generate(prompts, ExitConfig(), sp))
-    assert compiled.compiled.active and compiled.compiled.compile_seconds > 0, "the compiled segment never ran"
+    assert compiled.compiled.active and compiled.compiled.calls > 0, "the compiled segment never ran"
     # The static writes (index_copy_ at column t) leave the cache eager's update leaves.
     a, b = eager.last_cache, compiled.last_cache
     assert a.lengths == b.lengths
@@ -53,7 +53,7 @@ def test_compiled_unfused_layers_equal_eager(tiny_model):
     compiled = EarlyExitEngine(tiny_model, eos_token_ids=set(), pad_token_id=0, fused=False, compile=True)
     sp = SamplingParams(max_new_tokens=10)
     _same(eager.generate(PROMPTS[:1], ExitConfig(), sp), compiled.generate(PROMPTS[:1], ExitConfig(), sp))
-    assert compiled.compiled.active and compiled.compiled.compile_seconds > 0
+    assert compiled.compiled.active and compiled.compiled.calls > 0
 
 
 @pytest.mark.slow
@@ -66,7 +66,7 @@ def test_compiled_early_exit_equals_eager(tiny_model, kv):
     ref = eager.generate(PROMPTS, cfg, sp)
     assert len({l for r in ref for l in r.exit_layers}) > 1, "thresholds should make rows exit at several layers"
     _same(ref, compiled.generate(PROMPTS, cfg, sp))
-    assert compiled.compiled.active and compiled.compiled.compile_seconds > 0
+    assert compiled.compiled.active and compiled.compiled.calls > 0
 
 
 @pytest.mark.slow
@@ -79,7 +79,7 @@ def test_compiled_self_speculative_equals_final(tiny_model, draft):
     out = compiled.generate(PROMPTS, cfg, sp)
     assert [r.token_ids for r in out] == [r.token_ids for r in eager.generate(PROMPTS, ExitConfig(), sp)]
     _same(eager.generate(PROMPTS, cfg, sp), out)
-    assert compiled.compiled.active and compiled.compiled.compile_seconds > 0
+    assert compiled.compiled.active and compiled.compiled.calls > 0
 
 
 class _JoinOnce:
@@ -115,7 +115,7 @@ def test_compiled_continuous_batching_equals_eager(tiny_model):
         out.append(tokens)
     assert sorted(out[0]) == [0, 1, 2, 3, 4]
     assert out[1] == out[0]
-    assert engines[1].compiled.active and engines[1].compiled.compile_seconds > 0
+    assert engines[1].compiled.active and engines[1].compiled.calls > 0
 
 
 def test_a_failing_compile_falls_back_to_eager_with_one_warning(tiny_model, monkeypatch, caplog):
@@ -174,7 +174,9 @@ def test_bench_and_generate_take_compile(tiny_dir, prompts_file, capsys):
                  "--dtype", "float32", "--bandwidth-mib", "64"])
     assert code == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out.strip().splitlines()[-1])}
-    assert rows["final +compile"]["identical"] == 1.0 and rows["final +compile"]["compile_seconds"] > 0
+    # compile_seconds: 0 when an earlier test in this process compiled the same graphs (dynamo keeps them)
+    assert rows["final +compile"]["identical"] == 1.0 and rows["final +compile"]["compile_seconds"] >= 0
+    assert rows["final +compile"]["timed_compile_seconds"] == 0.0, "the warm-up met every shape"
     assert rows["final"]["compile_seconds"] is None
     # transformers' own static cache with an inductor-compiled forward: the same tokens, its warm-up timed apart
     static = rows["hf-generate-static-compiled"]

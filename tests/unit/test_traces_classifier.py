@@ -74,8 +74,11 @@ def test_bench_cli_reports_ratios(tiny_dir, prompts_file, capsys):
     assert rc == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
     assert set(rows) == {"hf-generate", "weights loop (eager F.linear)", "floor (memory bandwidth)", "final",
-                         "fixed/recompute", "self-speculative"}
+                         "fixed/recompute", "self-speculative",
+                         *(f"replay (free perfect draft) k={k}" for k in range(1, 6))}
     assert rows["final"]["agreement"] == 1.0 and rows["self-speculative"]["identical"] == 1.0
+    # The free perfect draft is accepted whole: acceptance 1 at every position it drafted.
+    assert all(a == 1.0 for a in rows["replay (free perfect draft) k=3"]["acceptance"])
     assert rows["hf-generate"]["agreement"] == 1.0  # engine `final` equals transformers generate
     assert rows["fixed/recompute"]["flops_ratio"] < 1.0
     assert rows["final"]["flops_ratio"] == pytest.approx(1.0)

@@ -16,7 +16,21 @@ rows are what a user could run instead, and what no decoder can beat:
   (dispatch included): what the matrix-vector products alone cost through PyTorch's eager ops, not a hardware bound;
 - ``floor (memory bandwidth)``: the weight bytes one batch-1 decode step reads (every parameter once in the run's
   dtype; of the embedding table one row) over this machine's memory bandwidth, measured in the same run (best of
-  several timed reads of a large tensor). No batch-1 decoder that reads its weights from memory beats it.
+  several timed reads of a large tensor). No batch-1 decoder that reads its weights from memory beats it;
+- ``replay (free perfect draft) k=K`` (with any self-speculative configuration): the final layer's own answer replayed
+  as the draft, k tokens per verification (acceptance 1, draft cost 0): the decode loop's own ceiling for that k, on
+  the compiled engine with ``compile``. In bfloat16 a verification of k+1 columns can flip a near-tie that the
+  one-column step did not (rounding differs with the shape), and a replayed answer that diverged once is rejected
+  from there on; so the answer replayed is the loop's own fixed point (``replay_answers``: `final`'s answer replayed,
+  its output replayed, ... until it replays itself, untimed, at most ``REPLAY_ROUNDS`` times). In float32 it is
+  `final`'s answer at the first round.
+
+Self-speculative rows carry the acceptance at each draft position (steps that accepted draft i over steps that
+drafted it), tau (tokens per verification step) and their tokens/s over ``final``'s on the same engine.
+
+Compiled rows decode warm-up batches first (the batch size, one row and two rows, every configuration and k), so every
+graph the timed run meets is compiled before timing; their wall time is the row's ``compile_seconds``. A graph
+compiled during the timed run anyway is reported apart (``timed_compile_seconds``, a warning), never hidden.
 
 Every row carries ``describe_machine()`` (CPU model, ISA flags, torch's CPU capability, threads): figures from
 different CPUs differ 2-4x and are compared only within one run.
@@ -48,6 +62,10 @@ ASSISTED_EARLY_EXIT = "hf-assisted-early-exit"
 ASSISTED_DRAFT = "hf-assisted-draft"
 PROMPT_LOOKUP_TOKENS = 10  # transformers' documented setting, and what the issue measured
 COMPILED = " +compile"  # suffix of the rows decoded by the compiled engine (``compile=True``)
+REPLAY = "replay (free perfect draft)"
+REPLAY_KS = (1, 2, 3, 4, 5)  # the replay rows' k, by default
+WARM_TOKENS = 16  # tokens per warm-up decode: every shape is met within a few steps
+REPLAY_ROUNDS = 4  # at most this many untimed runs to find the answer a replayed draft reproduces
 BANDWIDTH_BYTES = 1 << 30  # the tensor the bandwidth is read from: larger than any cache the weights could sit in
 
 
@@ -132,7 +150,11 @@ class BenchRow:
     identical: float | None = None  # share of sequences identical to `final`'s
     mean_exit_layer: float | None = None
     similarity: float | None = None  # mean spaCy similarity of decoded text to `final`'s (set by the caller)
-    compile_seconds: float | None = None  # compiled rows: wall time of the first call of each compiled graph
+    compile_seconds: float | None = None  # compiled rows: wall time of the warm-up calls that compiled a graph
+    timed_compile_seconds: float | None = None  # compiled rows: compilation met inside the timed run (0: none)
+    acceptance: list[float] | None = None  # self-speculative: acceptance at draft position 1, 2, ...
+    tau: float | None = None  # self-speculative: tokens per verification step (accepted drafts + 1)
+    vs_final: float | None = None  # tokens/s over `final`'s on the same engine (compiled or eager) in this run
     bytes_per_token: int | None = None  # floor: weight bytes one decode step reads
     bandwidth_gbs: float | None = None  # floor: memory bandwidth measured in this run
     dtype: str = ""  # the weights' dtype in this run
@@ -155,6 +177,34 @@ def token_agreement(a: Sequence[Sequence[int]], b: Sequence[Sequence[int]]) -> t
 
 def _batches(items, size):
     return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def replay_name(k: int, compiled: bool) -> str:
+    return f"{REPLAY} k={k}" + (COMPILED if compiled else "")
+
+
+def replay_answers(engine: EarlyExitEngine, prompts, cfg: ExitConfig, sampling: SamplingParams,
+                   answers: list[list[int]], rounds: int = REPLAY_ROUNDS) -> list[list[int]]:
+    """The answers the replay configuration ``cfg`` reproduces when they are its draft: ``answers`` (`final`'s)
+    replayed, then the output replayed, until it is a fixed point or ``rounds`` runs were made."""
+    for _ in range(rounds):
+        out = [r.token_ids for r in engine.generate(prompts, cfg, sampling, replay=answers)]
+        if out == answers:
+            break
+        answers = out
+    return answers
+
+
+def draft_stats(results: Sequence[SequenceResult]) -> tuple[list[float] | None, float | None]:
+    """Acceptance at each draft position (accepted / drafted at that position) and tau (tokens per verification
+    step) over the sequences of a self-speculative run; (None, None) when nothing was drafted."""
+    width = max((len(r.drafted_at) for r in results), default=0)
+    if width == 0:
+        return None, None
+    drafted = [sum(r.drafted_at[i] for r in results if i < len(r.drafted_at)) for i in range(width)]
+    accepted = [sum(r.accepted_at[i] for r in results if i < len(r.accepted_at)) for i in range(width)]
+    acceptance = [a / d for a, d in zip(accepted, drafted) if d]
+    return acceptance, (drafted[0] + sum(accepted)) / drafted[0]
 
 
 class HfStaticCompiled:
@@ -190,7 +240,7 @@ def run_bench(model, prompt_ids: Sequence[Sequence[int]], configs: dict[str, Exi
               pad_id: int, max_new_tokens: int = 64, batch_size: int = 1, show_progress: bool = True,
               floor: bool = True, compile: bool = False, hf_compiled: bool | None = None,
               assistant_early_exit: int | None = None, assistant_model=None,
-              bandwidth_bytes: int = BANDWIDTH_BYTES
+              bandwidth_bytes: int = BANDWIDTH_BYTES, replay_ks: Sequence[int] | None = None
               ) -> tuple[list[BenchRow], dict[str, list[SequenceResult]]]:
     """Benchmark transformers generate (greedy, KV cache) and each named configuration on the same prompts.
 
@@ -199,7 +249,8 @@ def run_bench(model, prompt_ids: Sequence[Sequence[int]], configs: dict[str, Exi
     (``hf-generate-static-compiled``, ``hf_compiled``, default: ``compile``); transformers' assisted generation with
     its first ``assistant_early_exit`` layers as the draft and with ``assistant_model`` as the draft. With
     ``compile``, every configuration also runs on a compiled engine (rows ``NAME +compile``). Compiled rows decode
-    warm-up batches before timing (their wall time is the row's ``compile_seconds``)."""
+    warm-up batches before timing (their wall time is the row's ``compile_seconds``). ``replay_ks``: the k of the
+    replay rows (default ``REPLAY_KS`` when a configuration is self-speculative, else none)."""
     hf_compiled = compile if hf_compiled is None else hf_compiled
     fm = FlopsModel.from_config(model.config)
     engine = EarlyExitEngine(model, eos, pad_id)
@@ -212,16 +263,31 @@ def run_bench(model, prompt_ids: Sequence[Sequence[int]], configs: dict[str, Exi
     hf_greedy_generate(model, batches[0][:1], 4, pad_id, eos)
     engine.generate(batches[0][:1], ExitConfig(), SamplingParams(max_new_tokens=4))
     runs = {name: (engine, cfg) for name, cfg in configs.items()}
+    if replay_ks is None:
+        replay_ks = REPLAY_KS if any(cfg.policy == "self-speculative" for cfg in configs.values()) else ()
     compile_seconds: dict[str, float] = {}
+    replays: dict[str, tuple[EarlyExitEngine, ExitConfig]] = {}  # replay rows: (engine, config); answers per batch
+    compiled = EarlyExitEngine(model, eos, pad_id, compile=True) if compile else None
+    for k in replay_ks:
+        replays[replay_name(k, compile)] = (compiled or engine, ExitConfig(policy="self-speculative", num_draft=k))
     if compile:
-        compiled = EarlyExitEngine(model, eos, pad_id, compile=True)
+        # Graphs compile on first use. Every shape the timed run can meet is met here first: the batch size (and,
+        # as rows finish, any smaller batch of 2 or more: one graph), one row, and every configuration and k.
+        first = batches[0]
+        warm = [first] + ([first[:1]] if len(first) > 1 else []) + ([first[:2]] if len(first) > 2 else [])
+        warm_sampling = SamplingParams(max_new_tokens=min(max_new_tokens, WARM_TOKENS))
         for name, cfg in configs.items():
-            # Graphs compile on first use, one per segment shape: decoding the first batch compiles the common
-            # ones before timing; a shape met only later compiles inside the timed run (and in compile_seconds).
             before = compiled.compiled.compile_seconds
-            compiled.generate(batches[0], cfg, sampling)
+            for batch in warm:
+                compiled.generate(batch, cfg, warm_sampling)
             compile_seconds[name + COMPILED] = compiled.compiled.compile_seconds - before
             runs[name + COMPILED] = (compiled, cfg)
+        for name, (eng, cfg) in replays.items():
+            before = compiled.compiled.compile_seconds
+            for batch in warm:
+                answers = [r.token_ids for r in compiled.generate(batch, ExitConfig(), warm_sampling)]
+                compiled.generate(batch, cfg, warm_sampling, replay=answers)
+            compile_seconds[name] = compiled.compiled.compile_seconds - before
 
     # transformers' own ways to decode these prompts, each a function (prompts, new, pad, eos) -> token lists.
     hf_runs = {BASELINE: lambda p, n, pad, e: hf_greedy_generate(model, p, n, pad, e)}
@@ -252,9 +318,11 @@ def run_bench(model, prompt_ids: Sequence[Sequence[int]], configs: dict[str, Exi
 
     # Interleaved: every batch runs through every configuration before the next batch, so load that comes and
     # goes on a shared machine hits all of them alike (sequential blocks made ratios swing by 2-3x there).
-    seconds = {name: 0.0 for name in [*hf_runs, *runs]}
+    seconds = {name: 0.0 for name in [*hf_runs, *runs, *replays]}
+    timed_compile = {name: 0.0 for name in [*runs, *replays]}
     hf_outputs: dict[str, list[list[int]]] = {name: [] for name in hf_runs}
-    outputs: dict[str, list[SequenceResult]] = {name: [] for name in runs}
+    outputs: dict[str, list[SequenceResult]] = {name: [] for name in [*runs, *replays]}
+    ref_name = "final" + COMPILED if compile and "final" + COMPILED in runs else "final"
     loops: list[float] = []
     probe = BandwidthProbe(bandwidth_bytes, device) if floor else None
     for i, batch in enumerate(tqdm(batches, desc="bench", disable=not show_progress)):
@@ -268,7 +336,19 @@ def run_bench(model, prompt_ids: Sequence[Sequence[int]], configs: dict[str, Exi
             outputs[name].extend(eng.generate(batch, cfg, sampling))
             seconds[name] += time.perf_counter() - t0
             if eng.compiled is not None:
-                compile_seconds[name] += eng.compiled.compile_seconds - before
+                timed_compile[name] += eng.compiled.compile_seconds - before
+        if replays:
+            # The final layer's own answers to this batch (from `final` on the replay rows' engine when it ran).
+            answers = ([r.token_ids for r in outputs[ref_name][-len(batch):]] if ref_name in runs else
+                       [r.token_ids for r in (compiled or engine).generate(batch, ExitConfig(), sampling)])
+        for name, (eng, cfg) in replays.items():
+            replayed = replay_answers(eng, batch, cfg, sampling, answers)  # untimed
+            before = eng.compiled.compile_seconds if eng.compiled is not None else 0.0
+            t0 = time.perf_counter()
+            outputs[name].extend(eng.generate(batch, cfg, sampling, replay=replayed))
+            seconds[name] += time.perf_counter() - t0
+            if eng.compiled is not None:
+                timed_compile[name] += eng.compiled.compile_seconds - before
         if floor and (i % max(1, len(batches) // 4) == 0 or i == len(batches) - 1):
             loops.append(weights_loop_tokens_per_s(model, 10))
             probe.measure()
@@ -312,7 +392,18 @@ def run_bench(model, prompt_ids: Sequence[Sequence[int]], configs: dict[str, Exi
                        mean_exit_layer=sum(layers) / max(1, len(layers)), compile_seconds=compile_seconds.get(name))
         row.speedup = row.tokens_per_s / base.tokens_per_s
         row.flops_ratio = row.flops_per_token / base.flops_per_token
+        row.acceptance, row.tau = draft_stats(results)
+        if name.endswith(COMPILED):
+            row.timed_compile_seconds = timed_compile[name]
+            if timed_compile[name] > 0:
+                logger.warning("%s: %.1f s of compilation inside the timed run (a shape the warm-up did not meet)",
+                               name, timed_compile[name])
         rows.append(row)
+    by_name = {r.name: r for r in rows}
+    for row in rows:
+        if row.name in outputs:
+            final = by_name.get("final" + COMPILED if row.name.endswith(COMPILED) else "final")
+            row.vs_final = row.tokens_per_s / final.tokens_per_s if final is not None else None
     reference = [r.token_ids for r in outputs["final"]] if "final" in outputs else hf_out
     for row in rows:
         row.dtype, row.machine = dtype, machine
@@ -335,17 +426,25 @@ def bench_markdown(rows: list[BenchRow]) -> str:
     """The table docs/benchmarks.md records, with the machine and the floor's inputs below it."""
     with_sim = any(r.similarity is not None for r in rows)
     with_compile = any(r.compile_seconds is not None for r in rows)
+    with_draft = any(r.tau is not None for r in rows)
     lines = ["| configuration | tokens | tokens/s | x HF tok/s | FLOPs/token (M) | x HF FLOPs | agreement w/ final | "
              "identical seqs | mean exit layer |" + (" spaCy sim w/ final |" if with_sim else "")
+             + (" x final (same engine) | acceptance by draft position | tau |" if with_draft else "")
              + (" compile (s) |" if with_compile else ""),
-             "|---|---|---|---|---|---|---|---|---|" + ("---|" if with_sim else "") + ("---|" if with_compile else "")]
+             "|---|---|---|---|---|---|---|---|---|" + ("---|" if with_sim else "")
+             + ("---|---|---|" if with_draft else "") + ("---|" if with_compile else "")]
     for r in rows:
+        compile_cell = _num(r.compile_seconds, digits=1)
+        if r.timed_compile_seconds:
+            compile_cell += f" (+{r.timed_compile_seconds:.1f} timed)"
         lines.append(
             f"| {r.name} | {r.tokens} | {r.tokens_per_s:.1f} | {r.speedup:.2f} | {_num(r.flops_per_token, 1e6, 1)} | "
             f"{_num(r.flops_ratio)} | {_pct(r.agreement, 1)} | {_pct(r.identical, 0)} | "
             f"{_num(r.mean_exit_layer, digits=1)} |"
             + (f" {_num(r.similarity, digits=3)} |" if with_sim else "")
-            + (f" {_num(r.compile_seconds, digits=1)} |" if with_compile else "")
+            + (f" {_num(r.vs_final)} | {' / '.join(f'{a:.2f}' for a in r.acceptance or [])} | {_num(r.tau)} |"
+               if with_draft else "")
+            + (f" {compile_cell} |" if with_compile else "")
         )
     notes = []
     if rows and rows[0].machine:

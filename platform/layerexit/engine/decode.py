@@ -54,6 +54,9 @@ class TokenEvent:
     # top-k (token id, logprob) pairs of that distribution.
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
+    # Self-speculative, on the first token of each verification step: drafts verified, and how many were accepted.
+    drafted: int = 0
+    accepted: int = 0
 
 
 @dataclass
@@ -70,6 +73,20 @@ class SequenceResult:
     finish_reason: str | None = None
     logprobs: list[float] = field(default_factory=list)  # filled when SamplingParams.logprobs is set
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    # Self-speculative: drafted_at[i] = verification steps that drafted a token at draft position i+1,
+    # accepted_at[i] = steps that accepted it (acceptance at position i+1 = accepted_at[i] / drafted_at[0], vLLM's).
+    drafted_at: list[int] = field(default_factory=list)
+    accepted_at: list[int] = field(default_factory=list)
+
+    def count_draft(self, drafted: int, accepted: int) -> None:
+        """One verification step that drafted ``drafted`` tokens and accepted the first ``accepted``."""
+        grow = drafted - len(self.drafted_at)
+        if grow > 0:
+            self.drafted_at.extend([0] * grow)
+            self.accepted_at.extend([0] * grow)
+        for i in range(drafted):
+            self.drafted_at[i] += 1
+            self.accepted_at[i] += int(i < accepted)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -121,14 +138,39 @@ class EarlyExitEngine:
         # never holds a finished batch's memory.
         self.keep_last_cache = False
         self.last_cache = None
+        self.last_rows = None  # the loop's rows (tokens, valid columns) with that cache
+        self._feature_drafter = None  # the EAGLE-3 draft (``draft: eagle3``), loaded on first use
+
+    def attach_eagle3(self, draft) -> None:
+        """Draft with this ``Eagle3Draft`` (``models/eagle3.py``) under ``draft: eagle3``; a draft trained for
+        another model is refused (ConfigError naming the field)."""
+        from layerexit.engine.drafters import FeatureDrafter
+
+        self._feature_drafter = FeatureDrafter(self, draft)
+
+    def feature_drafter(self):
+        """The EAGLE-3 drafter: the attached draft, else the one the model ships in ``<model dir>/eagle3``."""
+        if self._feature_drafter is None:
+            from layerexit.engine.drafters import EAGLE3_DIR, find_eagle3
+            from layerexit.models.eagle3 import load_eagle3
+
+            path = find_eagle3(self.model)
+            if path is None:
+                raise ConfigError(f"draft 'eagle3': this model ships no EAGLE-3 draft (no {EAGLE3_DIR}/ directory "
+                                  "beside its weights)",
+                                  "use a model registered with one (models:/layerexit-smollm2_eagle3@trained) or "
+                                  "another draft source (layer, ngram)")
+            self.attach_eagle3(load_eagle3(path, self.parts.embed, dtype=self.dtype))
+        return self._feature_drafter
 
     # ----------------------------------------------------------------------------------------- public API
     def generate(self, prompts: Sequence[Sequence[int]], exit_config: ExitConfig | None = None,
-                 sampling: SamplingParams | Sequence[SamplingParams] | None = None) -> list[SequenceResult]:
+                 sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+                 replay: Sequence[Sequence[int]] | None = None) -> list[SequenceResult]:
         """Run ``stream`` to the end and collect one result per prompt."""
         results = [SequenceResult() for _ in prompts]
         t0 = time.perf_counter()
-        for events in self.stream(prompts, exit_config, sampling, results=results):
+        for events in self.stream(prompts, exit_config, sampling, results=results, replay=replay):
             now = time.perf_counter() - t0
             for ev in events:
                 r = results[ev.index]
@@ -140,6 +182,8 @@ class EarlyExitEngine:
                 if ev.logprob is not None:
                     r.logprobs.append(ev.logprob)
                     r.top_logprobs.append(ev.top_logprobs or [])
+                if ev.drafted:
+                    r.count_draft(ev.drafted, ev.accepted)
                 r.seconds = now
                 if ev.finished:
                     r.finish_reason = ev.finish_reason
@@ -148,20 +192,24 @@ class EarlyExitEngine:
     def stream(self, prompts: Sequence[Sequence[int]], exit_config: ExitConfig | None = None,
                sampling: SamplingParams | Sequence[SamplingParams] | None = None,
                results: list[SequenceResult] | None = None,
-               joiner: "BatchJoiner | None" = None) -> Iterator[list[TokenEvent]]:
+               joiner: "BatchJoiner | None" = None,
+               replay: Sequence[Sequence[int]] | None = None) -> Iterator[list[TokenEvent]]:
         """Yield, step by step, the tokens produced for every still-active sequence (self-speculative steps
         yield several tokens per row).
 
         With a ``joiner`` (continuous batching), new prompts join the running batch between steps and rows the
         caller cancelled leave it; joined rows get the next caller indices (len(prompts), len(prompts)+1, ...)
-        and, when ``results`` is given, their entries are appended to it. ``kv: none`` never takes joins."""
+        and, when ``results`` is given, their entries are appended to it. ``kv: none`` never takes joins.
+
+        ``replay`` (benchmarks: the loop's own ceiling): one reference answer per prompt, drafted back to a
+        self-speculative config at no draft cost (k = its ``num_draft``), instead of its draft source."""
         from layerexit.engine.loop import DecodeLoop
 
         exit_config = apply_draft_settings(exit_config or ExitConfig(), draft_settings_of(self.model))
         params = self.sampling_list(sampling, len(prompts))
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ConfigError("every prompt needs at least one token", "pass non-empty prompts")
-        loop = DecodeLoop(self, exit_config, params)
+        loop = DecodeLoop(self, exit_config, params, replay=replay)
         with torch.inference_mode():
             yield from loop.run(prompts, params, results, joiner)
 

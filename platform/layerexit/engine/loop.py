@@ -19,8 +19,9 @@ from dataclasses import dataclass
 import torch
 
 from layerexit.engine.cache import ExitKVCache
+from layerexit.engine.compiled import static_inputs
 from layerexit.engine.decode import EarlyExitEngine, SequenceResult, TokenEvent
-from layerexit.engine.drafters import ngram_proposal
+from layerexit.engine.drafters import ReplayDrafter, ngram_proposal
 from layerexit.engine.heads import StaticVocabHead, check_vocab_size, load_draft_vocab
 from layerexit.engine.options import ExitConfig, SamplingParams
 from layerexit.engine.policies import ExitPolicy, FinalPolicy
@@ -42,10 +43,17 @@ class StepOut:
     tops: list[list[list[tuple[int, float]]] | None]
     flops: list[int]  # each row's compute this step
     full: list[int]  # what one token of that row costs at full depth
+    drafted: list[int] | None = None  # self-speculative: drafts each row verified this step
+    accepted: list[int] | None = None  # ... and how many of them it accepted
 
     def cat(self, other: "StepOut") -> "StepOut":
+        def counts(out: "StepOut", name: str) -> list[int]:
+            return getattr(out, name) or [0] * len(out.tokens)
+
         return StepOut(*(getattr(self, f) + getattr(other, f) for f in
-                         ("tokens", "layers", "confs", "logprobs", "tops", "flops", "full")))
+                         ("tokens", "layers", "confs", "logprobs", "tops", "flops", "full")),
+                       counts(self, "drafted") + counts(other, "drafted"),
+                       counts(self, "accepted") + counts(other, "accepted"))
 
 
 class _Rows:
@@ -60,6 +68,7 @@ class _Rows:
         self.counts = [0] * len(index)
         self.cache: ExitKVCache | None = cache
         self.deep_h: torch.Tensor | None = deep_h  # (B, width, H) where each position stopped (recompute)
+        self.drafts: torch.Tensor | None = None  # (B, k) the next step's feature drafts, on the model's device
 
     @property
     def width(self) -> int:
@@ -82,6 +91,8 @@ class _Rows:
             self.cache.select_rows(on)
         if self.deep_h is not None:
             self.deep_h = self.deep_h[on]
+        if self.drafts is not None:
+            self.drafts = self.drafts[on]
 
     def widen(self, width: int, pad: int) -> None:
         extra = width - self.width
@@ -104,6 +115,8 @@ class _Rows:
             self.cache.extend(other.cache)
         if self.deep_h is not None:
             self.deep_h = torch.cat([self.deep_h, other.deep_h])
+        if self.drafts is not None:
+            self.drafts = torch.cat([self.drafts, other.drafts])
 
     def compact(self, t: int, force: bool = False) -> int:
         """Drop the columns before ``t`` that no live row uses (finished rows' past, shared holes); returns the
@@ -138,12 +151,20 @@ def _finish(token: int, count: int, p: SamplingParams, eos: set[int]) -> str | N
 class DecodeLoop:
     """One generation (one batch, growing and shrinking with joins and departures) under one ExitConfig."""
 
-    def __init__(self, engine: EarlyExitEngine, cfg: ExitConfig, params: list[SamplingParams]) -> None:
+    def __init__(self, engine: EarlyExitEngine, cfg: ExitConfig, params: list[SamplingParams],
+                 replay: Sequence[Sequence[int]] | None = None) -> None:
         self.e = engine
         self.cfg = cfg
         self.L = engine.L
         self.F = engine.flops
         self.spec = cfg.policy == "self-speculative"
+        # Feature drafts (EAGLE-3) and the free perfect draft (replay) draft k tokens every step with no target layer
+        # and verify k+1 columns: ``step_features``.
+        self.replay = ReplayDrafter(replay) if replay is not None and self.spec else None
+        self.drafter = engine.feature_drafter() if self.spec and self.replay is None and cfg.draft == "eagle3" else None
+        self.features = self.replay is not None or self.drafter is not None
+        if replay is not None and not self.spec:
+            raise ConfigError("a replayed draft needs policy self-speculative", "set policy self-speculative")
         if self.spec:
             if any(p.temperature > 0 for p in params):
                 raise ConfigError("self-speculative decoding is lossless only for greedy decoding",
@@ -153,13 +174,16 @@ class DecodeLoop:
             self.policy: ExitPolicy = FinalPolicy(self.L)
             self.kv = "recompute"  # verification keeps every layer's cache exact
             self.extra = cfg.num_draft + 1  # columns a step may add beyond one
+            if self.drafter is not None:
+                self.extra = 2 * cfg.num_draft + 1  # and the chained drafts' scratch columns after them
             self.draft_head = None
-            if cfg.draft_vocab:
+            if cfg.draft_vocab and not self.features:  # a feature draft has its own pruned head
                 ids = load_draft_vocab(cfg.draft_vocab, vocab_size=engine.vocab)
                 self.draft_head = StaticVocabHead(engine.parts, ids)
             # A decoder-layer adapter at the draft layer attends over the draft's past: its K/V live in cache
             # layers after the model's own, in the same columns (so masks, holes and compaction cover them).
-            adapter = engine.parts.adapters.get(self.draft_layer) if cfg.draft != "ngram" else None
+            adapter = engine.parts.adapters.get(self.draft_layer) if cfg.draft in ("layer", "layer+ngram") and \
+                not self.features else None
             self.draft_adapter = adapter if getattr(adapter, "attends", False) else None
             if self.draft_adapter is not None:
                 self.draft_adapter.set_cache_base(self.L)
@@ -176,6 +200,8 @@ class DecodeLoop:
                     "over the exit's past and so serve as drafts",
                     "use policy self-speculative (lossless) with that draft layer, or a model with MLP adapters")
         self.cache_layers = self.L + (self.draft_adapter.num_layers if self.draft_adapter is not None else 0)
+        if self.drafter is not None:
+            self.cache_layers = self.L + 1  # the feature draft's own K/V, at cache index L
         self.check_k = check_vocab_size(cfg.check_vocab, engine.vocab)
         self.generator = torch.Generator()
         self.generator.manual_seed(params[0].seed if params[0].seed is not None else 0)
@@ -188,7 +214,7 @@ class DecodeLoop:
         rows, out = self.open_rows(prompts, params, 0, width, 0, 0, results)
         next_index = len(prompts)
         if e.keep_last_cache:
-            e.last_cache = rows.cache
+            e.last_cache, e.last_rows = rows.cache, rows
         t = P  # next column to fill
         step = 0
         while True:
@@ -207,7 +233,9 @@ class DecodeLoop:
             step += 1
             rows.widen(t + 1 + self.extra, e.pad)
             xt = torch.tensor(x, dtype=torch.long, device=e.device)
-            if self.spec:
+            if self.features:
+                out, t = self.step_features(rows, xt, t)
+            elif self.spec:
                 out, t = self.step_speculative(rows, xt, t)
             elif self.kv == "none":
                 out = self.step_nocache(rows, xt, t, step)
@@ -236,7 +264,7 @@ class DecodeLoop:
                 rows.extend(new_rows)
                 out = out.cat(new_out)
                 if e.keep_last_cache:
-                    e.last_cache = rows.cache
+                    e.last_cache, e.last_rows = rows.cache, rows
 
     def emit(self, rows: _Rows, out: StepOut) -> tuple[list[TokenEvent], list[bool]]:
         """Token events of a step, cut at each row's stop; updates counts and histories."""
@@ -255,13 +283,16 @@ class DecodeLoop:
                     break
             # The step's compute is shared by the tokens it produced (the first takes the remainder).
             share, rest = divmod(out.flops[j], n_emit)
+            drafted = out.drafted[j] if out.drafted is not None else 0
+            accepted = out.accepted[j] if out.accepted is not None else 0
             for i in range(n_emit):
                 last = i == n_emit - 1
                 lp = out.logprobs[j][i] if out.logprobs[j] is not None else None
                 top = out.tops[j][i] if out.tops[j] is not None else None
                 events.append(TokenEvent(rows.index[j], toks[i], out.layers[j][i], out.confs[j][i],
                                          share + (rest if i == 0 else 0), out.full[j], last and reason is not None,
-                                         reason if last else None, lp, top))
+                                         reason if last else None, lp, top, drafted if i == 0 else 0,
+                                         accepted if i == 0 else 0))
             rows.history[j].extend(toks[:n_emit])
             if reason is not None:
                 out.tokens[j] = toks[:n_emit]
@@ -309,9 +340,12 @@ class DecodeLoop:
         rope = e.rope(h, pos)
         am = e.attention_mask(valid, q_start, P)
         captured: dict[int, torch.Tensor] = {}
+        aux: dict[int, torch.Tensor] = {}  # a feature draft's inputs: whole hidden states at its aux layers
         for k in range(1, self.L + 1):
             h = e.run_layer(k, h, am, pos, rope, cache)
             captured[k] = h[:, -1]
+            if self.drafter is not None and k in self.drafter.aux:
+                aux[k] = h
             if self.draft_adapter is not None and k == self.draft_layer:
                 self.draft_adapter.step(h, am, pos, rope, cache)  # the draft adapter's K/V of the prompt
         if results is not None:
@@ -319,6 +353,15 @@ class DecodeLoop:
             for r in range(first_index, first_index + B):
                 results[r].prefill_flops = depth * F.layer(P, q_start + P)
         dec = self.decide(self.policy, step, B, lambda k: captured[k], rows)
+        if self.drafter is not None:
+            # The draft over the prompt (from the target's features, the last column reading the first token) and
+            # the first step's chained drafts; priced with the prefill.
+            s = static_inputs(e, h, valid, pos, q_start, rope=rope)
+            rows.drafts, draft_flops = self.drafter.start(e, rows, aux, s, dec.tokens.to(dev), q_start,
+                                                          self.cfg.num_draft)
+            if results is not None:
+                for r in range(first_index, first_index + B):
+                    results[r].prefill_flops += draft_flops
         full = F.head(1)
         # The prefill already ran every layer: the first token costs its checks and head only.
         return rows, dec.to_out(rows, [0] * B, [full] * B)
@@ -400,22 +443,27 @@ class DecodeLoop:
         n = len(rows)
         return dec.to_out(rows, [state["flops"]] * n, [self.L * F.layer(1, t + 1) + F.head(1)] * n)
 
-    def _run(self, rows: _Rows, first: int, last: int, h: torch.Tensor, start: int) -> torch.Tensor:
-        """Layers first..last on h (B, n, H) at columns start..start+n-1, through the cache."""
+    def _run(self, rows: _Rows, first: int, last: int, h: torch.Tensor, start: int, s=None,
+             capture: Sequence[int] = (), captured: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+        """Layers first..last on h (B, n, H) at columns start..start+n-1, through the cache; the hidden states after
+        the layers in ``capture`` go into ``captured``. ``s``: the pass's ``StepInputs`` when the caller has them."""
         e = self.e
         n = h.shape[1]
-        if n == 1 and e.compiled is not None and e.compiled.active:
-            # A layer draft's single column (self-speculative): the compiled segment, as in step_cached.
-            s = e.compiled.step_inputs(h, rows.valid, rows.positions(start, 1), start)
-            h, reached = e.compiled.run(first, last, h, s, rows.cache, start)
+        if e.compiled is not None and e.compiled.active:
+            # A layer draft's single column or the verification of k+1 columns: the compiled segment.
+            if s is None:
+                s = e.compiled.step_inputs(h, rows.valid, rows.positions(start, n), start)
+            h, reached = e.compiled.run(first, last, h, s, rows.cache, start, capture, captured)
             if reached == last:
                 return h
             first = reached + 1
         pos = rows.positions(start, n)
-        rope = e.rope(h, pos)
+        rope = (s.cos, s.sin) if s is not None else e.rope(h, pos)
         am = e.attention_mask(rows.valid, start, n)
         for k in range(first, last + 1):
             h = e.run_layer(k, h, am, pos, rope, rows.cache)
+            if captured is not None and k in capture:
+                captured[k] = h
         return h
 
     def _adapt(self, rows: _Rows, h: torch.Tensor, start: int) -> torch.Tensor:
@@ -424,6 +472,68 @@ class DecodeLoop:
         pos = rows.positions(start, n)
         return self.draft_adapter.step(h, self.e.attention_mask(rows.valid, start, n), pos, self.e.rope(h, pos),
                                        rows.cache)
+
+    def step_features(self, rows: _Rows, x: torch.Tensor, t: int) -> tuple[StepOut, int]:
+        """Feature drafts (EAGLE-3) or the replayed answer: verify x and k drafts at columns t..t+k in one pass of
+        every layer (compiled when the engine is), capturing the draft's aux features on the way; keep each row's
+        accepted prefix (the rest become holes in every cache layer, the draft's included), then draft the next
+        step's k tokens from the verified features. Always k+1 columns: one shape per batch for the whole run."""
+        e, F, L, k = self.e, self.F, self.L, self.cfg.num_draft
+        B = len(rows)
+        dev = e.device
+        room = [max(0, p.max_new_tokens - c - 1) for p, c in zip(rows.params, rows.counts)]  # drafts a row can use
+        if self.replay is not None:
+            proposals, lengths = self.replay.propose(rows.index, rows.counts, k, e.pad)
+            drafts = torch.tensor(proposals, dtype=torch.long, device=dev)
+            row_len = [min(r, n) for r, n in zip(room, lengths)]
+        else:
+            drafts = rows.drafts
+            row_len = [min(k, r) for r in room]
+        cols = torch.cat([x[:, None], drafts], dim=1)  # Shape: (B, k+1)
+        rows.tokens[:, t : t + k + 1] = cols
+        rows.valid[:, t : t + k + 1] = True
+        h = e.parts.embed(cols)
+        s = static_inputs(e, h, rows.valid, rows.positions(t, k + 1), t)
+        captured: dict[int, torch.Tensor] = {}
+        # A replayed draft needs no features; it captures the engine's feature draft's layers all the same when one is
+        # loaded, so both run one compiled verification graph (a 30-layer graph compiles in ~45 s on a CPU).
+        drafter = self.drafter or (e._feature_drafter if self.replay is not None else None)
+        hv = self._run(rows, 1, L, h, t, s=s, capture=drafter.aux if drafter is not None else (), captured=captured)
+        flops = L * F.layer(k + 1, t + k + 1)
+        logits = e.full_head.logits(hv.reshape(B * (k + 1), -1), L).view(B, k + 1, -1)
+        flops += e.full_head.flops(k + 1, L)
+        conf_v, preds = logits.softmax(-1).max(-1)  # Shape: (B, k+1)
+        # One transfer for every row and position (token ids < 2**24 are exact in float32).
+        packed = torch.cat([preds.to(conf_v.dtype), conf_v, drafts.to(conf_v.dtype)], dim=1).cpu()
+        preds_c, conf_c, drafts_c = (packed[:, : k + 1].long(), packed[:, k + 1 : 2 * k + 2],
+                                     packed[:, 2 * k + 2 :].long())
+        tokens, layers, confs, lps, tops, accepted = [], [], [], [], [], []
+        for j in range(B):
+            a = 0
+            while a < row_len[j] and int(drafts_c[j, a]) == int(preds_c[j, a]):
+                a += 1
+            accepted.append(a)
+            tokens.append([*drafts_c[j, :a].tolist(), int(preds_c[j, a])])
+            layers.append([L] * (a + 1))  # every token is the final layer's (verified)
+            confs.append(conf_c[j, : a + 1].tolist())
+            p = rows.params[j]
+            if p.logprobs is not None:
+                lp, top = _logprobs(logits[j, : a + 1], torch.tensor(tokens[j], device=logits.device), p.logprobs)
+                lps.append(lp)
+                tops.append(top)
+            else:
+                lps.append(None)
+                tops.append(None)
+        acc = torch.tensor(accepted, dtype=torch.long, device=dev)
+        # Rejected columns become holes in every layer's cache (target and draft): masked out from now on.
+        rows.valid[:, t + 1 : t + k + 1] &= torch.arange(k, device=dev)[None] < acc[:, None]
+        if self.drafter is not None:
+            bonus = preds.gather(1, acc[:, None]).squeeze(1)  # each row's next token, on the device
+            rows.drafts, draft_flops = self.drafter.update(e, rows, captured, s, t, drafts, acc, bonus)
+            flops += draft_flops
+        full = L * F.layer(1, t + 1) + F.head(1)
+        return (StepOut(tokens, layers, confs, lps, tops, [flops] * B, [full] * B, [min(k, n) for n in row_len],
+                        accepted), t + k + 1)
 
     def step_speculative(self, rows: _Rows, x: torch.Tensor, t: int) -> tuple[StepOut, int]:
         """Draft (layer and/or n-gram), verify at the final layer in one pass, keep each row's accepted prefix.
@@ -517,11 +627,12 @@ class DecodeLoop:
         conf_v, preds = probs.max(-1)
         packed = torch.stack([preds.to(conf_v.dtype), conf_v]).cpu()  # one transfer for every row and position
         preds, conf_v = packed[0].long(), packed[1]
-        tokens, layers, confs, lps, tops = [], [], [], [], []
+        tokens, layers, confs, lps, tops, accepted = [], [], [], [], [], []
         for j in range(B):
             a = 0
             while a < row_len[j] and a < k and int(drafts[j, a]) == int(preds[j, a]):
                 a += 1
+            accepted.append(a)
             tokens.append([*drafts[j, :a].tolist(), int(preds[j, a])])
             layers.append([draft_layer_of_token] * a + [L])
             confs.append(conf_v[j, : a + 1].tolist())
@@ -536,7 +647,8 @@ class DecodeLoop:
                 lps.append(None)
                 tops.append(None)
         full = L * F.layer(1, t + 1) + F.head(1)
-        return StepOut(tokens, layers, confs, lps, tops, [flops] * B, [full] * B), t + k + 1
+        return (StepOut(tokens, layers, confs, lps, tops, [flops] * B, [full] * B, [min(k, n) for n in row_len],
+                        accepted), t + k + 1)
 
     # ------------------------------------------------------------------------------------------ decisions
     def decide(self, policy: ExitPolicy, step: int, n: int, hidden_at: Callable[[int], torch.Tensor],

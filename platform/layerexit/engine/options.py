@@ -54,7 +54,9 @@ class ExitConfig(StrictModel):
     check_vocab: int | Literal["full"] = Field(
         "full", description="Exit checks over the full vocabulary (\"full\") or over the top-K candidates of a "
         "token's first check (an int K >= 1: later checks and the exit token score only those K rows).")
-    draft: str = Field("layer", description="Self-speculative draft source: layer, ngram, layer+ngram.")
+    draft: str = Field("layer", description="Self-speculative draft source: layer, ngram, layer+ngram, or eagle3 (the "
+                       "model's EAGLE-3 feature draft, shipped as eagle3/ beside its weights; drafts num_draft tokens "
+                       "from the verified prefix's own hidden states).")
     draft_stop: float | None = Field(
         None, gt=0.0, lt=1.0, description="End a layer draft at the first token whose draft probability is below "
         "this (dynamic draft length); unset keeps `num_draft` fixed.")
