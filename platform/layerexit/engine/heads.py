@@ -5,8 +5,11 @@
   2410.18952): the first check of a token computes full logits once and keeps its top-K; later checks and the
   exit token use those K rows (2 * H * K FLOPs per position).
 - ``StaticVocabHead``: a fixed subset of N rows for every position (FR-Spec / VocabTrim draft heads): the N
-  tokens the model emits most, measured on the training split. Used for drafting only, so verification (the
-  full head) keeps self-speculative decoding lossless.
+  tokens the model emits most, measured on the training split. Used for drafting (verification by the full head
+  keeps self-speculative decoding lossless) and as a cheap exit check (``check_head: static``): the exit decision
+  is scored over the N rows (2 * H * N FLOPs per check) and a row that exits takes its token from the full head
+  at its exit layer, so the token is exactly the full head's argmax there whatever the subset holds; a row that
+  does not exit pays only the N rows.
 
 Every head goes through the exit's adapter first (``exit_hidden``), so models with exit adapters work unchanged.
 """
@@ -89,10 +92,48 @@ class StaticVocabHead:
 
     def logits(self, h: torch.Tensor, layer: int) -> torch.Tensor:
         # Shape: h (n, H) -> logits (n, N) over ``self.ids``, float32
-        return (normed_exit(self.parts, layer, h) @ self.weight.T).float()
+        return self.scores(normed_exit(self.parts, layer, h))
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits over ``self.ids`` of already final-normed exit states (Shape: x (n, H) -> (n, N), float32)."""
+        return (x @ self.weight.T).float()
 
     def flops(self, positions: int, layer: int) -> int:
         return 2 * self.hidden * len(self.ids) * positions + adapter_flops(self.parts, layer, positions)
+
+
+def load_check_vocab(path: str | Path, size: int, vocab: int, tokenizer=None) -> list[int]:
+    """The first ``size`` ids (most frequent first) of a static check vocabulary file, checked against the model:
+    ConfigError naming ``check_vocab`` (size outside 1..vocab, or more than the file holds) or
+    ``check_vocab_file`` (missing, not a vocabulary file, made for another tokenizer or vocabulary size)."""
+    if not 1 <= int(size) <= vocab:
+        raise ConfigError(f"check_vocab {size} is outside 1..{vocab} (this model's vocabulary)",
+                          f"use a static check vocabulary of 1..{vocab} ids")
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"check_vocab_file {path} does not exist",
+                          "build one with `python -m layerexit.engine.draft_vocab`")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"check_vocab_file {path} is not JSON ({err})", "rebuild it") from err
+    if not isinstance(data, dict) or data.get("format") != "layerexit-draft-vocab/1":
+        raise ConfigError(f"check_vocab_file {path} is not a vocabulary file",
+                          "build one with `python -m layerexit.engine.draft_vocab`")
+    if tokenizer is not None and data.get("tokenizer") != tokenizer_fingerprint(tokenizer):
+        raise ConfigError(f"check_vocab_file {path} was built for another tokenizer",
+                          "rebuild it for this model with `python -m layerexit.engine.draft_vocab`")
+    if data.get("vocab_size", vocab) != vocab:
+        raise ConfigError(f"check_vocab_file {path} was built for another tokenizer ({data['vocab_size']} tokens; "
+                          f"this model has {vocab})", "rebuild it for this model with "
+                          "`python -m layerexit.engine.draft_vocab`")
+    ids = [int(t) for t in data.get("token_ids", [])]
+    if int(size) > len(ids):
+        raise ConfigError(f"check_vocab {size} is more than check_vocab_file {path} holds ({len(ids)} ids)",
+                          f"use check_vocab <= {len(ids)} or build a larger file")
+    if any(not 0 <= t < vocab for t in ids[: int(size)]):
+        raise ConfigError(f"check_vocab_file {path} holds ids outside 0..{vocab - 1}", "rebuild it for this model")
+    return ids[: int(size)]
 
 
 def check_vocab_size(check_vocab: int | str, vocab: int) -> int | None:

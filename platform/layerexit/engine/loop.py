@@ -202,7 +202,14 @@ class DecodeLoop:
         self.cache_layers = self.L + (self.draft_adapter.num_layers if self.draft_adapter is not None else 0)
         if self.drafter is not None:
             self.cache_layers = self.L + 1  # the feature draft's own K/V, at cache index L
-        self.check_k = check_vocab_size(cfg.check_vocab, engine.vocab)
+        self.check_head = cfg.resolved_check_head()
+        self.static_check = None  # check_head static: the StaticVocabHead exit checks score over
+        if self.check_head == "static" and not self.spec:
+            from layerexit.engine.heads import load_check_vocab
+
+            ids = load_check_vocab(cfg.check_vocab_file, int(cfg.check_vocab), engine.vocab)
+            self.static_check = StaticVocabHead(engine.parts, ids)
+        self.check_k = check_vocab_size(cfg.check_vocab, engine.vocab) if self.check_head == "candidates" else None
         self.generator = torch.Generator()
         self.generator.manual_seed(params[0].seed if params[0].seed is not None else 0)
 
@@ -700,6 +707,8 @@ class DecodeLoop:
             dec = _Decision(toks, layers, conf, extra)
             dec.logprob_rows(rows, all_rows, logits, None, self)
             return dec
+        if self.static_check is not None:
+            return self.decide_static(policy, n, hidden_at, rows)
         # Logit-based checks, each row until it exits. With check_vocab K, the first check computes full logits
         # and keeps each row's top-K candidates; later checks (and the exit token) score those K rows only.
         K = self.check_k
@@ -737,6 +746,48 @@ class DecodeLoop:
                 undecided[idx[ex]] = False
                 dec.logprob_rows(rows, sel, None if full_logits is None else full_logits[exon],
                                  h[exon], self, layer=k)
+            if not undecided.any():
+                return dec
+        raise AssertionError("unreachable: the final layer always decides")
+
+    def decide_static(self, policy: ExitPolicy, n: int, hidden_at: Callable[[int], torch.Tensor], rows: _Rows
+                      ) -> "_Decision":
+        """Checks over the static check vocabulary (N rows of the head): each intermediate check costs the exit's
+        adapter + 2*H*N FLOPs; the rows that exit take their token (and confidence, log-probs) from the full head
+        at that layer, the full head's argmax there; the rest go on, and the final layer is a full head."""
+        e, L = self.e, self.L
+        dev = e.device
+        static = self.static_check
+        layers = torch.full((n,), L, dtype=torch.long)
+        extra = torch.zeros(n, dtype=torch.long)
+        tokens = torch.zeros(n, dtype=torch.long)
+        conf = torch.zeros(n)
+        dec = _Decision(tokens, layers, conf, extra)
+        undecided = torch.ones(n, dtype=torch.bool)
+        for k in [*policy.exit_layers, L]:
+            idx = undecided.nonzero().squeeze(1)
+            h = hidden_at(k)[idx.to(dev)]
+            if k == L:
+                ex = torch.ones(len(idx), dtype=torch.bool)
+                x_ex = e.normed(L, h)
+                extra[idx] += e.adapter_flops(L, 1)
+            else:
+                x = e.normed(k, h)  # Shape: (m, H), through the exit's adapter
+                extra[idx] += e.adapter_flops(k, 1) + 2 * static.hidden * len(static.ids)
+                ex = policy.should_exit(k, static.scores(x).softmax(dim=-1)).cpu()
+                if not ex.any():
+                    continue
+                x_ex = x[ex.to(dev)]
+            full = e.parts.head(x_ex).float()  # Shape: (m_exit, V): the exiting rows' token from the full head
+            sel_idx = idx[ex]
+            extra[sel_idx] += 2 * static.hidden * e.vocab
+            sel = sel_idx.tolist()
+            toks, cf = self.pick(rows, sel, full, None)
+            tokens[sel_idx] = toks
+            conf[sel_idx] = cf
+            layers[sel_idx] = k
+            undecided[sel_idx] = False
+            dec.logprob_rows(rows, sel, full, None, self, layer=k)
             if not undecided.any():
                 return dec
         raise AssertionError("unreachable: the final layer always decides")

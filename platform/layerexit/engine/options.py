@@ -54,6 +54,19 @@ class ExitConfig(StrictModel):
     check_vocab: int | Literal["full"] = Field(
         "full", description="Exit checks over the full vocabulary (\"full\") or over the top-K candidates of a "
         "token's first check (an int K >= 1: later checks and the exit token score only those K rows).")
+    check_head: Literal["full", "candidates", "static"] | None = Field(
+        None, description="The head exit checks score over (per-token policies that read logits: confidence, "
+        "classifier). full: the whole LM head at every check. candidates: the first check is a full head keeping each "
+        "row's top-`check_vocab` tokens, later checks score those only. static: every check scores the first "
+        "`check_vocab` ids of `check_vocab_file` (a static vocabulary built from the model's own answers, ~2*H*N "
+        "FLOPs), and a row that exits takes its token from the full head at its exit layer (the full head's argmax "
+        "there, exactly). Unset: candidates when check_vocab is an int, else full.")
+    check_vocab_file: str | None = Field(
+        None, description="Static check vocabulary (check_head static): a `python -m layerexit.engine.draft_vocab` "
+        "file for this model's tokenizer, ids most frequent first; its first `check_vocab` ids are scored.")
+    preset: str | None = Field(
+        None, description="An exit setting the model ships (exit_presets.json, written by the threshold search), "
+        "e.g. \"tuned\": its fields apply where this config sets nothing explicitly.")
     draft: str = Field("layer", description="Self-speculative draft source: layer, ngram, layer+ngram, or eagle3 (the "
                        "model's EAGLE-3 feature draft, shipped as eagle3/ beside its weights; drafts num_draft tokens "
                        "from the verified prefix's own hidden states).")
@@ -100,7 +113,19 @@ class ExitConfig(StrictModel):
             raise ValueError("policy 'fixed' needs `layer`")
         if isinstance(self.check_vocab, bool):
             raise ValueError("check_vocab must be \"full\" or an integer K >= 1")
+        if self.check_head in ("candidates", "static") and self.check_vocab == "full":
+            raise ValueError(f"check_head {self.check_head!r} needs check_vocab, an integer size (K or N)")
+        if self.check_head == "full" and self.check_vocab != "full":
+            raise ValueError("check_head 'full' scores the whole vocabulary: leave check_vocab unset (\"full\")")
+        if self.check_head == "static" and not self.check_vocab_file and self.preset is None:
+            raise ValueError("check_head 'static' needs check_vocab_file (a static vocabulary file)")
         return self
+
+    def resolved_check_head(self) -> str:
+        """full, candidates or static (check_head, else inferred from check_vocab)."""
+        if self.check_head is not None:
+            return self.check_head
+        return "full" if self.check_vocab == "full" else "candidates"
 
     def resolved_thresholds(self, num_layers: int):
         """Turn the thresholds field into ({layer: threshold}, classifier, probe) for this model; classifier

@@ -1,0 +1,117 @@
+"""Cheap exit checks (issue 30): the static check head decides over N rows of the LM head, a row that exits takes
+its token from the full head (exactly the full head's argmax at its exit layer), FLOPs are what runs, and bad
+settings name the field."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from layerexit.engine.decode import EarlyExitEngine
+from layerexit.engine.flops import FlopsModel
+from layerexit.engine.options import ExitConfig, SamplingParams
+from layerexit.errors import ConfigError
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]
+THRESHOLDS = {1: 0.02, 2: 0.03, 3: 0.04}
+
+
+def _vocab_file(path, ids, vocab_size):
+    path.write_text(json.dumps({"format": "layerexit-draft-vocab/1", "tokenizer": "x", "vocab_size": vocab_size,
+                                "token_ids": [int(t) for t in ids]}))
+    return str(path)
+
+
+def _static(tmp_path, model, n=40, **kw):
+    ids = list(range(0, 2 * n, 2))  # every other id: many argmaxes fall outside the subset
+    f = _vocab_file(tmp_path / "check_vocab.json", ids, model.config.vocab_size)
+    return ExitConfig(policy="confidence", thresholds=THRESHOLDS, check_head="static", check_vocab=n,
+                      check_vocab_file=f, **kw)
+
+
+def test_exiting_row_gets_the_full_heads_argmax(tiny_model, tmp_path):
+    """kv recompute keeps every layer's hidden state exact, so each token must equal the full head's argmax at the
+    layer it exited from on the same prefix, even where that token is not in the static check vocabulary."""
+    from layerexit.models.exits import collect_hidden_states, decoder_parts, exit_hidden
+
+    cfg = _static(tmp_path, tiny_model, kv="recompute")
+    out = EarlyExitEngine(tiny_model, set(), 0).generate(PROMPTS, cfg, SamplingParams(max_new_tokens=8))
+    parts = decoder_parts(tiny_model)
+    static = set(range(0, 80, 2))
+    early = outside = 0
+    for prompt, r in zip(PROMPTS, out):
+        ids = torch.tensor([prompt + r.token_ids[:-1]])
+        with torch.no_grad():
+            hidden = collect_hidden_states(tiny_model, ids, range(1, 5))
+        for i, (tok, layer) in enumerate(zip(r.token_ids, r.exit_layers)):
+            h = hidden[layer][:, len(prompt) - 1 + i]
+            want = int(parts.head(parts.norm(exit_hidden(parts, layer, h))).argmax(-1))
+            assert tok == want, (i, layer)
+            early += layer < 4
+            outside += layer < 4 and tok not in static
+    assert early > 0 and outside > 0, "some rows must exit with a token outside the static vocabulary"
+
+
+@pytest.mark.parametrize("logprobs", [None, 2])
+def test_static_check_flops_match_flop_counter(tmp_path, logprobs):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from layerexit.models.tiny import build_tiny_llama
+
+    model = build_tiny_llama(num_layers=4)
+    model.config._attn_implementation = "eager"  # CPU SDPA kernels are invisible to FlopCounterMode
+    cfg = _static(tmp_path, model, n=24, kv="propagate")
+    with FlopCounterMode(display=False) as counter:
+        out = EarlyExitEngine(model, set(), 0).generate(PROMPTS, cfg, SamplingParams(max_new_tokens=7,
+                                                                                    logprobs=logprobs))
+    ours = sum(r.flops + r.prefill_flops for r in out)
+    measured = counter.get_total_flops()
+    assert abs(ours - measured) / measured < 0.01, (ours, measured)
+    assert any(l < 4 for r in out for l in r.exit_layers)
+
+
+def test_static_check_costs_less_than_full_checks(tiny_model, tmp_path):
+    """Same thresholds, a 24-id check head: every check that does not exit costs 2*H*24 instead of 2*H*V."""
+    engine = EarlyExitEngine(tiny_model, set(), 0)
+    sp = SamplingParams(max_new_tokens=6)
+    full = engine.generate(PROMPTS, ExitConfig(policy="confidence", thresholds={1: 0.99, 2: 0.99, 3: 0.99},
+                                               kv="propagate"), sp)
+    cheap = engine.generate(PROMPTS, _static(tmp_path, tiny_model, n=24, kv="propagate").model_copy(
+        update={"thresholds": {1: 0.99, 2: 0.99, 3: 0.99}}), sp)
+    f = FlopsModel.from_config(tiny_model.config)
+    for a, b in zip(full, cheap):
+        assert a.exit_layers == b.exit_layers == [4] * len(a.exit_layers)  # nobody exits: same layers
+        saved = len(a.exit_layers) * 3 * (f.head(1) - 2 * f.hidden * 24)
+        assert a.flops - b.flops == saved
+
+
+def test_bad_check_settings_name_the_field(tiny_model, tmp_path):
+    from layerexit.engine.heads import load_check_vocab
+
+    V = tiny_model.config.vocab_size
+    engine = EarlyExitEngine(tiny_model, set(), 0)
+    sp = SamplingParams(max_new_tokens=2)
+    f = _vocab_file(tmp_path / "v.json", range(V), V)
+    with pytest.raises(ConfigError, match="check_vocab"):
+        engine.generate(PROMPTS, ExitConfig(policy="confidence", check_head="static", check_vocab=V + 1,
+                                            check_vocab_file=f), sp)
+    other = _vocab_file(tmp_path / "other.json", range(100), V + 7)
+    with pytest.raises(ConfigError, match="check_vocab_file .* another tokenizer"):
+        engine.generate(PROMPTS, ExitConfig(policy="confidence", check_head="static", check_vocab=50,
+                                            check_vocab_file=other), sp)
+
+    class Tok:
+        def get_vocab(self):
+            return {"a": 0, "b": 1}
+
+    with pytest.raises(ConfigError, match="check_vocab_file .* another tokenizer"):
+        load_check_vocab(f, 10, V, tokenizer=Tok())
+    with pytest.raises(ConfigError, match="check_vocab_file .* does not exist"):
+        load_check_vocab(tmp_path / "missing.json", 10, V)
+    with pytest.raises(ValueError, match="check_vocab_file"):
+        ExitConfig(policy="confidence", check_head="static", check_vocab=10)
+    with pytest.raises(ValueError, match="check_vocab"):
+        ExitConfig(policy="confidence", check_head="candidates")
