@@ -98,11 +98,11 @@ def run_vllm_row(row: str, draft: str | None, k: int, args, prompts: list[str], 
     app = config["applications"][0]
     app["args"].update(model=_absolute(model or args.model), draft=_absolute(draft) if draft else "none",
                        dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=max(args.concurrency))
-    app["args"].pop("num_speculative_tokens", None)
+    app["args"].pop("num_draft", None)
     if args.compile:
         app["args"]["enforce_eager"] = False
     if draft:
-        app["args"]["num_speculative_tokens"] = k
+        app["args"]["num_draft"] = k
     with VllmCluster(tmp / row) as cluster:
         try:
             start_s = cluster.serve_and_wait(config, timeout=1200 if args.compile else 360)
@@ -393,14 +393,14 @@ def _eagle3_source(args) -> tuple[str, str, int, dict]:
         else:
             raise SystemExit(f"--eagle3 {args.eagle3}: neither carries an EAGLE-3 draft nor is one")
         sources = resolve_sources(parse_vllm_args({"model": model, "draft": draft, "device": "cpu",
-                                                   "num_speculative_tokens": args.eagle3_k}, "--eagle3"))
+                                                   "num_draft": args.eagle3_k}, "--eagle3"))
     except LayerexitError as err:
         raise SystemExit(f"--eagle3: {err}") from None
     config = json.loads((Path(sources.draft) / "config.json").read_text())
     info = {"eagle3": {"source": args.eagle3, "draft_dir": sources.draft, "vocab_size": config["vocab_size"],
                        "draft_vocab_size": config.get("draft_vocab_size", config["vocab_size"]),
                        "aux_layers": config.get("eagle_config", {}).get("eagle_aux_hidden_state_layer_ids", [])}}
-    return model, draft, int(sources.num_speculative_tokens), info
+    return model, draft, int(sources.num_draft), info
 
 
 def _save(report: dict, path: str) -> Path:

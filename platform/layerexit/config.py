@@ -7,10 +7,10 @@ Later modules add their own config classes on top of ``StrictModel``; ``load_con
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from layerexit.errors import ConfigError
 
@@ -21,6 +21,18 @@ class StrictModel(BaseModel):
     """Base for every config: unknown keys are errors; values are validated on assignment too."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    # Keys an earlier version of this section used -> the key that replaced them (one vocabulary across train,
+    # tune, eval and serve configs). An old key is an error that names the new one, never silently ignored.
+    RENAMED: ClassVar[dict[str, str]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and cls.RENAMED:
+            old = [key for key in cls.RENAMED if key in data]
+            if old:
+                raise ValueError("; ".join(f"`{key}` was renamed: write `{cls.RENAMED[key]}`" for key in old))
+        return data
 
 
 def coerce_cli_args(args: dict[str, Any], keep_strings: tuple[str, ...]) -> dict[str, Any]:

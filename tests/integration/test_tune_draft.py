@@ -48,7 +48,7 @@ def test_search_picks_exports_and_logs_nested_runs(ray_session, tiny_dir, tmp_pa
     monkeypatch.chdir(tmp_path)  # a sqlite store puts artifacts under ./mlruns
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = _config(tiny_dir, tmp_path, "mlflow.enabled=true", f"mlflow.tracking_uri={uri}",
-                  "space.num_speculative_tokens=[1,2]")
+                  "space.num_draft=[1,2]")
     serve = _serve_config(tmp_path)
     comments = [l for l in serve.read_text().splitlines() if l.lstrip().startswith("#")]
     outcome = run_draft_tuning(cfg, serve_config=serve)
@@ -69,7 +69,7 @@ def test_search_picks_exports_and_logs_nested_runs(ray_session, tiny_dir, tmp_pa
     # the Serve config points at it, comments kept, still a valid vLLM config
     data = yaml.safe_load(serve.read_text())
     args = data["applications"][0]["args"]
-    assert Path(args["draft"]) == draft_dir.resolve() and args["num_speculative_tokens"] == k
+    assert Path(args["draft"]) == draft_dir.resolve() and args["num_draft"] == k
     assert [l for l in serve.read_text().splitlines() if l.lstrip().startswith("#")] == comments
     parse_vllm_args(args)
     # files

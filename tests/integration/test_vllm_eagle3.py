@@ -68,7 +68,7 @@ def cluster(tmp_path_factory, carrying_model):
     config["http_options"].update(request_timeout_s=600)  # 2 shared cores: slow steps
     drafted = config["applications"][0]
     drafted["args"].update(model=str(carrying_model), model_name="smollm2", draft="shipped", max_model_len=512)
-    drafted["args"].pop("num_speculative_tokens", None)  # the shipped k
+    drafted["args"].pop("num_draft", None)  # the shipped k
     plain = yaml.safe_load(yaml.safe_dump(drafted))
     plain.update(name=drafted["name"] + "-nodraft", route_prefix="/nodraft")
     plain["args"].update(draft="none", model_name="smollm2-nodraft")

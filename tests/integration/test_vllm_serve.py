@@ -68,7 +68,7 @@ def cluster(tmp_path_factory, draft_dir):
 def test_greedy_tokens_with_the_draft_equal_those_without_it_fp32(draft_dir, tmp_path) -> None:
     out = tmp_path / "check.json"
     cmd = [str(VLLM_BIN / "python"), "-m", "layerexit.serving.vllm_check", "--model", "smollm2", "--draft",
-           str(draft_dir), "--num-speculative-tokens", "3", "--dtype", "float32", "--compare", "--batch", "--limit", "3",
+           str(draft_dir), "--num-draft", "3", "--dtype", "float32", "--compare", "--batch", "--limit", "3",
            "--max-tokens", "16", "--max-model-len", "512", "--json", str(out)]
     code, output = run_group(cmd, timeout=780, env=vllm_env(), cwd=tmp_path)
     assert code == 0, output[-5000:]

@@ -45,8 +45,8 @@ def test_every_draft_yaml_loads(path):
     ("space.layers=[]", "space.layers"),
     ("space.layers=[0,8]", "space.layers"),
     ("space.layers=[8,8]", "unique"),
-    ("space.num_speculative_tokens=[3,1]", "space.num_speculative_tokens"),
-    ("space.num_speculative_tokens=[1,17]", "space.num_speculative_tokens"),
+    ("space.num_draft=[3,1]", "space.num_draft"),
+    ("space.num_draft=[1,17]", "space.num_draft"),
     ("trials.measure=exact", "trials.measure"),
     ("trials.max_concurent=2", "unknown key"),
     ("confirm.dtype=int8", "confirm.dtype"),
@@ -176,12 +176,12 @@ def test_vllm_serve_config_gets_the_draft_comments_kept(tmp_path):
     rewrite_serve_draft(path, "~/drafts/smollm2-l12", 12, 2, comment="tuned: test")
     after = yaml.safe_load(path.read_text())
     args = after["applications"][0]["args"]
-    assert args["draft"] == "~/drafts/smollm2-l12" and args["num_speculative_tokens"] == 2
-    assert {k: v for k, v in args.items() if k not in ("draft", "num_speculative_tokens")} == \
-        {k: v for k, v in before["applications"][0]["args"].items() if k not in ("draft", "num_speculative_tokens")}
+    assert args["draft"] == "~/drafts/smollm2-l12" and args["num_draft"] == 2
+    assert {k: v for k, v in args.items() if k not in ("draft", "num_draft")} == \
+        {k: v for k, v in before["applications"][0]["args"].items() if k not in ("draft", "num_draft")}
     assert _comments(path) == comments and "# tuned: test" in path.read_text()
     parse_vllm_args(args)
-    with pytest.raises(ConfigError, match="num_speculative_tokens"):
+    with pytest.raises(ConfigError, match="num_draft"):
         rewrite_serve_draft(path, "~/d", 12, 40)
     assert yaml.safe_load(path.read_text()) == after  # a bad value never reaches the file
 

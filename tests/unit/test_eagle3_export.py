@@ -4,7 +4,7 @@
   ``layerexit_draft.json`` (kind, shipped draft length, target shape), and refuses a model without a draft or an
   ``--out`` that is not a draft directory;
 - the vLLM backend detects it (``draft_method: auto``), runs it with ``method: eagle3`` and the shipped draft length
-  (``draft: shipped`` or the export's directory; an explicit ``num_speculative_tokens`` wins), and refuses, naming the
+  (``draft: shipped`` or the export's directory; an explicit ``num_draft`` wins), and refuses, naming the
   field, a draft trained for another model (depth, width, tokenizer), aux layers the model lacks, a draft vocabulary
   larger than the model's, and a ``draft_method`` that contradicts the checkpoint.
 """
@@ -103,11 +103,11 @@ def test_export_refuses_what_it_cannot_export(model_dir, tiny_dir, tmp_path) -> 
 def test_shipped_draft_runs_as_eagle3_with_the_shipped_draft_length(model_dir) -> None:
     cfg = parse_vllm_args(args_for(model_dir, "shipped"))
     sources = resolve_sources(cfg)
-    assert sources.method == "eagle3" and sources.num_speculative_tokens == 4
+    assert sources.method == "eagle3" and sources.num_draft == 4
     assert sources.draft == str((model_dir / EAGLE3_DIR).resolve())
     assert vllm_backend.speculative_config(cfg, sources) == {
         "method": "eagle3", "model": sources.draft, "num_speculative_tokens": 4}
-    mine = parse_vllm_args(args_for(model_dir, "shipped", num_speculative_tokens=2))
+    mine = parse_vllm_args(args_for(model_dir, "shipped", num_draft=2))
     assert vllm_backend.speculative_config(mine, resolve_sources(mine))["num_speculative_tokens"] == 2
 
 
@@ -117,7 +117,7 @@ def test_exported_draft_is_detected_and_keeps_its_draft_length(model_dir, tiny_d
     for model in (model_dir, tiny_dir):  # the export carries num_draft: any model of the same shape gets it
         cfg = parse_vllm_args(args_for(model, out))
         sources = resolve_sources(cfg)
-        assert (sources.method, sources.num_speculative_tokens) == ("eagle3", 4)
+        assert (sources.method, sources.num_draft) == ("eagle3", 4)
         kwargs = vllm_backend.engine_kwargs(cfg, sources)
         assert kwargs["speculative_config"] == {"method": "eagle3", "model": str(out.resolve()),
                                                 "num_speculative_tokens": 4}
@@ -231,7 +231,7 @@ def test_cli_registers_the_export_beside_the_registered_model_and_serving_resolv
     cfg = parse_vllm_args({"model": "models:/tiny-e3@trained", "draft": "models:/tiny-e3-draft@trained",
                            "device": "cpu", "mlflow_tracking_uri": uri})
     sources = resolve_sources(cfg)
-    assert (sources.method, sources.num_speculative_tokens) == ("eagle3", 4) and is_eagle3_checkpoint(sources.draft)
+    assert (sources.method, sources.num_draft) == ("eagle3", 4) and is_eagle3_checkpoint(sources.draft)
     shipped = resolve_sources(parse_vllm_args({"model": "models:/tiny-e3@trained", "draft": "shipped",
                                                "device": "cpu", "mlflow_tracking_uri": uri}))
     assert shipped.method == "eagle3" and Path(shipped.draft).name == EAGLE3_DIR

@@ -525,7 +525,7 @@ def test_vllm_rayservice_applications_pass_the_vllm_argument_model() -> None:
     for app in apps:
         assert app["import_path"] == "layerexit.serving.vllm_backend:build_app", app["name"]
         args = parse_vllm_args(app["args"], f"{app['name']} args")
-        assert args.device == "gpu" and args.draft_kind == "model"
+        assert args.device == "cuda" and args.draft_kind == "model"
         assert args.model.startswith("models:/") and args.draft.startswith("models:/")
     with pytest.raises(ConfigError, match="num_speculative_token"):
         parse_vllm_args({**apps[0]["args"], "num_speculative_token": 3})

@@ -81,7 +81,7 @@ def test_the_three_vllm_configs_exist_and_say_where_they_run() -> None:
     for name in ("7b.yaml", "13b.yaml"):
         text = (REPO / "serve_configs" / name).read_text()
         gpu = parse_vllm_args(yaml.safe_load(text)["applications"][0]["args"])
-        assert gpu.device == "gpu" and gpu.gpu_memory_utilization and gpu.max_model_len
+        assert gpu.device == "cuda" and gpu.gpu_memory_utilization and gpu.max_model_len
         assert gpu.model.startswith("models:/") and gpu.chat_template == "alpaca"
         # The opening comment says why vLLM is the GPU default and where the exit policies went.
         head = text.split("proxy_location")[0]
@@ -108,10 +108,10 @@ def test_the_7b_default_serves_the_trained_draft_the_draft_job_registers() -> No
 def test_unknown_and_misplaced_fields_are_named() -> None:
     with pytest.raises(ConfigError, match="num_speculative_token: unknown key"):
         parse_vllm_args({"num_speculative_token": 3})
-    with pytest.raises(ConfigError, match="gpu_memory_utilization applies to device: gpu"):
+    with pytest.raises(ConfigError, match="gpu_memory_utilization applies to device: cuda"):
         parse_vllm_args({"device": "cpu", "gpu_memory_utilization": 0.9})
     with pytest.raises(ConfigError, match="cpu_kvcache_space_gib applies to device: cpu"):
-        parse_vllm_args({"device": "gpu", "cpu_kvcache_space_gib": 2})
+        parse_vllm_args({"device": "cuda", "cpu_kvcache_space_gib": 2})
     with pytest.raises(ConfigError, match="engine_kwargs may not set speculative_config.*draft"):
         parse_vllm_args({"engine_kwargs": {"speculative_config": {"method": "ngram"}}})
     with pytest.raises(ConfigError, match="ngram_prompt_lookup_min"):
@@ -159,7 +159,7 @@ def test_a_shallower_draft_of_the_same_model_resolves(tmp_path, model_dir) -> No
     draft = fake_checkpoint(tmp_path / "draft", layers=2)
     sources = resolve_sources(parse_vllm_args(args_for(model_dir, draft)))
     assert sources == ResolvedSources(str(model_dir.resolve()), str(draft.resolve()), method="draft_model",
-                                      num_speculative_tokens=3)
+                                      num_draft=3)
 
 
 def test_missing_draft_directory_names_the_field(tmp_path, model_dir) -> None:
@@ -195,7 +195,7 @@ def test_max_model_len_beyond_the_model_is_refused(model_dir) -> None:
 def test_engine_kwargs_speculative_config_and_env(tmp_path, model_dir) -> None:
     draft = fake_checkpoint(tmp_path / "draft", layers=2)
     cfg = parse_vllm_args(args_for(model_dir, draft, dtype="float32", enforce_eager=True, max_model_len=128,
-                                   num_speculative_tokens=4, engine_kwargs={"max_num_batched_tokens": 512}))
+                                   num_draft=4, engine_kwargs={"max_num_batched_tokens": 512}))
     sources = resolve_sources(cfg)
     kwargs = vllm_backend.engine_kwargs(cfg, sources)
     assert kwargs["speculative_config"] == {"model": str(draft.resolve()), "num_speculative_tokens": 4}
@@ -204,12 +204,12 @@ def test_engine_kwargs_speculative_config_and_env(tmp_path, model_dir) -> None:
     env = vllm_backend.engine_env(cfg)
     assert env["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0" and env["VLLM_CPU_OMP_THREADS_BIND"] == "auto"
 
-    ngram = parse_vllm_args(args_for(model_dir, "ngram", num_speculative_tokens=5))
+    ngram = parse_vllm_args(args_for(model_dir, "ngram", num_draft=5))
     assert vllm_backend.speculative_config(ngram, resolve_sources(ngram)) == {
         "method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
     off = parse_vllm_args(args_for(model_dir, "none"))
     assert off.draft_kind == "none" and "speculative_config" not in vllm_backend.engine_kwargs(off, resolve_sources(off))
-    gpu = parse_vllm_args({"model": str(model_dir), "device": "gpu", "tensor_parallel_size": 2,
+    gpu = parse_vllm_args({"model": str(model_dir), "device": "cuda", "tensor_parallel_size": 2,
                            "gpu_memory_utilization": 0.85})
     assert vllm_backend.engine_kwargs(gpu, resolve_sources(gpu))["tensor_parallel_size"] == 2
     assert "VLLM_CPU_OMP_THREADS_BIND" not in vllm_backend.engine_env(gpu)
@@ -230,5 +230,26 @@ def test_served_name_and_cli_strings() -> None:
     assert parse_vllm_args({"model": "models:/layerexit-llama2_7b_lite@trained"}).served_name() == \
         "layerexit-llama2_7b_lite"
     assert parse_vllm_args({"model": "smollm2"}).served_name() == "smollm2"
-    coerced = vllm_backend._coerce_cli_args({"num_speculative_tokens": "4", "draft": "ngram", "enforce_eager": "true"})
-    assert coerced == {"num_speculative_tokens": 4, "draft": "ngram", "enforce_eager": True}
+    coerced = vllm_backend._coerce_cli_args({"num_draft": "4", "draft": "ngram", "enforce_eager": "true"})
+    assert coerced == {"num_draft": 4, "draft": "ngram", "enforce_eager": True}
+
+
+def test_old_keys_are_refused_naming_the_new_ones(tmp_path) -> None:
+    """One vocabulary with the engine backend: num_draft (vLLM's num_speculative_tokens), device cuda (not gpu)."""
+    with pytest.raises(ConfigError, match="`num_speculative_tokens` was renamed: write `num_draft`"):
+        parse_vllm_args({"num_speculative_tokens": 3})
+    with pytest.raises(ConfigError, match="device: gpu was renamed: write device: cuda"):
+        parse_vllm_args({"device": "gpu"})
+
+
+def test_chat_template_auto_follows_the_tokenizer(tmp_path) -> None:
+    """``auto`` (the engine backend's default) is accepted: the tokenizer's template when it has one, else Alpaca."""
+    from layerexit.serving.vllm_config import ALPACA_CHAT_TEMPLATE
+
+    cfg = parse_vllm_args({"chat_template": "auto", "device": "cpu"})
+    with_template, without = tmp_path / "with", tmp_path / "without"
+    with_template.mkdir(), without.mkdir()
+    (with_template / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
+    (without / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 4096}))
+    assert cfg.chat_template_text(str(with_template)) is None
+    assert cfg.chat_template_text(str(without)) == ALPACA_CHAT_TEMPLATE

@@ -29,7 +29,7 @@ import os
 from typing import Any
 
 from layerexit.serving.vllm_config import (
-    DEFAULT_NUM_SPECULATIVE_TOKENS,
+    DEFAULT_NUM_DRAFT,
     ResolvedSources,
     VllmServeArgs,
     check_max_model_len,
@@ -64,7 +64,7 @@ def engine_kwargs(cfg: VllmServeArgs, sources: ResolvedSources) -> dict[str, Any
         value = getattr(cfg, name)
         if value is not None:
             kwargs[name] = value
-    template = cfg.chat_template_text()
+    template = cfg.chat_template_text(sources.model)
     if template is not None:
         kwargs["chat_template"] = template  # a vLLM frontend argument; Ray Serve LLM routes it there
     spec = speculative_config(cfg, sources)
@@ -78,7 +78,7 @@ def speculative_config(cfg: VllmServeArgs, sources: ResolvedSources) -> dict[str
     draft (``method: eagle3``: vLLM feeds it the model's aux hidden states), or a plain draft model."""
     if sources.draft is None:
         return None
-    k = sources.num_speculative_tokens or cfg.num_speculative_tokens or DEFAULT_NUM_SPECULATIVE_TOKENS
+    k = sources.num_draft or cfg.num_draft or DEFAULT_NUM_DRAFT
     if sources.draft == "ngram":
         return {"method": "ngram", "num_speculative_tokens": k,
                 "prompt_lookup_max": cfg.ngram_prompt_lookup_max, "prompt_lookup_min": cfg.ngram_prompt_lookup_min}

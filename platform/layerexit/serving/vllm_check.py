@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--draft", default=None, help="draft: a directory / models:/ URI (a layer or an EAGLE-3 "
                         "export), shipped (the EAGLE-3 draft the model carries), or ngram")
     parser.add_argument("--draft-method", default="auto", choices=["auto", "draft_model", "eagle3"])
-    parser.add_argument("--num-speculative-tokens", type=int, default=None,
+    parser.add_argument("--num-draft", type=int, default=None,
                         help="default: the draft's shipped num_draft, else 3")
     parser.add_argument("--prompts", type=Path, default=DEMO_PROMPTS, help="JSONL with a `prompt` field per line")
     parser.add_argument("--limit", type=int, default=8)
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         require_vllm()
         cfg = parse_vllm_args({"model": args.model, "draft": args.draft, "device": "cpu", "dtype": args.dtype,
-                               "num_speculative_tokens": args.num_speculative_tokens,
+                               "num_draft": args.num_draft,
                                "draft_method": args.draft_method, "mlflow_tracking_uri": args.mlflow_tracking_uri},
                               "vllm_check arguments")
         sources = resolve_sources(cfg)
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = read_prompts(args.prompts, args.limit)
     spec = speculative_config(cfg, sources)
     report: dict[str, Any] = {"model": sources.model, "draft": sources.draft, "method": sources.method,
-                              "dtype": args.dtype, "num_speculative_tokens": sources.num_speculative_tokens,
+                              "dtype": args.dtype, "num_draft": sources.num_draft,
                               "prompts": len(prompts), "max_tokens": args.max_tokens}
     report["with_draft"] = run(sources.model, spec, prompts, args)
     if args.compare:

