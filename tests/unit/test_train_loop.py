@@ -161,3 +161,26 @@ def test_merge_alignment_reports_is_token_weighted():
     merged = merge_alignment_reports([rep(1.0, 10, [10, 0]), None, rep(0.0, 30, [0, 30])])
     assert merged.num_tokens == 40 and merged.rows[0].alignment == pytest.approx(0.25)
     assert merged.rows[0].bin_counts == [10, 30] and merged.rows[0].bin_alignment == [1.0, 0.0]
+
+
+def test_deadline_ends_training_at_the_step_that_passes_it():
+    """optim.max_minutes: the step that ends after the deadline is the last one, evaluated and checkpointed."""
+    import time
+
+    from layerexit.models.tiny import build_tiny_llama
+
+    model = build_tiny_llama(num_layers=2)
+    engine = _engine(model, exit_weights([1], 2))
+    evals, ckpts = [], []
+    cb = LoopCallbacks(on_eval=lambda s: evals.append(s.step) or {}, on_checkpoint=lambda s, m: ckpts.append(s.step))
+
+    def batches(epoch, skip):
+        return epoch_batches(_examples(64), micro_batch=4, world=1, rank=0, grad_accum=1, epoch=epoch, seed=0,
+                             pad_id=0, skip=skip)
+
+    state = train_loop(engine, batches, LoopSettings(total_steps=50, eval_at_start=False, deadline=time.time() - 1),
+                       None, cb)
+    assert state.step == 1 and evals == [1] and ckpts == [1]
+    state = train_loop(_engine(model, exit_weights([1], 2)), batches,
+                       LoopSettings(total_steps=3, eval_at_start=False, deadline=time.time() + 3600))
+    assert state.step == 3

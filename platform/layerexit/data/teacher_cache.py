@@ -6,8 +6,13 @@ One cache is a directory::
     teacher.safetensors   ids (N, k) int32, logp (N, k) float32 (log-probs at temperature T over the full vocab),
                           seq (N,) int32 example index, pos (N,) int32 position (predicts token pos + 1),
                           hidden_l<l> (N, H) bfloat16 for each requested exit layer (the adapters recipe trains on
-                          these; the base model is frozen, so they never change)
+                          these; the base model is frozen, so they never change; layer l is the residual stream
+                          after l decoder layers, Hugging Face's ``hidden_states[l]``)
     meta.json             fingerprint {model, tokenizer, data, k, temperature, layers, precision}, sizes, build time
+
+``positions="response"`` (default) caches the positions whose next token is a response token; ``"all"`` caches
+every position of every sequence in order (the EAGLE-3 recipe: a feature draft attends over the prompt's features
+too, and its training-time test reads the teacher several positions ahead), so an example's rows are contiguous.
 
 It is written into a temporary sibling directory that is renamed into place only when complete, so a crashed
 build leaves nothing a later run would trust; ``meta.json`` is the last file written.
@@ -69,10 +74,13 @@ def data_fingerprint(examples: Sequence[TokenizedExample]) -> str:
 
 
 def cache_fingerprint(model_fp: dict, examples: Sequence[TokenizedExample], k: int, temperature: float,
-                      layers: Sequence[int], precision: str) -> dict:
-    return {"format": FORMAT, "model": model_fp["model"], "tokenizer": model_fp["tokenizer"],
-            "data": data_fingerprint(examples), "k": int(k), "temperature": float(temperature),
-            "layers": sorted(int(l) for l in layers), "precision": precision}
+                      layers: Sequence[int], precision: str, positions: str = "response") -> dict:
+    fp = {"format": FORMAT, "model": model_fp["model"], "tokenizer": model_fp["tokenizer"],
+          "data": data_fingerprint(examples), "k": int(k), "temperature": float(temperature),
+          "layers": sorted(int(l) for l in layers), "precision": precision}
+    if positions != "response":  # only when not the default, so caches written before this key still match
+        fp["positions"] = positions
+    return fp
 
 
 def default_cache_dir(fingerprint: dict) -> Path:
@@ -88,10 +96,17 @@ def response_positions(ex: TokenizedExample) -> list[int]:
     return [t for t in range(len(ex.labels) - 1) if ex.labels[t + 1] != IGNORE_INDEX]
 
 
+def cached_positions(ex: TokenizedExample, positions: str) -> list[int]:
+    """The positions of ``ex`` a cache of kind ``positions`` holds ("response" or "all")."""
+    return list(range(len(ex.input_ids))) if positions == "all" else response_positions(ex)
+
+
 @torch.no_grad()
 def teacher_for_examples(model, examples: Sequence[TokenizedExample], offset: int, k: int, temperature: float,
-                         layers: Sequence[int], autocast: bool, batch_size: int = 8, pad_id: int = 0) -> dict:
-    """Top-k of the final layer (and the ``layers``' hidden states) at every response position of ``examples``."""
+                         layers: Sequence[int], autocast: bool, batch_size: int = 8, pad_id: int = 0,
+                         positions: str = "response", head_chunk: int = 1024) -> dict:
+    """Top-k of the final layer (and the ``layers``' hidden states) at every response position of ``examples``
+    (``positions="all"``: at every position)."""
     from layerexit.data.datasets import collate
     from layerexit.losses.distill import teacher_topk
     from layerexit.models.exits import collect_hidden_states, decoder_parts
@@ -106,31 +121,33 @@ def teacher_for_examples(model, examples: Sequence[TokenizedExample], offset: in
             hidden = collect_hidden_states(model, batch["input_ids"], [*layers, L], batch["attention_mask"])
         rows, cols = [], []
         for i, ex in enumerate(chunk):
-            p = response_positions(ex)
+            p = cached_positions(ex, positions)
             rows += [i] * len(p)
             cols += p
             out["seq"].append(torch.full((len(p),), offset + start + i, dtype=torch.int32))
             out["pos"].append(torch.tensor(p, dtype=torch.int32))
-        r, c = torch.tensor(rows), torch.tensor(cols)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            logits = parts.head(parts.norm(hidden[L][r, c]))  # Shape: (n, V), response positions only
-        ids, logp = teacher_topk(logits, k, temperature)
-        out["ids"].append(ids.to(torch.int32))
-        out["logp"].append(logp.float())
+        r, c = torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)
+        final = hidden[L][r, c]  # Shape: (n, H), the cached positions only
+        for s0 in range(0, final.shape[0], head_chunk):  # the full head in chunks: (chunk, V) logits at a time
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                logits = parts.head(parts.norm(final[s0 : s0 + head_chunk]))
+            ids, logp = teacher_topk(logits, k, temperature)
+            out["ids"].append(ids.to(torch.int32))
+            out["logp"].append(logp.float())
         for l in layers:
             out[f"hidden_l{l}"].append(hidden[l][r, c].to(torch.bfloat16))
     return {name: torch.cat(v) if v else torch.empty(0) for name, v in out.items()}
 
 
 def _shard_task(model_spec: str, examples: list[TokenizedExample], offset: int, k: int, temperature: float,
-                layers: list[int], precision: str, threads: int) -> dict:
+                layers: list[int], precision: str, threads: int, positions: str = "response") -> dict:
     torch.set_num_threads(threads)
     from layerexit.models.loading import load_model_and_tokenizer
 
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     model, tok = load_model_and_tokenizer(model_spec, dtype=dtype)
     return teacher_for_examples(model, examples, offset, k, temperature, layers, precision == "autocast_bf16",
-                                pad_id=tok.pad_token_id)
+                                pad_id=tok.pad_token_id, positions=positions)
 
 
 # ----------------------------------------------------------------------------------------------- storing
@@ -153,7 +170,7 @@ def read_cache(directory: str | Path, expected: dict | None = None, field: str =
     meta = json.loads((directory / META).read_text())
     found = meta.get("fingerprint", {})
     if expected is not None:
-        for key in ("format", "model", "tokenizer", "data", "k", "temperature", "layers", "precision"):
+        for key in ("format", "model", "tokenizer", "data", "k", "temperature", "layers", "precision", "positions"):
             if found.get(key) != expected.get(key):
                 raise ConfigError(f"{field}: the teacher cache in {directory} was built for another {key} "
                                   f"({found.get(key)!r}, this run needs {expected.get(key)!r})",
@@ -177,7 +194,7 @@ def find_wider_cache(fp: dict) -> Path | None:
             found = json.loads(meta_path.read_text()).get("fingerprint", {})
         except (OSError, json.JSONDecodeError):
             continue
-        same = all(found.get(k) == fp.get(k) for k in fp if k != "layers")
+        same = all(found.get(k) == fp.get(k) for k in {*fp, *found} if k != "layers")
         if same and set(fp["layers"]) <= set(found.get("layers", [])) and (meta_path.parent / WEIGHTS).is_file():
             return meta_path.parent
     return None
@@ -195,9 +212,10 @@ def resolve_cache_precision(precision: str) -> str:
 
 def build_teacher_cache(model_spec: str, examples: Sequence[TokenizedExample], *, k: int, temperature: float = 1.0,
                         layers: Sequence[int] = (), precision: str = "auto", directory: str | Path | None = None,
-                        num_tasks: int = 2, model_and_tokenizer=None, console=None) -> TeacherCache:
-    """The cache for (model, tokenizer, examples, k, temperature, layers, precision): read when a complete matching
-    one exists, else computed by ``num_tasks`` Ray tasks over shards of the examples and written atomically.
+                        num_tasks: int = 2, model_and_tokenizer=None, console=None,
+                        positions: str = "response") -> TeacherCache:
+    """The cache for (model, tokenizer, examples, k, temperature, layers, precision, positions): read when a complete
+    matching one exists, else computed by ``num_tasks`` Ray tasks over shards of the examples and written atomically.
 
     ``directory`` given and holding a cache for something else: a ``ConfigError`` (never silently rebuilt over a
     cache the user named). ``model_and_tokenizer`` (tests) computes in this process instead of Ray tasks.
@@ -209,7 +227,9 @@ def build_teacher_cache(model_spec: str, examples: Sequence[TokenizedExample], *
     precision = resolve_cache_precision(precision)  # the fingerprint records what was used, never "auto"
     model, tok = model_and_tokenizer or load_model_and_tokenizer(model_spec)
     check_distill_settings(k, model.config.vocab_size, temperature)
-    fp = cache_fingerprint(base_fingerprint(model, tok), examples, k, temperature, layers, precision)
+    if positions not in ("response", "all"):
+        raise ValueError(f"positions must be 'response' or 'all', not {positions!r}")
+    fp = cache_fingerprint(base_fingerprint(model, tok), examples, k, temperature, layers, precision, positions)
     named = directory is not None
     target = Path(directory).expanduser() if named else default_cache_dir(fp)
     if (target / META).is_file():
@@ -225,7 +245,7 @@ def build_teacher_cache(model_spec: str, examples: Sequence[TokenizedExample], *
     examples = list(examples)
     if model_and_tokenizer is not None or num_tasks <= 1:
         arrays = teacher_for_examples(model, examples, 0, k, temperature, list(layers),
-                                      precision == "autocast_bf16", pad_id=tok.pad_token_id)
+                                      precision == "autocast_bf16", pad_id=tok.pad_token_id, positions=positions)
     else:
         import ray
 
@@ -234,8 +254,8 @@ def build_teacher_cache(model_spec: str, examples: Sequence[TokenizedExample], *
         del model
         task = ray.remote(num_cpus=1)(_shard_task)
         size = -(-len(examples) // num_tasks)
-        refs = [task.remote(model_spec, examples[i : i + size], i, k, temperature, list(layers), precision, 1)
-                for i in range(0, len(examples), size)]
+        refs = [task.remote(model_spec, examples[i : i + size], i, k, temperature, list(layers), precision, 1,
+                            positions) for i in range(0, len(examples), size)]
         parts = ray.get(refs)
         arrays = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
     build_s = time.time() - t0

@@ -60,6 +60,13 @@ class DataSection(StrictModel):
         "length_group_size examples, each sorted longest first, so a global batch holds similar lengths (less "
         "padding; every rank still pads micro-step b to one width). The order does not depend on the cluster size.")
     length_group_size: int = Field(256, ge=2, description="Examples per length-sorting window (group_by_length).")
+    magpie_prompts: int = Field(
+        0, ge=0, description="instructions: add this many Magpie-style conversations: requests the chat model writes "
+        "itself after its template's user header, with its greedy answers (cached; layerexit.data.magpie).")
+    text_tokens: int = Field(
+        0, ge=0, description="Add up to this many tokens of plain text that ships with the installed packages (their "
+        "READMEs and the Python docs' topics; layerexit.data.text_corpus), every position trained on; labelled by the "
+        "teacher's one forward pass (recipes with a teacher cache).")
 
     @model_validator(mode="after")
     def _path_needed(self) -> DataSection:
@@ -140,6 +147,28 @@ class DraftSection(StrictModel):
         "(FR-Spec); the draft head scores only those, verification keeps the full head. None: full vocabulary.")
 
 
+class Eagle3Section(StrictModel):
+    """``recipe: eagle3``: an EAGLE-3 feature draft (one decoder layer over the target's hidden states at
+    ``aux_layers`` of the previous position + the next token's embedding, and a pruned head), trained on the frozen
+    base's cached features and top-k distribution (teacher cache over every position) with training-time test:
+    the draft is unrolled ``ttt_steps`` times on its own outputs, each step scored by soft cross-entropy against the
+    teacher's top-k restricted to the draft vocabulary, weighted ``step_decay ** j``. Shipped as ``eagle3/`` (vLLM's
+    EAGLE-3 layout) + ``draft_settings.json`` in the registered model, the draft length chosen from measured
+    held-out acceptance."""
+
+    aux_layers: list[int] | None = Field(
+        None, description="Target layers the draft reads (residual stream after a layers, 1..N-1); default vLLM's "
+        "(2, N/2, N-3).")
+    ttt_steps: int = Field(4, ge=1, le=8, description="Training-time-test steps (draft positions trained).")
+    step_decay: float = Field(0.8, gt=0.0, le=1.0, description="Weight of step j is step_decay ** j.")
+    vocab_size: int = Field(8192, ge=1, description="Draft vocabulary: the N tokens the model itself produces most "
+                                                    "(its answers on the training split); <= the model's vocabulary.")
+    max_draft: int = Field(5, ge=1, le=8, description="Draft lengths measured on held-out prompts (1..max_draft); "
+                                                      "the shipped num_draft maximises tau(k) / (1 + k c).")
+    eval_prompts: int = Field(16, ge=1, description="Held-out answers the acceptance is measured on while training.")
+    final_eval_prompts: int = Field(48, ge=1, description="Held-out answers the shipped draft length is chosen on.")
+
+
 class OptimSection(StrictModel):
     """AdamW with linear warmup and a cosine (or constant/linear) decay, per optimizer step."""
 
@@ -157,6 +186,11 @@ class OptimSection(StrictModel):
         None, ge=1, description="Optional check: must equal micro_batch_size * grad_accum * scaling.num_workers.")
     epochs: int = Field(1, ge=1, description="Passes over the training data.")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (caps epochs).")
+    max_minutes: float | None = Field(
+        None, gt=0.0, description="Wall-clock budget of the whole job from its start (data preparation included): "
+        "the step that ends after it, less a reserve for the final evaluation and registration, is the last one "
+        "(evaluated, checkpointed, registered as usual; the learning-rate schedule stays planned for the step "
+        "count). For shared machines whose load moves step times several-fold.")
     seed: int = Field(0, description="Seed for data order and initialisation of randomness.")
 
 
@@ -276,14 +310,16 @@ class TrainConfig(StrictModel):
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
                       description="Run name: Ray Train run directory and MLflow run/registered model name.")
     model: ModelSection
-    recipe: Literal["lite", "distill", "adapters"] = Field(
+    recipe: Literal["lite", "distill", "adapters", "eagle3"] = Field(
         "lite", description="lite: the paper's CE-LITE (full fine-tuning, labels); distill: full fine-tuning towards "
         "the base model's top-k distribution at every exit plus a final-layer anchor; adapters: frozen base, one "
-        "small adapter per exit trained by distillation (final layer = base model exactly).")
+        "small adapter per exit trained by distillation (final layer = base model exactly); eagle3: frozen base, an "
+        "EAGLE-3 feature draft over its aux layers (section eagle3) for lossless speculative decoding.")
     data: DataSection = Field(default_factory=DataSection)
     lite: LiteSection = Field(default_factory=LiteSection)
     distill: DistillSection = Field(default_factory=DistillSection)
     adapters: AdapterSection = Field(default_factory=AdapterSection)
+    eagle3: Eagle3Section = Field(default_factory=Eagle3Section)
     optim: OptimSection = Field(default_factory=OptimSection)
     deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
     scaling: ScalingSection = Field(default_factory=ScalingSection)
@@ -304,8 +340,14 @@ class TrainConfig(StrictModel):
         if self.recipe == "distill" and self.deepspeed.zero_stage == 3:
             raise ValueError("recipe=distill scores exits on gathered LM-head rows and is not supported with "
                              "deepspeed.zero_stage=3; use zero_stage 2 (or recipe=adapters, whose base is frozen)")
-        if self.recipe != "lite" and not self.lite.exit_layers:
+        if self.recipe not in ("lite", "eagle3") and not self.lite.exit_layers:
             raise ValueError(f"recipe={self.recipe} needs lite.exit_layers (the exits to train)")
+        if self.recipe == "eagle3" and self.deepspeed.zero_stage == 3:
+            raise ValueError("recipe=eagle3 trains a small draft over a frozen base that every rank needs whole (its "
+                             "embedding and head initialise and feed the draft): use deepspeed.zero_stage 2")
+        if self.recipe == "eagle3" and self.draft.choose:
+            raise ValueError("draft.choose picks an exit draft; recipe=eagle3 ships its feature draft and chooses its "
+                             "length itself (eagle3.max_draft): set draft.choose=false")
         if self.deepspeed.offload_optimizer and not self.scaling.use_gpu:
             raise ValueError("deepspeed.offload_optimizer needs scaling.use_gpu=true (the optimizer is on CPU already)")
         return self
@@ -436,6 +478,14 @@ def validate_against_model(cfg: TrainConfig, depth: int) -> None:
             raise ConfigError(f"adapters.num_layers={cfg.adapters.num_layers}: the adapter of exit "
                               f"{max(cfg.lite.exit_layers)} would copy layers up to {deepest}, the model has {depth}",
                               "lower adapters.num_layers or the deepest exit layer")
+    if cfg.recipe == "eagle3":
+        from layerexit.models.eagle3 import default_aux_layers
+
+        aux = cfg.eagle3.aux_layers if cfg.eagle3.aux_layers is not None else list(default_aux_layers(depth))
+        bad = [a for a in aux if not 1 <= a <= depth - 1]
+        if not aux or bad:
+            raise ConfigError(f"eagle3.aux_layers: {bad or aux} out of range for a {depth}-layer model",
+                              f"use layer ids in 1..{depth - 1} (vLLM's default: {list(default_aux_layers(depth))})")
     if cfg.eval.layers is not None:
         bad = [l for l in cfg.eval.layers if not 1 <= l <= depth]
         if bad:
@@ -471,6 +521,9 @@ def validate_recipe(cfg: TrainConfig) -> None:
     if vocab is not None and cfg.draft.vocab_size is not None and cfg.draft.vocab_size > vocab:
         raise ConfigError(f"draft.vocab_size={cfg.draft.vocab_size} is larger than the vocabulary ({vocab})",
                           f"choose N in 1..{vocab} or leave it unset for the full head")
+    if vocab is not None and cfg.recipe == "eagle3" and cfg.eagle3.vocab_size > vocab:
+        raise ConfigError(f"eagle3.vocab_size={cfg.eagle3.vocab_size} is larger than the model's vocabulary ({vocab})",
+                          f"choose N in 1..{vocab} (the draft head's rows), e.g. 8192")
     if vocab is not None and cfg.distill.top_k > vocab:
         raise ConfigError(f"distill.top_k={cfg.distill.top_k} is larger than the vocabulary ({vocab})",
                           f"choose a k between 1 and {vocab}, e.g. 64")

@@ -455,6 +455,15 @@ class LoopSettings:
     eval_at_start: bool = True
     checkpoint_every: int | None = None
     autocast: bool = False
+    deadline: float | None = None  # time.time() after which the step that ends is the last (evaluated, checkpointed)
+
+
+def deadline_passed(deadline: float | None) -> bool:
+    """Whether any rank is past ``deadline`` (one all-reduce per optimizer step, so every rank stops at the same
+    step); False without a deadline."""
+    if deadline is None:
+        return False
+    return all_reduce_sum({"late": float(time.time() >= deadline)})["late"] > 0
 
 
 @dataclass
@@ -482,6 +491,7 @@ class _Window:
         vals.update({f"train/distill_l{int(l):02d}": float(v) for l, v in out.get("distill", {}).items()})
         if "anchor" in out:
             vals["train/anchor_kl"] = float(out["anchor"])
+        vals.update({f"train/{k}": float(v) for k, v in out.get("metrics", {}).items()})  # recipe-specific figures
         for k, v in vals.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
 
@@ -523,7 +533,8 @@ def train_loop(
     engine.train()
     window = _Window()
     kwargs = {"teacher": teacher} if teacher is not None else {}
-    while state.step < settings.total_steps:
+    stopped = False
+    while state.step < settings.total_steps and not stopped:
         produced = False
         for batch in batches_for_epoch(state.epoch, state.examples_in_epoch):
             produced = True
@@ -540,7 +551,8 @@ def train_loop(
                 continue
             state.step += 1
             window.steps += 1
-            last = state.step >= settings.total_steps
+            last = state.step >= settings.total_steps or deadline_passed(settings.deadline)
+            stopped = last
             if state.step % settings.log_every == 0 or last:
                 elapsed = time.perf_counter() - window.started
                 metrics = all_reduce_mean({k: v / window.micro for k, v in window.sums.items()})

@@ -185,7 +185,7 @@ def check_training_memory(cfg, nodes: list[dict[str, Any]], console=None) -> Hos
     teacher = cfg.recipe == "lite" and cfg.lite.anchor_weight > 0
     plan = plan_host_memory(params, world=world, zero_stage=cfg.deepspeed.zero_stage, precision=cfg.precision,
                             use_gpu=cfg.scaling.use_gpu, teacher=teacher,
-                            offload_optimizer=cfg.deepspeed.offload_optimizer, trains_base=cfg.recipe != "adapters")
+                            offload_optimizer=cfg.deepspeed.offload_optimizer, trains_base=cfg.recipe not in ("adapters", "eagle3"))
     alive = [n for n in nodes if n.get("Alive", n.get("alive", True))]
     ranks_per_node = -(-world // max(1, len(alive)))  # the most even spread Ray can make
     check_host_memory(plan, ranks_per_node=ranks_per_node, available_bytes=node_memory_bytes(alive),
@@ -193,7 +193,7 @@ def check_training_memory(cfg, nodes: list[dict[str, Any]], console=None) -> Hos
     if cfg.scaling.use_gpu:
         gpu_plan = plan_gpu_memory(params, world=world, zero_stage=cfg.deepspeed.zero_stage,
                                    offload_optimizer=cfg.deepspeed.offload_optimizer, teacher=teacher,
-                                   trains_base=cfg.recipe != "adapters")
+                                   trains_base=cfg.recipe not in ("adapters", "eagle3"))
         check_gpu_memory(gpu_plan, gpu_memory_bytes(alive), zero_stage=cfg.deepspeed.zero_stage, teacher=teacher,
                          offload_optimizer=cfg.deepspeed.offload_optimizer)
     if console is not None:

@@ -193,7 +193,7 @@ def _run_info_path(cfg: TrainConfig) -> Path:
 
 # Settings a resumed run may change (how long, how often, where it logs); any other difference means the
 # checkpoints in the folder belong to another experiment.
-RESUMABLE_PREFIXES = ("optim.max_steps", "optim.epochs", "eval.", "checkpoint.", "mlflow.", "scaling.")
+RESUMABLE_PREFIXES = ("optim.max_steps", "optim.max_minutes", "optim.epochs", "eval.", "checkpoint.", "mlflow.", "scaling.")
 
 
 def _run_info(cfg: TrainConfig) -> dict:
@@ -277,6 +277,17 @@ def _auto_reason(cfg: TrainConfig) -> str:
     return f" (precision auto: {choose_dtype('train', 'auto', device, log=False).reason})"
 
 
+FINISH_RESERVE_S = 300.0  # optim.max_minutes: what the last evaluation, checkpoint, shipping and registration take
+
+
+def training_deadline(cfg: TrainConfig, started: float) -> float | None:
+    """``optim.max_minutes`` as an absolute time for the workers (None: no budget): the job's start plus the budget,
+    less a reserve for what follows the last step."""
+    if cfg.optim.max_minutes is None:
+        return None
+    return started + 60.0 * cfg.optim.max_minutes - FINISH_RESERVE_S
+
+
 def run_training(cfg: TrainConfig, *, console=None, show_progress: bool = True,
                  ray_init_kwargs: dict[str, Any] | None = None) -> TrainResult:
     """Validate, prepare data, train on Ray Train + DeepSpeed, log to MLflow, register the model."""
@@ -297,7 +308,14 @@ def run_training(cfg: TrainConfig, *, console=None, show_progress: bool = True,
     from layerexit.training import recipes
 
     recipes.add_sampled_examples(cfg, data, show_progress=show_progress)
-    cache = recipes.prepare_teacher(cfg, data, console) if cfg.recipe != "lite" else None
+    from layerexit.training import eagle3_recipe
+
+    eagle3_recipe.add_extra_sources(cfg, data, show_progress=show_progress)  # data.magpie_prompts, data.text_tokens
+    eagle3_worker: dict[str, Any] = {}
+    if cfg.recipe == "eagle3":  # the cache over every position, with the aux layers' features; the draft vocabulary
+        cache, eagle3_worker = eagle3_recipe.prepare_eagle3(cfg, data, depth, console)
+    else:
+        cache = recipes.prepare_teacher(cfg, data, console) if cfg.recipe != "lite" else None
     steps = (total_steps(cfg, len(data.train)) if cfg.recipe != "adapters" or recipes.trains_on_sequences(cfg)
              else recipes.steps_for_cache(cfg, cache))
     if not data.eval:
@@ -355,7 +373,8 @@ def run_training(cfg: TrainConfig, *, console=None, show_progress: bool = True,
             train_worker,
             train_loop_config={"config": cfg.model_dump(mode="json"), "data_ref": data_ref, "total_steps": steps,
                                "num_layers": depth, "run_id": run.run_id, "tracking_uri": uri,
-                               "cache_dir": str(cache.path) if cache is not None else None,
+                               "cache_dir": str(cache.path) if cache is not None else None, **eagle3_worker,
+                               "deadline": training_deadline(cfg, t0),
                                **resume.worker_config()},
             scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                          resources_per_worker=resources),
@@ -375,6 +394,8 @@ def run_training(cfg: TrainConfig, *, console=None, show_progress: bool = True,
         from layerexit.training.checkpoints import hf_model_dir
 
         hf_dir = hf_model_dir(ckpt_dir)
+        if cfg.recipe == "eagle3":  # before registering: the draft length from measured held-out acceptance
+            eagle3_recipe.ship_eagle3(cfg, hf_dir, data, run, console)
         if cfg.draft.choose:  # before registering, so the registered model carries its draft settings
             from layerexit.training.draft_stage import choose_and_ship_draft
 
@@ -386,6 +407,8 @@ def run_training(cfg: TrainConfig, *, console=None, show_progress: bool = True,
                 from layerexit.models.adapters import ADAPTERS_DIR
 
                 run.log_artifacts(hf_dir / ADAPTERS_DIR, ADAPTERS_DIR)
+            if cfg.recipe == "eagle3":  # the vLLM EAGLE-3 checkpoint on its own too
+                run.log_artifacts(hf_dir / eagle3_recipe.EAGLE3_DIR, eagle3_recipe.EAGLE3_DIR)
             _log(console, f"registered {registered['registered_name']} version {registered['version']} "
                           f"(alias {registered['alias']})")
         run.set_tags({"layerexit.checkpoint": str(ckpt_dir)})
@@ -542,6 +565,16 @@ def train_worker(config: dict[str, Any]) -> None:
         objective = recipes.AdapterObjective(model, adapters, weights, cfg.distill.temperature,
                                              cfg.distill.full_every, cfg.distill.chunk_size)
         attach_exit_adapters(model, objective.adapter_map())  # eval and alignment see the exits as trained
+    elif cfg.recipe == "eagle3":
+        from layerexit.data.teacher_cache import read_cache
+        from layerexit.training import eagle3_recipe
+
+        e3_cache = read_cache(config["cache_dir"])
+        e3_rows = eagle3_recipe.sequence_rows(e3_cache, len(data.train))
+        draft = eagle3_recipe.new_draft(model, config["eagle3_aux_layers"], config["eagle3_vocab"],
+                                        target=config.get("eagle3_target"), seed=cfg.optim.seed)
+        objective = eagle3_recipe.Eagle3Objective(model, draft, cfg.eagle3.ttt_steps, cfg.eagle3.step_decay,
+                                                  cfg.distill.temperature)
     elif cfg.recipe == "distill":
         objective = recipes.DistillObjective(model, weights, cfg.distill.temperature, cfg.distill.full_every,
                                              cfg.distill.chunk_size, cfg.distill.anchor_weight)
@@ -602,6 +635,9 @@ def train_worker(config: dict[str, Any]) -> None:
             logger.log_metrics(metrics, step=st.step)
             exits = " ".join(f"l{l}={metrics[f'train/loss_l{l:02d}']:.3f}" for l in sorted(weights)
                              if f"train/loss_l{l:02d}" in metrics)
+            if cfg.recipe == "eagle3":  # per unrolled step: loss and top-1 agreement with the teacher
+                exits = " ".join(f"s{k[len('train/ttt_loss_s'):]}={v:.3f}/{metrics.get(k.replace('loss', 'acc'), 0):.0%}"
+                                 for k, v in sorted(metrics.items()) if k.startswith("train/ttt_loss_s"))
             print(f"[layerexit] step {st.step}/{steps} loss {metrics['train/loss']:.4f} ({exits}) "
                   f"lr {metrics['lr']:.2e} {metrics['tokens_per_s']:.0f} tok/s", flush=True)
         _maybe_inject_fault(st.step, rank)
@@ -628,8 +664,29 @@ def train_worker(config: dict[str, Any]) -> None:
             report = box[0]
         return report
 
+    e3_heldout = None
+    if cfg.recipe == "eagle3" and rank == 0:  # the target's features on held-out answers, computed once
+        e3_heldout = eagle3_recipe.heldout_features(hf, data.eval[: cfg.eagle3.eval_prompts],
+                                                    objective.draft.spec.aux_layers)
+
+    def on_eval_eagle3(st: TrainState) -> dict[str, float]:
+        """Held-out acceptance per draft position and tau (rank 0 alone: the draft is whole on every rank)."""
+        if e3_heldout is None:
+            return {}
+        acc = eagle3_recipe.draft_acceptance(objective.draft, e3_heldout, cfg.eagle3.max_draft)
+        metrics = acc.metrics()
+        if logger is not None:
+            logger.log_metrics(metrics, step=st.step)
+            logger.log_dict(acc.to_dict(), f"eagle3/acceptance_step{st.step:06d}.json")
+            print(f"[layerexit] eval step {st.step}: eagle3 acceptance by position "
+                  + " ".join(f"{a:.0%}" for a in acc.per_position) + "; tau "
+                  + " ".join(f"k{k}={t:.2f}" for k, t in acc.tau.items()), flush=True)
+        return metrics
+
     def on_eval(st: TrainState) -> dict[str, float]:
         nonlocal start_report
+        if cfg.recipe == "eagle3":
+            return on_eval_eagle3(st)
         engine.eval()
         with torch.no_grad():
             # Under ZeRO-3 the fetch hooks stay on: each module is gathered when it runs and released after, and
@@ -669,6 +726,10 @@ def train_worker(config: dict[str, Any]) -> None:
                                             rank=rank, extra=extra)
             if cfg.recipe == "adapters" and rank == 0:
                 recipes.save_checkpoint_adapters(objective, ckpts.hf_model_dir(target), tokenizer)
+            if cfg.recipe == "eagle3" and rank == 0:  # vLLM's EAGLE-3 layout beside the (unchanged) base model
+                from layerexit.models.eagle3 import save_eagle3
+
+                save_eagle3(objective.draft, ckpts.hf_model_dir(target) / eagle3_recipe.EAGLE3_DIR)
             report_metrics = {k: float(v) for k, v in metrics.items()}
             report_metrics.update({"step": st.step, "epoch": st.epoch,
                                    "resumed_from_step": -1 if st.resumed_from_step is None else st.resumed_from_step})
@@ -676,6 +737,12 @@ def train_worker(config: dict[str, Any]) -> None:
                              checkpoint_dir_name=name)
 
     def batches(epoch: int, skip: int):
+        if cfg.recipe == "eagle3":
+            return eagle3_recipe.eagle3_epoch_batches(
+                data.train, e3_rows, e3_cache, objective.draft.spec.aux_layers, micro_batch=cfg.optim.micro_batch_size,
+                world=world, rank=rank, grad_accum=cfg.optim.grad_accum, epoch=epoch, seed=cfg.optim.seed,
+                pad_id=pad_id, skip=skip, group_size=cfg.data.length_group_size if cfg.data.group_by_length else 0,
+                device=device)
         if cache is not None:
             return recipes.cache_epoch_batches(cache, sorted(objective.weights), positions=cfg.adapters.positions_per_batch,
                                                world=world, rank=rank, grad_accum=cfg.optim.grad_accum, epoch=epoch,
@@ -687,5 +754,5 @@ def train_worker(config: dict[str, Any]) -> None:
 
     settings = LoopSettings(total_steps=steps, log_every=cfg.mlflow.log_every_steps, eval_every=cfg.eval.every_steps,
                             eval_at_start=cfg.eval.at_start, checkpoint_every=cfg.checkpoint.every_steps,
-                            autocast=autocast)
+                            autocast=autocast, deadline=config.get("deadline"))
     train_loop(engine, batches, settings, state, LoopCallbacks(on_log, on_eval, on_checkpoint), teacher)
