@@ -115,3 +115,56 @@ def test_bad_check_settings_name_the_field(tiny_model, tmp_path):
         ExitConfig(policy="confidence", check_head="static", check_vocab=10)
     with pytest.raises(ValueError, match="check_vocab"):
         ExitConfig(policy="confidence", check_head="candidates")
+
+
+@pytest.mark.parametrize("kv", ["recompute", "propagate"])
+def test_trace_pricing_of_the_static_head_equals_the_engine(tiny_model, tmp_path, kv):
+    from layerexit.engine.traces import ExitTraces
+    from layerexit.tuning.objective import TraceScorer
+
+    flops = FlopsModel.from_config(tiny_model.config)
+    engine = EarlyExitEngine(tiny_model, set(), 0)
+    cfg = _static(tmp_path, tiny_model, n=24, kv=kv)
+    early = 0
+    for prompt in PROMPTS:
+        r = engine.generate([prompt], cfg, SamplingParams(max_new_tokens=8))[0]
+        exits = np.array(r.exit_layers)
+        n = len(exits)
+        z = np.zeros((n, 4))
+        traces = ExitTraces([1, 2, 3, 4], z.astype(int), z, z, np.arange(len(prompt), len(prompt) + n),
+                            np.zeros(n, dtype=int), check_conf={"static:24": z})
+        checks = np.array([sum(l <= e for l in THRESHOLDS) + (e == 4) for e in exits])
+        scorer = TraceScorer(traces, flops, kv, check_head="static:24")
+        assert scorer.flops_of(exits, checks, num_checked=3) == pytest.approx(r.flops, rel=1e-12)
+        early += int((exits < 4).sum())
+    assert early > 0
+
+
+def test_traced_static_confidences_predict_the_engines_exits(tiny_model, tmp_path):
+    """kv recompute: traced along the engine's own tokens, the static head's confidences give its exit layers."""
+    from layerexit.engine.traces import record_traces
+    from layerexit.tuning.objective import TraceScorer
+
+    heads = {"static:24": list(range(0, 48, 2))}
+    first = record_traces(tiny_model, PROMPTS, [[20 + i for i in range(8)]] * 3, [1, 2, 3], show_progress=False,
+                          check_heads=heads)
+    # Thresholds at each layer's median static confidence: some rows exit at each layer, some go on.
+    thr = {l: float(np.median(first.check_conf["static:24"][:, j])) for j, l in enumerate([1, 2, 3])}
+    cfg = _static(tmp_path, tiny_model, n=24, kv="recompute").model_copy(update={"thresholds": thr})
+    got = EarlyExitEngine(tiny_model, set(), 0).generate(PROMPTS, cfg, SamplingParams(max_new_tokens=8))
+    traces = record_traces(tiny_model, PROMPTS, [r.token_ids for r in got], [1, 2, 3], show_progress=False,
+                           check_heads={"static:24": list(range(0, 48, 2)), "candidates:5": None})
+    loaded = type(traces).load(_save(traces, tmp_path / "t.npz"))
+    assert set(loaded.check_conf) == {"static:24", "candidates:5"}
+    scorer = TraceScorer(loaded, FlopsModel.from_config(tiny_model.config), "recompute", check_head="static:24")
+    exit_col, _ = scorer.threshold_exits(thr)
+    engine_layers = np.concatenate([r.exit_layers for r in got])
+    assert (np.array(scorer.layers)[exit_col] == engine_layers).all()
+    assert len(set(engine_layers.tolist())) > 1
+    full = TraceScorer(loaded, FlopsModel.from_config(tiny_model.config), "recompute")
+    assert not (np.array(full.layers)[full.threshold_exits(thr)[0]] == engine_layers).all()
+
+
+def _save(traces, path):
+    traces.save(path)
+    return path

@@ -17,15 +17,37 @@ from tqdm.auto import tqdm
 from layerexit.models.exits import check_layers, collect_hidden_states, decoder_parts, exit_hidden
 
 
+def check_spec(check_head: str, check_vocab: int | str) -> str:
+    """The name traces and the search give a check head: \"full\", \"candidates:K\" or \"static:N\"."""
+    if check_head == "full" or check_vocab == "full":
+        return "full"
+    return f"{check_head}:{int(check_vocab)}"
+
+
+def parse_check_spec(spec: str) -> tuple[str, int | str]:
+    """(check_head, check_vocab) of a spec from ``check_spec``."""
+    if spec == "full":
+        return "full", "full"
+    head, sep, size = spec.partition(":")
+    if head not in ("candidates", "static") or not sep or not size.isdigit() or int(size) < 1:
+        raise ValueError(f"check head {spec!r} is not full, candidates:K or static:N")
+    return head, int(size)
+
+
 def layer_predictions(model, sequence: Sequence[int], prompt_len: int, layers: Sequence[int] | None = None,
-                      keep_hidden: bool = False, check_vocab: int | str | None = None):
+                      keep_hidden: bool = False, check_vocab: int | str | None = None,
+                      check_heads: dict[str, Sequence[int] | None] | None = None):
     """Top-1 token, top-1 probability and top1-top2 gap of each layer at the positions predicting the
     response tokens. Returns three tensors shaped (len(layers), G), G = len(sequence) - prompt_len, and with
     ``keep_hidden`` a fourth: the final-normed hidden states (len(layers), G, H) in float16.
 
     ``check_vocab=K``: as the engine's candidate-set checks see them, the first layer's full logits pick each
     position's top-K candidates and the later intermediate layers score those K tokens only. The final layer
-    stays full-vocabulary: it is the reference agreement is measured against."""
+    stays full-vocabulary: it is the reference agreement is measured against.
+
+    ``check_heads={spec: ids}`` also returns, last, {spec: (len(layers), G) confidences} as each check head sees
+    them: ``static:N`` the top-1 probability over ``ids`` (its N ids), ``candidates:K`` over the first layer's
+    top-K (None as ids), ``full`` the full head's. The token an exit takes is the full head's argmax either way."""
     parts = decoder_parts(model)
     layers = check_layers(parts, layers if layers is not None else range(1, parts.num_layers + 1))
     ids = torch.tensor([list(sequence)], dtype=torch.long, device=next(model.parameters()).device)
@@ -39,6 +61,11 @@ def layer_predictions(model, sequence: Sequence[int], prompt_len: int, layers: S
     if K is not None and not 1 <= K <= model.config.vocab_size:
         raise ValueError(f"check_vocab {K} is outside 1..{model.config.vocab_size}")
     cand = None
+    heads = dict(check_heads or {})
+    head_conf = {spec: torch.empty((len(layers), g)) for spec in heads}
+    head_ids = {spec: torch.tensor(list(ids), dtype=torch.long, device=ids_device(model)) for spec, ids in heads.items()
+                if ids is not None}
+    head_cand: dict[str, torch.Tensor] = {}
     with torch.inference_mode():
         hidden = collect_hidden_states(model, ids, layers)
         for i, layer in enumerate(layers):
@@ -47,6 +74,15 @@ def layer_predictions(model, sequence: Sequence[int], prompt_len: int, layers: S
             if keep_hidden:
                 normed[i] = adapted.half().cpu()
             logits = parts.head(adapted).float()  # Shape: (G, V)
+            for spec in heads:
+                if spec in head_ids:
+                    head_conf[spec][i] = logits[:, head_ids[spec]].softmax(-1).max(-1).values.cpu()
+                elif spec.startswith("candidates:") and layer != parts.num_layers and spec in head_cand:
+                    head_conf[spec][i] = logits.gather(1, head_cand[spec]).softmax(-1).max(-1).values.cpu()
+                else:
+                    head_conf[spec][i] = logits.softmax(-1).max(-1).values.cpu()
+                    if spec.startswith("candidates:") and spec not in head_cand:
+                        head_cand[spec] = logits.topk(int(spec.split(":")[1]), dim=-1).indices
             if K is not None and cand is not None and layer != parts.num_layers:
                 logits = logits.gather(1, cand)  # Shape: (G, K)
             elif K is not None and cand is None:
@@ -60,9 +96,12 @@ def layer_predictions(model, sequence: Sequence[int], prompt_len: int, layers: S
             top1[i] = indices[:, 0]
             conf[i] = values[:, 0]
             gap[i] = values[:, 0] - (values[:, 1] if values.shape[1] > 1 else 0.0)
-    if keep_hidden:
-        return top1, conf, gap, normed
-    return top1, conf, gap
+    out = (top1, conf, gap, normed) if keep_hidden else (top1, conf, gap)
+    return (*out, head_conf) if check_heads is not None else out
+
+
+def ids_device(model):
+    return next(model.parameters()).device
 
 
 @dataclass
@@ -76,6 +115,16 @@ class ExitTraces:
     context: np.ndarray  # (N,) keys attended when the token was produced (prompt + previous tokens)
     sequence: np.ndarray  # (N,) which prompt each token belongs to
     hidden: np.ndarray | None = None  # (N, E, H) float16 final-normed hidden states, if recorded
+    check_conf: dict[str, np.ndarray] | None = None  # check head spec -> (N, E) confidences it sees, if recorded
+
+    def conf_for(self, spec: str | None) -> np.ndarray:
+        """The confidences a check head sees (``conf``, the full head's, for None/full or when not recorded
+        separately)."""
+        if spec in (None, "full"):
+            return self.conf
+        if not self.check_conf or spec not in self.check_conf:
+            raise ValueError(f"check head {spec!r} was not traced (traced: {sorted(self.check_conf or {})})")
+        return self.check_conf[spec]
 
     @property
     def final_top1(self) -> np.ndarray:
@@ -86,30 +135,39 @@ class ExitTraces:
         return self.top1 == self.final_top1[:, None]
 
     def save(self, path) -> None:
+        extra = {f"check_conf/{k}": v for k, v in (self.check_conf or {}).items()}
         np.savez_compressed(path, layers=np.array(self.layers), top1=self.top1, conf=self.conf, gap=self.gap,
-                            context=self.context, sequence=self.sequence)
+                            context=self.context, sequence=self.sequence, **extra)
 
     @classmethod
     def load(cls, path) -> "ExitTraces":
         d = np.load(path)
-        return cls(d["layers"].tolist(), d["top1"], d["conf"], d["gap"], d["context"], d["sequence"])
+        check = {k.split("/", 1)[1]: d[k] for k in d.files if k.startswith("check_conf/")}
+        return cls(d["layers"].tolist(), d["top1"], d["conf"], d["gap"], d["context"], d["sequence"],
+                   check_conf=check or None)
 
 
 def record_traces(model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
                   exit_layers: Sequence[int], show_progress: bool = True, keep_hidden: bool = False,
-                  check_vocab: int | str | None = None) -> ExitTraces:
+                  check_vocab: int | str | None = None,
+                  check_heads: dict[str, Sequence[int] | None] | None = None) -> ExitTraces:
     """Trace every exit layer (and the final layer) along each (prompt, final-layer response) pair.
     ``keep_hidden`` also keeps the final-normed hidden states (needed to train a probe); ``check_vocab=K``
     records the confidences candidate-set checks see (see ``layer_predictions``)."""
     L = decoder_parts(model).num_layers
     layers = [*sorted(set(l for l in exit_layers if l < L)), L]
     cols = {k: [] for k in ("top1", "conf", "gap", "context", "sequence", "hidden")}
+    check_cols: dict[str, list] = {spec: [] for spec in (check_heads or {})}
     for i, (prompt, response) in enumerate(tqdm(list(zip(prompts, responses, strict=True)), desc="traces",
                                                 disable=not show_progress)):
         if not response:
             continue
         out = layer_predictions(model, [*prompt, *response], len(prompt), layers, keep_hidden=keep_hidden,
-                                check_vocab=check_vocab)
+                                check_vocab=check_vocab, check_heads=check_heads)
+        if check_heads is not None:
+            for spec, v in out[-1].items():
+                check_cols[spec].append(v.T.numpy())
+            out = out[:-1]
         top1, conf, gap = out[:3]
         if keep_hidden:
             cols["hidden"].append(out[3].transpose(0, 1).numpy())
@@ -121,5 +179,6 @@ def record_traces(model, prompts: Sequence[Sequence[int]], responses: Sequence[S
     if not cols["top1"]:
         raise ValueError("no response tokens to trace")
     hidden = np.concatenate(cols["hidden"]) if keep_hidden else None
+    check_conf = {spec: np.concatenate(v) for spec, v in check_cols.items()} if check_heads else None
     return ExitTraces(layers, *(np.concatenate(cols[k]) for k in ("top1", "conf", "gap", "context", "sequence")),
-                      hidden=hidden)
+                      hidden=hidden, check_conf=check_conf)

@@ -36,6 +36,11 @@ Decisions on traces stay those of full-vocabulary confidences, which never excee
 top logits renormalised over fewer tokens): with K < V the engine exits at least as early, so the traced
 agreement is an estimate there and the FLOPs an upper bound.
 
+``check_head="static:N"`` prices the engine's static check head: every intermediate check scores N head rows
+(2 x hidden x N FLOPs, after the layer's adapter) and the full head runs once per token, at its exit (the token is
+the full head's argmax there, as on the traces); decisions use the confidences the N rows see (``check_conf`` of
+the traces). ``check_head="candidates:K"`` is ``check_vocab=K`` with the candidate-set confidences of the traces.
+
 ``adapter_flops={layer: f}`` prices exit adapters (the adapters recipe): every check at an adapted layer, head or
 probe, first runs the layer's adapter (f FLOPs per position), as the engine does.
 
@@ -81,12 +86,26 @@ class TraceScorer:
 
     def __init__(self, traces: ExitTraces, flops: FlopsModel, accounting: str = "recompute",
                  check: str = "head", check_vocab: int | str | None = None, batch_size: int = 1,
-                 adapter_flops: Mapping[int, float] | None = None) -> None:
+                 adapter_flops: Mapping[int, float] | None = None, check_head: str | None = None) -> None:
         if accounting not in ACCOUNTING:
             raise ValueError(f"unknown FLOPs accounting {accounting!r}; use one of {', '.join(ACCOUNTING)}")
         if check not in CHECKS:
             raise ValueError(f"unknown check pricing {check!r}; use one of {', '.join(CHECKS)}")
         self.check = check
+        self.static_n = None
+        self.check_head = check_head or "full"
+        if check_head not in (None, "full"):
+            from layerexit.engine.traces import parse_check_spec
+
+            kind, size = parse_check_spec(check_head)
+            if check != "head":
+                raise ValueError(f"check head {check_head!r} applies to head checks, not {check!r}")
+            if not 1 <= int(size) <= flops.vocab:
+                raise ValueError(f"check_vocab {size} is outside 1..{flops.vocab}")
+            if kind == "static":
+                self.static_n = int(size)
+            else:
+                check_vocab = int(size)
         if check_vocab in (None, "full"):
             self.check_k = None
         else:
@@ -104,7 +123,10 @@ class TraceScorer:
         self.L = int(self.layers[-1])
         if flops.num_layers != self.L:
             raise ValueError(f"traces end at layer {self.L} but the FLOPs model has {flops.num_layers} layers")
-        self.conf = np.asarray(traces.conf, dtype=np.float32)
+        self.conf = np.asarray(traces.conf_for(None if check_head in (None, "full") else check_head)
+                               if check_head not in (None, "full") and traces.check_conf else traces.conf,
+                               dtype=np.float32)
+        self.static_check = float(2 * flops.hidden * self.static_n) if self.static_n else None
         self.agree = np.asarray(traces.agrees(), dtype=bool)
         self.accounting = accounting
         seq = np.asarray(traces.sequence)
@@ -183,7 +205,11 @@ class TraceScorer:
             # Cost of the adapters a token ran: those of its first ``checks`` checks (the final layer has none).
             per_check = np.cumsum([0.0, *(self.adapter_flops.get(l, 0.0) for l in order), 0.0])
             adapter_flops = float(per_check[np.minimum(checks, len(order) + 1)].sum())
-        if self.check == "head" and self.check_k is not None:
+        if self.check == "head" and self.static_n is not None:
+            # N head rows at every intermediate check up to the exit, the full head once (at the exit).
+            m = len(self.layers) - 1 if num_checked is None else int(num_checked)
+            check_flops = np.minimum(checks, m).sum() * self.static_check + len(checks) * self.head
+        elif self.check == "head" and self.check_k is not None:
             # The first check is a full head (it picks the candidates); later ones score K rows.
             check_flops = len(checks) * self.head + (checks - 1).sum() * self.candidate
         elif self.check == "head":
