@@ -168,3 +168,57 @@ def test_traced_static_confidences_predict_the_engines_exits(tiny_model, tmp_pat
 def _save(traces, path):
     traces.save(path)
     return path
+
+
+def test_preset_shipped_with_the_model(tiny_dir, tmp_path):
+    """A model directory's exit_presets.json: {"preset": "tuned"} runs what the preset holds (its static check
+    vocabulary relative to the directory); an unknown preset names the field; a request naming a preset starts
+    from it, not from the deployment default."""
+    import shutil
+
+    from layerexit.models.exit_presets import write_exit_presets
+    from layerexit.models.loading import load_model_and_tokenizer
+    from layerexit.serving.protocol import EarlyExitRequest, merge_exit_config
+
+    d = tmp_path / "model"
+    shutil.copytree(tiny_dir, d)
+    model, _ = load_model_and_tokenizer(str(d))
+    V = model.config.vocab_size
+    _vocab_file(d / "check_vocab.json", range(0, 80, 2), V)
+    preset = {"policy": "confidence", "thresholds": {1: 0.05, 2: 0.05, 3: 0.05}, "kv": "propagate",
+              "check_head": "static", "check_vocab": 40, "check_vocab_file": "check_vocab.json",
+              "measured": {"flops_ratio": 0.5}}
+    write_exit_presets(d, {"tuned": preset})
+    model, _ = load_model_and_tokenizer(str(d))
+    engine = EarlyExitEngine(model, set(), 0)
+    sp = SamplingParams(max_new_tokens=6)
+    explicit = ExitConfig(**{**{k: v for k, v in preset.items() if k != "measured"},
+                             "check_vocab_file": str(d / "check_vocab.json")})
+    want = engine.generate(PROMPTS, explicit, sp)
+    got = engine.generate(PROMPTS, ExitConfig(preset="tuned"), sp)
+    assert [r.token_ids for r in got] == [r.token_ids for r in want]
+    assert [r.flops for r in got] == [r.flops for r in want]
+    assert any(l < 4 for r in got for l in r.exit_layers)
+    # an explicit field wins over the preset's
+    deep = engine.generate(PROMPTS, ExitConfig(preset="tuned", thresholds={1: 1.0, 2: 1.0, 3: 1.0}), sp)
+    assert all(l == 4 for r in deep for l in r.exit_layers)
+    with pytest.raises(ConfigError, match="preset 'fast'"):
+        engine.generate(PROMPTS, ExitConfig(preset="fast"), sp)
+    merged = merge_exit_config(ExitConfig(policy="confidence", thresholds="paper-7b"), EarlyExitRequest(preset="tuned"))
+    assert merged.preset == "tuned" and merged.model_fields_set == {"preset"}
+
+
+def test_confirmation_runs_the_searched_check_head():
+    from layerexit.tuning.confirm import exit_config_for
+    from layerexit.tuning.pareto import Point, cheapest_at, fronts_by
+
+    p = Point("t", 0.8, 0.9, {8: 0.7}, "trial", {"check_head": "static:512"})
+    cfg = ExitConfig(**exit_config_for(p, "propagate", check_vocab_file="/x/v.json"))
+    assert (cfg.check_head, cfg.check_vocab, cfg.check_vocab_file) == ("static", 512, "/x/v.json")
+    q = Point("c", 0.9, 0.95, {8: 0.7}, "trial", {"check_head": "candidates:64"})
+    assert ExitConfig(**exit_config_for(q, "propagate")).resolved_check_head() == "candidates"
+    final = Point("final", 1.0, 1.0, {}, "final")
+    fronts = fronts_by([p, q, Point("u", 0.95, 0.85, {8: 0.6}, "trial", {"check_head": "static:512"})],
+                       "check_head", final)
+    assert set(fronts) == {"static:512", "candidates:64"}
+    assert cheapest_at(fronts["static:512"], 0.9).name == "t"

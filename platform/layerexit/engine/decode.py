@@ -205,7 +205,10 @@ class EarlyExitEngine:
         self-speculative config at no draft cost (k = its ``num_draft``), instead of its draft source."""
         from layerexit.engine.loop import DecodeLoop
 
-        exit_config = apply_draft_settings(exit_config or ExitConfig(), draft_settings_of(self.model))
+        from layerexit.models.exit_presets import apply_exit_preset, exit_presets_of
+
+        exit_config = apply_exit_preset(exit_config or ExitConfig(), exit_presets_of(self.model))
+        exit_config = apply_draft_settings(exit_config, draft_settings_of(self.model))
         params = self.sampling_list(sampling, len(prompts))
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ConfigError("every prompt needs at least one token", "pass non-empty prompts")

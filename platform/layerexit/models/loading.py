@@ -114,6 +114,9 @@ def attach_shipped_adapters(model, tokenizer, location: str | Path) -> dict:
     is_dir = Path(str(location)).is_dir()
     if is_dir:
         attach_draft_settings(model, read_draft_settings(location))
+        from layerexit.models.exit_presets import attach_exit_presets, read_exit_presets
+
+        attach_exit_presets(model, read_exit_presets(location))
     found = find_adapters_dir(location) if is_dir else None
     if found is None:
         return {}

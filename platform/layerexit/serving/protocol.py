@@ -120,6 +120,9 @@ class EarlyExitRequest(BaseModel):
     num_draft: int | None = Field(None, description="Draft tokens per verification (self-speculative).")
     check_vocab: int | str | None = Field(None, description="Exit checks over the full vocabulary (\"full\") or the top-K "
                                           "candidates of a token's first check (an int K).")
+    check_head: str | None = Field(None, description="Head exit checks score over: full, candidates or static.")
+    preset: str | None = Field(None, description="An exit preset the served model ships (e.g. \"tuned\", registered by "
+                               "the threshold search): the request starts from it instead of the deployment default.")
     draft: str | None = Field(None, description="Self-speculative draft source: layer, ngram or layer+ngram.")
     draft_stop: float | None = Field(None, description="Draft-confidence threshold that ends a layer draft "
                                      "(dynamic draft length); unset keeps num_draft fixed.")
@@ -149,6 +152,8 @@ def merge_exit_config(default: ExitConfig, override: EarlyExitRequest | None) ->
     if not given:
         return default
     base = default.model_dump(exclude_none=True)
+    if "preset" in given:  # a preset request starts from the preset, not from the deployment default
+        return ExitConfig.model_validate(given)
     if "policy" in given and given["policy"] != default.policy:
         base.pop("layer", None)
         base.pop("exit_layers", None)

@@ -95,6 +95,9 @@ class QualitySettings(StrictModel):
         "spacy", description="Metric of the confirmation runs (and of the constraint): token agreement with the final "
         "layer's response, spaCy en_core_web_sm similarity (paper Table 2), or MiniLM embedding cosine. Trials "
         "themselves always score token agreement on traces (the cheap proxy).")
+    also: Literal["agreement", "spacy", "minilm"] | None = Field(
+        None, description="A second metric every confirmation also measures; the chosen set must reach `min` in "
+        "both (e.g. metric spacy, also minilm).")
     min: float = Field(0.9, ge=0.0, le=1.0, description="Minimum mean quality (of `metric`) the chosen set must reach "
                        "in the confirmation runs; if none does, the best found is reported and the job exits 3.")
     min_trace_agreement: float | None = Field(
@@ -241,6 +244,20 @@ class TuneSearchConfig(StrictModel):
         "full", description="How confidence checks are computed, searched for, confirmed with and exported with: "
         "\"full\" (every check is a full LM head) or an int K >= 1 (candidate-set checks: a token's first check is "
         "a full head keeping its top-K tokens, later checks score those K rows only). Ignored by policy probe.")
+    check_heads: list[str] | None = Field(
+        None, description="Check heads searched along with the thresholds (a categorical of the Tune space; policy "
+        "confidence): \"full\", \"candidates:K\" (top-K of a token's first check) or \"static:N\" (the first N ids "
+        "of check_vocab_file; a row that exits takes the full head's token). Unset: check_vocab alone.")
+    check_vocab_file: str | None = Field(
+        None, description="Static check vocabulary for static:N heads (`python -m layerexit.engine.draft_vocab`, made "
+        "for this model's tokenizer, at least max N ids). Unset: built from the model's own greedy answers on "
+        "check_vocab_prompts training-split instructions, into output_dir.")
+    check_vocab_prompts: int = Field(64, ge=1, description="Training-split instructions the model answers to build "
+                                     "the static check vocabulary when check_vocab_file is unset.")
+    preset: str | None = Field(
+        "tuned", description="Name the confirmed setting is registered under with the model (exit_presets.json in "
+        "a new version of the registered model, aliased with this name) when the model comes from the MLflow "
+        "registry and the constraint is met; null: not registered.")
     space: SearchSpaceSettings
     quality: QualitySettings = Field(default_factory=QualitySettings)
     search: SearchSettings = Field(default_factory=SearchSettings)
@@ -251,6 +268,21 @@ class TuneSearchConfig(StrictModel):
     export: ExportSettings = Field(default_factory=ExportSettings)
     output_dir: str = Field("outputs/tune", description="Traces, Pareto front, report, exports and Ray results.")
     show_progress: bool = Field(True, description="Progress bars while generating and tracing.")
+
+    @field_validator("check_heads")
+    @classmethod
+    def _known_heads(cls, value):
+        if value is None:
+            return value
+        from layerexit.engine.traces import parse_check_spec
+
+        if not value:
+            raise ValueError("check_heads names no head: list full, candidates:K or static:N (or leave it unset)")
+        for spec in value:
+            parse_check_spec(spec)
+        if len(set(value)) != len(value):
+            raise ValueError("check_heads must be unique")
+        return value
 
     @field_validator("check_vocab")
     @classmethod

@@ -80,11 +80,30 @@ class ModelWorker:
         return hf_greedy_generate_batched(self.model, prompt_ids, max_new_tokens, self.pad, batch_size=batch_size,
                                           eos=self.eos, show_progress=self.show_progress)
 
-    def traces(self, prompt_ids, responses, layers: Sequence[int], keep_hidden: bool = False):
+    def traces(self, prompt_ids, responses, layers: Sequence[int], keep_hidden: bool = False,
+               check_heads: Mapping[str, Sequence[int] | None] | None = None):
         from layerexit.engine.traces import record_traces
 
         return record_traces(self.model, prompt_ids, responses, layers, show_progress=self.show_progress,
-                             keep_hidden=keep_hidden)
+                             keep_hidden=keep_hidden, check_heads=dict(check_heads) if check_heads else None)
+
+    def check_vocab(self, path: str | None, size: int, prompts: int, out_path: str) -> tuple[str, list[int]]:
+        """(file, its first ``size`` ids) of the static check vocabulary: ``path`` checked against this model's
+        tokenizer (ConfigError naming check_vocab / check_vocab_file), or, without one, built from the model's own
+        greedy answers on ``prompts`` training-split instructions and saved to ``out_path``."""
+        from layerexit.engine.heads import load_check_vocab, save_draft_vocab
+
+        vocab = int(self.model.config.vocab_size)
+        if not 1 <= size <= vocab:
+            raise ConfigError(f"check_heads: check_vocab {size} (static:{size}) is outside 1..{vocab} (this model's "
+                              "vocabulary)", f"use static:N with N <= {vocab}")
+        if path is None:
+            from layerexit.engine.draft_vocab import build_for_model
+
+            ids = build_for_model(self.model, self.tokenizer, size, limit=prompts, max_new_tokens=64,
+                                  show_progress=self.show_progress)
+            path = str(save_draft_vocab(out_path, ids, self.tokenizer))
+        return path, load_check_vocab(path, size, vocab, tokenizer=self.tokenizer)
 
     def generate(self, prompt_ids: Sequence[Sequence[int]], exit_config: Mapping[str, Any], max_new_tokens: int,
                  batch_size: int = 1) -> dict[str, Any]:
@@ -183,11 +202,14 @@ class Reference:
 
 
 def run_candidate(worker, ref: Reference, point: Point, exit_config: Mapping[str, Any], metric: str,
-                  max_new_tokens: int, batch_size: int, kind: str = "confirmed") -> Point:
+                  max_new_tokens: int, batch_size: int, kind: str = "confirmed",
+                  second_metric: str | None = None) -> Point:
     """Generate with ``exit_config`` and score against the reference: FLOPs ratio and quality from real outputs."""
     out = worker.generate(ref.prompt_ids, dict(exit_config), max_new_tokens, batch_size)
     texts = worker.decode(out["token_ids"])
     scores = quality_scores(metric, ref.token_ids, out["token_ids"], ref.texts, texts)
+    second = float(np.mean(quality_scores(second_metric, ref.token_ids, out["token_ids"], ref.texts, texts))) \
+        if second_metric and second_metric != metric else None
     from layerexit.evaluation.similarity import token_agreement
 
     agreement = [token_agreement(a, b).agreement for a, b in zip(ref.token_ids, out["token_ids"], strict=True)]
@@ -197,15 +219,31 @@ def run_candidate(worker, ref: Reference, point: Point, exit_config: Mapping[str
              "identical": float(np.mean([a == b for a, b in zip(ref.token_ids, out["token_ids"], strict=True)])),
              "trace_flops_ratio": point.flops_ratio if point.extra.get("scored_on") == "traces" else None,
              "trace_agreement": point.quality if point.extra.get("scored_on") == "traces" else None,
-             "scored_on": "generation", "policy": exit_config.get("policy")}
+             "scored_on": "generation", "policy": exit_config.get("policy"),
+             **({"check_head": point.extra["check_head"]} if point.extra.get("check_head") else {}),
+             **({second_metric: second} if second is not None else {})}
     ratio = out["flops"] / out["flops_full"] if out["flops_full"] else 1.0
     return Point(point.name, float(ratio), float(np.mean(scores)), dict(point.thresholds), kind, extra)
 
 
+def check_fields(spec: str | None, check_vocab_file: str | None = None) -> dict[str, Any]:
+    """ExitConfig fields of a check head spec (full, candidates:K, static:N)."""
+    from layerexit.engine.traces import parse_check_spec
+
+    if spec in (None, "full"):
+        return {}
+    head, size = parse_check_spec(spec)
+    out: dict[str, Any] = {"check_head": head, "check_vocab": int(size)}
+    if head == "static":
+        out["check_vocab_file"] = check_vocab_file
+    return out
+
+
 def exit_config_for(point: Point, kv: str, classifier=None, probe=None,
-                    check_vocab: int | str = "full") -> dict[str, Any]:
+                    check_vocab: int | str = "full", check_vocab_file: str | None = None) -> dict[str, Any]:
     """The engine ExitConfig (as a dict) a point stands for (``extra["policy"] == "probe"``: thresholds over
-    ``probe``'s probabilities; ``check_vocab`` applies to confidence checks)."""
+    ``probe``'s probabilities; ``check_vocab`` applies to confidence checks; ``extra["check_head"]``, a searched
+    check head, wins over it)."""
     if point.kind == "classifier":
         return {"policy": "classifier", "classifier": classifier.model_dump(), "kv": kv}
     if not point.thresholds:
@@ -216,19 +254,23 @@ def exit_config_for(point: Point, kv: str, classifier=None, probe=None,
             raise ValueError(f"point {point.name} gates a probe, but no probe was given")
         return {"policy": "probe", "probe": probe.model_dump(), "thresholds": table, "kv": kv}
     out = {"policy": "confidence", "thresholds": table, "kv": kv}
-    if check_vocab != "full":
+    if point.extra.get("check_head"):
+        out.update(check_fields(point.extra["check_head"], check_vocab_file))
+    elif check_vocab != "full":
         out["check_vocab"] = int(check_vocab)
     return out
 
 
 def confirm_candidates(worker, ref: Reference, candidates: Sequence[Point], metric: str, max_new_tokens: int,
                        batch_size: int = 1, kv: str = "recompute", classifier=None, kind: str = "confirmed",
-                       log=None, probe=None, check_vocab: int | str = "full") -> list[Point]:
-    """Run every candidate with real generation; returns confirmed points (real FLOPs ratio and quality)."""
+                       log=None, probe=None, check_vocab: int | str = "full",
+                       check_vocab_file: str | None = None, second_metric: str | None = None) -> list[Point]:
+    """Run every candidate with real generation; returns confirmed points (real FLOPs ratio and quality;
+    ``second_metric``'s mean in ``extra[second_metric]`` too)."""
     out = []
     for p in candidates:
-        c = run_candidate(worker, ref, p, exit_config_for(p, kv, classifier, probe, check_vocab), metric, max_new_tokens,
-                          batch_size, kind)
+        c = run_candidate(worker, ref, p, exit_config_for(p, kv, classifier, probe, check_vocab, check_vocab_file),
+                          metric, max_new_tokens, batch_size, kind, second_metric)
         if log is not None:
             log(c)
         out.append(c)

@@ -188,3 +188,43 @@ def user_config_yaml(user_config: Mapping[str, Any]) -> str:
     buf = io.StringIO()
     y.dump({"user_config": data}, buf)
     return buf.getvalue()
+
+
+def register_exit_preset(registered_name: str, model_dir: str | Path | None, preset: str,
+                         block: Mapping[str, Any], measured: Mapping[str, Any], work_dir: str | Path, run_id: str,
+                         tracking_uri: str | None = None) -> dict[str, Any]:
+    """Register ``model_dir`` again with the exit preset ``preset`` (``block``: ExitConfig fields, plus what it
+    ``measured``) in its ``exit_presets.json``, as a new version of ``registered_name`` aliased ``preset``, logged
+    into run ``run_id``. A static check vocabulary travels with it (``check_vocab.json``, relative)."""
+    import shutil
+
+    import mlflow
+
+    from layerexit.models.exit_presets import read_exit_presets, write_exit_presets
+    from layerexit.tracking import log_hf_model, setup_tracking
+
+    if model_dir is None or not Path(model_dir).is_dir():
+        raise ConfigError(f"preset {preset!r}: the model's local directory is unknown", "tune a models:/ URI")
+    work = Path(work_dir)
+    if work.exists():
+        shutil.rmtree(work)
+    shutil.copytree(model_dir, work)
+    entry = {k: v for k, v in dict(block).items() if v is not None}
+    if entry.get("check_vocab_file"):
+        shutil.copyfile(entry["check_vocab_file"], work / "check_vocab.json")
+        entry["check_vocab_file"] = "check_vocab.json"
+    if entry.get("policy") == "probe":
+        shutil.copyfile(entry["thresholds"], work / "exit_thresholds.yaml")
+        entry["thresholds"] = "exit_thresholds.yaml"
+    entry["measured"] = dict(measured)
+    presets = read_exit_presets(work)
+    presets = {k: {kk: (Path(vv).name if kk in ("check_vocab_file",) and isinstance(vv, str) else vv)
+                   for kk, vv in v.items()} for k, v in presets.items()}
+    presets[preset] = entry
+    write_exit_presets(work, presets)
+    setup_tracking(tracking_uri)
+    active = mlflow.active_run()
+    if active is not None and active.info.run_id == run_id:
+        return log_hf_model(work, registered_name=registered_name, alias=preset)
+    with mlflow.start_run(run_id=run_id, nested=active is not None):
+        return log_hf_model(work, registered_name=registered_name, alias=preset)

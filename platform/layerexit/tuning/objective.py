@@ -183,6 +183,18 @@ class TraceScorer:
         checked = sorted(int(l) for l in thresholds if int(l) < self.L)
         return self.score_exits(*self.threshold_exits(thresholds), num_checked=len(checked), checked_layers=checked)
 
+    def oracle(self, layers: Sequence[int] | None = None) -> Score:
+        """The ceiling of these exits: every token leaves at the first of ``layers`` (default: every traced exit)
+        whose top-1 equals the final layer's, decided for free (no check FLOPs, one head per token)."""
+        layers = [int(l) for l in (layers if layers is not None else self.layers[:-1])]
+        cols = [self.col[l] for l in sorted(layers)]
+        fires = self.agree[:, cols] if cols else np.zeros((self.n, 0), dtype=bool)
+        exit_col, _ = self._first_exit(cols, fires)
+        layer_of = np.array(self.layers)[exit_col]
+        flops = float(self._layer_flops(layer_of) + self.n * self.head)
+        share = {l: float((layer_of == l).mean()) for l in sorted(set(layer_of.tolist()))}
+        return Score(flops / self.flops_full, 1.0, float(layer_of.mean()), 0.0, share, flops, self.flops_full)
+
     def score_exits(self, exit_col: np.ndarray, checks: np.ndarray, num_checked: int | None = None,
                     checked_layers: Sequence[int] | None = None) -> Score:
         """``checked_layers``: the intermediate layers checked, in order (default: every traced one)."""

@@ -126,3 +126,46 @@ def plot_front(trials: Sequence[Point], front: Sequence[Point], references: Sequ
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def fronts_by(trials: Sequence[Point], key: str, final: Point | None = None) -> dict[str, list[Point]]:
+    """The Pareto front of each group of trials (grouped by ``extra[key]``, e.g. the check head), each with the
+    final layer as the no-exit end when given."""
+    groups: dict[str, list[Point]] = {}
+    for p in trials:
+        groups.setdefault(str(p.extra.get(key)), []).append(p)
+    return {g: pareto_front([*ps, *([final] if final is not None else [])]) for g, ps in sorted(groups.items())}
+
+
+def cheapest_at(front: Sequence[Point], min_quality: float) -> Point | None:
+    """The cheapest point of ``front`` reaching ``min_quality`` (None if none does)."""
+    ok = [p for p in front if p.quality >= min_quality]
+    return min(ok, key=lambda p: p.flops_ratio) if ok else None
+
+
+def plot_fronts(fronts: dict[str, Sequence[Point]], path: str | Path, title: str, oracle: float | None = None,
+                quality_label: str = "agreement with final layer (traces)") -> Path:
+    """One step line per group's front (e.g. per check head): how the check head moves the front."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for name, front in fronts.items():
+        xs, ys = [p.flops_ratio for p in front], [p.quality for p in front]
+        ax.step(xs, ys, where="post", lw=1.5, label=f"{name} ({len(front)} points)")
+        ax.scatter(xs, ys, s=14)
+    if oracle is not None:
+        ax.axvline(oracle, ls=":", c="black", lw=1, label=f"oracle ceiling {oracle:.2f}x")
+    ax.axvline(1.0, ls="--", c="0.5", lw=1)
+    ax.set_xlabel("FLOPs ratio vs final layer (traces)")
+    ax.set_ylabel(quality_label)
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -38,6 +38,7 @@ from layerexit.tuning.space import ThresholdSpace
 
 METRICS = ("flops_ratio", "quality")
 MODES = ("min", "max")
+CHECK_HEAD_KEY = "check_head"
 EXIT_CONSTRAINT_NOT_MET = 3
 
 
@@ -49,6 +50,8 @@ def _trial(config: dict, scorer: TraceScorer, space: ThresholdSpace, before_tria
     thresholds = space.thresholds(config)
     if before_trial is not None:
         before_trial(thresholds)
+    if isinstance(scorer, Mapping):  # the check head is a dimension of the space: its own pricing and confidences
+        scorer = scorer[config[CHECK_HEAD_KEY]]
     score = scorer.score(thresholds)
     metrics: dict[str, Any] = score.metrics()
     metrics["quality"] = score.agreement
@@ -65,10 +68,12 @@ class SearchResult:
     storage: str
 
 
-def run_search(scorer: TraceScorer, space: ThresholdSpace, settings: SearchSettings, storage_dir: str | Path,
-               name: str = "tune-thresholds", callbacks: Sequence = (), before_trial: Callable | None = None,
-               seed_points: Sequence[Mapping[int, float]] = ()) -> SearchResult:
-    """Run the Ray Tune search over ``space`` (Ray must be initialised). Failed trials are collected, not raised."""
+def run_search(scorer: TraceScorer | Mapping[str, TraceScorer], space: ThresholdSpace, settings: SearchSettings,
+               storage_dir: str | Path, name: str = "tune-thresholds", callbacks: Sequence = (),
+               before_trial: Callable | None = None, seed_points: Sequence[Mapping[int, float]] = ()) -> SearchResult:
+    """Run the Ray Tune search over ``space`` (Ray must be initialised). Failed trials are collected, not raised.
+    ``scorer`` as {check head spec: scorer} makes the check head a categorical dimension of the search (every seed
+    point is evaluated with every head); each trial's point records its ``check_head``."""
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -77,17 +82,23 @@ def run_search(scorer: TraceScorer, space: ThresholdSpace, settings: SearchSetti
         params["before_trial"] = before_trial
     trainable = tune.with_resources(tune.with_parameters(_trial, **params), {"cpu": settings.trial_cpus})
     param_space = space.tune_space(settings.algorithm, settings.grid_points)
+    heads = list(scorer) if isinstance(scorer, Mapping) else None
+    if heads:
+        param_space[CHECK_HEAD_KEY] = tune.grid_search(heads) if settings.algorithm == "grid" else tune.choice(heads)
     num_samples = settings.num_trials
     if settings.algorithm == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
-        points = [p for p in (space.params_for(t) for t in seed_points) if p is not None][: settings.num_trials]
+        points = [p for p in (space.params_for(t) for t in seed_points) if p is not None]
+        if heads:
+            points = [{**p, CHECK_HEAD_KEY: h} for p in points for h in heads]
+        points = points[: settings.num_trials]
         search_alg = OptunaSearch(metric=list(METRICS), mode=list(MODES), points_to_evaluate=points or None,
                                   seed=settings.seed)
     elif settings.algorithm == "random":
         search_alg = BasicVariantGenerator(random_state=settings.seed)
     else:
-        size = space.grid_size(settings.grid_points)
+        size = space.grid_size(settings.grid_points) * (len(heads) if heads else 1)
         if size > settings.num_trials:
             raise ConfigError(f"the grid has {size} points, over the trial budget of {settings.num_trials}",
                               "lower search.grid_points, tune fewer layers, or raise search.num_trials")
@@ -104,7 +115,8 @@ def run_search(scorer: TraceScorer, space: ThresholdSpace, settings: SearchSetti
         trials.append(Point(f"trial-{trial_id}", float(m["flops_ratio"]), float(m["quality"]),
                             space.thresholds(r.config or {}), "trial",
                             {"scored_on": "traces", "mean_exit_layer": m.get("mean_exit_layer"),
-                             "checks_per_token": m.get("checks_per_token")}))
+                             "checks_per_token": m.get("checks_per_token"),
+                             **({"check_head": (r.config or {}).get(CHECK_HEAD_KEY)} if heads else {})}))
     return SearchResult(trials, failed, seconds, path)
 
 
@@ -329,13 +341,31 @@ def _run(cfg, space, worker, val_texts, report_texts, out_dir, serve_config, con
     presets = {name: {l: v for l, v in map_preset(name, L).items() if l < L} for name in cfg.reference.presets}
     seeds = {name: {l: v for l, v in map_preset(name, L).items() if l < L} for name in cfg.search.seed_presets}
     traced = sorted(set(space.layers).union(*[set(p) for p in presets.values()]))
-    traces = worker.traces(val_ids, val_resp, traced, keep_hidden=cfg.policy == "probe")
+    # Check heads searched with the thresholds: traces record the confidences each one sees.
+    heads = list(cfg.check_heads) if cfg.check_heads and cfg.policy == "confidence" else None
+    check_file, head_ids = None, {}
+    if heads:
+        from layerexit.engine.traces import parse_check_spec
+
+        sizes = {h: int(parse_check_spec(h)[1]) for h in heads if h.startswith("static:")}
+        if sizes:
+            check_file, ids = worker.check_vocab(cfg.check_vocab_file, max(sizes.values()), cfg.check_vocab_prompts,
+                                                 str((out_dir / "check_vocab.json").resolve()))
+            head_ids = {h: ids[:n] for h, n in sizes.items()}
+        seconds["check_vocab"] = time.perf_counter() - t
+    traced_heads = {h: head_ids.get(h) for h in heads if h != "full"} if heads else None
+    traces = worker.traces(val_ids, val_resp, traced, keep_hidden=cfg.policy == "probe", check_heads=traced_heads)
     traces.save(out_dir / "traces.npz")
     seconds["traces"] = time.perf_counter() - t
     accounting = cfg.kv if cfg.search.flops == "exact" else "per-token"
     # Checks priced as the engine computes them (candidate-set K or full heads), rows as Serve batches them.
     scorer = TraceScorer(traces, info.flops, accounting, check_vocab=cfg.check_vocab,
                          batch_size=cfg.search.batch_size, adapter_flops=info.adapter_flops)  # confidence rules: presets, the classifier
+    head_scorers = {h: TraceScorer(traces, info.flops, accounting, batch_size=cfg.search.batch_size,
+                                   adapter_flops=info.adapter_flops, check_head=h) for h in heads} if heads else None
+    oracle = scorer.oracle(space.layers)
+    notes.append(f"oracle ceiling of exits {list(space.layers)} on the validation traces (each token at its first "
+                 f"agreeing exit, decided for free): FLOPs ratio {oracle.flops_ratio:.3f}")
     probe = None
     search_scorer = scorer
     if cfg.policy == "probe":
@@ -344,6 +374,8 @@ def _run(cfg, space, worker, val_texts, report_texts, out_dir, serve_config, con
                                               cfg.reference.classifier_min_precision)
         search_scorer = TraceScorer(probe_traces(probe, traces), info.flops, accounting, check="probe",
                                     batch_size=cfg.search.batch_size, adapter_flops=info.adapter_flops)
+    elif head_scorers:
+        search_scorer = head_scorers
     console.print(f"final layer's responses ({seconds['final_responses']:.1f} s); traces: {len(traces.sequence)} "
                   f"tokens x {len(traced)} exit layers ({seconds['traces']:.1f} s); one LM head = "
                   f"{info.flops.head_in_layers():.2f} layers")
@@ -370,7 +402,8 @@ def _run(cfg, space, worker, val_texts, report_texts, out_dir, serve_config, con
         def describe(config: dict) -> dict:
             thr = space.thresholds(config)
             return {"thresholds": json.dumps({str(k): v for k, v in thr.items()}),
-                    **{f"thr_{l:02d}": v for l, v in thr.items()}}
+                    **{f"thr_{l:02d}": v for l, v in thr.items()},
+                    **({CHECK_HEAD_KEY: config[CHECK_HEAD_KEY]} if CHECK_HEAD_KEY in config else {})}
 
         callbacks.append(NestedTrialRuns(run.run_id, cfg.mlflow.tracking_uri, describe,
                                          ("flops_ratio", "quality", "mean_exit_layer", "checks_per_token")))
@@ -396,6 +429,7 @@ def _run(cfg, space, worker, val_texts, report_texts, out_dir, serve_config, con
     # 3./4. confirmation by real generation on the validation prompts
     t = time.perf_counter()
     metric = cfg.quality.metric
+    second_metric = cfg.quality.also
     floor = cfg.quality.candidate_floor()
     eligible = [p for p in front if p.quality >= floor]
     if not eligible:
@@ -409,10 +443,11 @@ def _run(cfg, space, worker, val_texts, report_texts, out_dir, serve_config, con
                                                       "trace_flops_ratio": 1.0, "trace_agreement": 1.0})
         else:
             c = confirm_candidates(worker, val_ref, [p], metric, cfg.prompts.max_new_tokens, cfg.confirm.batch_size,
-                                   cfg.kv, probe=probe, check_vocab=cfg.check_vocab)[0]
+                                   cfg.kv, probe=probe, check_vocab=cfg.check_vocab, check_vocab_file=check_file,
+                                   second_metric=second_metric)[0]
         console.print(f"  confirmed {c.name}: FLOPs ratio {c.flops_ratio:.3f} (traces "
                       f"{c.extra['trace_flops_ratio']:.3f}), {metric} {c.quality:.3f}, token agreement "
-                      f"{c.extra['agreement']:.3f}  {_fmt_thr(c.thresholds)}")
+                      f"{c.extra['agreement']:.3f}  {_fmt_thr(c.thresholds)} {c.extra.get('check_head') or ''}")
         return c
 
     if cfg.confirm.strategy == "bisect":
@@ -421,7 +456,8 @@ def _run(cfg, space, worker, val_texts, report_texts, out_dir, serve_config, con
         confirmed = [confirm(p) for p in spread(eligible, cfg.confirm.top_k)]
     seconds["confirm"] = time.perf_counter() - t
     tuned = [c for c in confirmed if c.thresholds]
-    ok = [c for c in tuned if c.quality >= cfg.quality.min]
+    ok = [c for c in tuned if c.quality >= cfg.quality.min and (
+        second_metric is None or c.extra.get(second_metric, 1.0) >= cfg.quality.min)]
     constraint_met = bool(ok) or (any(c.kind == "final" for c in confirmed) and not tuned)
     if ok:
         best_tuned = min(ok, key=lambda c: (c.flops_ratio, -c.quality))
@@ -456,15 +492,19 @@ def _run(cfg, space, worker, val_texts, report_texts, out_dir, serve_config, con
         rep_resp = worker.final_responses(rep_ids, cfg.prompts.max_new_tokens, cfg.prompts.batch_size)
         rep_ref = Reference(rep_ids, rep_resp, worker.decode(rep_resp))
         rows = [Point("tuned", best_tuned.flops_ratio, best_tuned.quality, best_tuned.thresholds, "trial",
-                      {"policy": cfg.policy})] if best_tuned is not None else []
+                      {"policy": cfg.policy, **({"check_head": best_tuned.extra["check_head"]}
+                                                if best_tuned.extra.get("check_head") else {})})
+                ] if best_tuned is not None else []
         rows += [p for p in references if p.kind in ("preset", "classifier")]
         for p in rows:
             c = confirm_candidates(worker, rep_ref, [p], metric, cfg.prompts.max_new_tokens, cfg.confirm.batch_size,
                                    cfg.kv, classifier, kind=p.kind if p.kind != "trial" else "tuned", probe=probe,
-                                   check_vocab=cfg.check_vocab)[0]
+                                   check_vocab=cfg.check_vocab, check_vocab_file=check_file,
+                                   second_metric=second_metric)[0]
             report.append(c)
             console.print(f"  held-out {c.name}: FLOPs ratio {c.flops_ratio:.3f}, {metric} {c.quality:.3f}, "
-                          f"token agreement {c.extra['agreement']:.3f}")
+                          + (f"{second_metric} {c.extra.get(second_metric, float('nan')):.3f}, " if second_metric
+                             else "") + f"token agreement {c.extra['agreement']:.3f}")
         report.append(Point("final", 1.0, 1.0, {}, "final", {"agreement": 1.0, "scored_on": "definition",
                                                              "prompts": len(rep_ids)}))
         seconds["report"] = time.perf_counter() - t
@@ -484,6 +524,24 @@ def _run(cfg, space, worker, val_texts, report_texts, out_dir, serve_config, con
     write_thresholds_file(thr_path, info.name, L, chosen.thresholds, source, probe=chosen_probe)
     block = user_config_block(chosen.thresholds, cfg.kv, "probe" if chosen_probe is not None else "confidence",
                               thr_path, cfg.check_vocab)
+    if chosen.thresholds and chosen.extra.get("check_head") and chosen_probe is None:
+        from layerexit.tuning.confirm import check_fields
+
+        block.pop("check_vocab", None)
+        block.update(check_fields(chosen.extra["check_head"], check_file))
+    if head_scorers:
+        from layerexit.tuning.pareto import cheapest_at, fronts_by, plot_fronts
+
+        by_head = fronts_by(result.trials, "check_head", references[0])
+        files["pareto_heads_png"] = str(plot_fronts(
+            by_head, out_dir / "pareto_heads.png", f"{info.name}: Pareto front per check head (traces)",
+            oracle=oracle.flops_ratio))
+        for head, hf in by_head.items():
+            parts = []
+            for q in (0.99, 0.95, 0.9):
+                c = cheapest_at(hf, q)
+                parts.append(f"agreement >= {q:g}: {c.flops_ratio:.3f}x" if c is not None else f">= {q:g}: -")
+            notes.append(f"front of check head {head} ({len(hf)} points, traces): " + "; ".join(parts))
     uc_path = out_dir / "user_config.yaml"
     uc_path.write_text(user_config_yaml(block))
     files.update({"traces": str(out_dir / "traces.npz"), "trials": str(trials_csv), "front": str(front_csv),
@@ -497,6 +555,24 @@ def _run(cfg, space, worker, val_texts, report_texts, out_dir, serve_config, con
             console.print(f"rewrote user_config in {serve_config} (apply with `serve deploy {serve_config}`)")
         else:
             notes.append(f"{serve_config} left unchanged: the constraint was not met")
+    if cfg.preset and run is not None and info.registered and chosen.thresholds:
+        from layerexit.tuning.export import register_exit_preset
+
+        measured = {"flops_ratio": round(chosen.flops_ratio, 4), metric: round(chosen.quality, 4),
+                    **({second_metric: round(float(chosen.extra[second_metric]), 4)}
+                       if second_metric and second_metric in chosen.extra else {}),
+                    "prompts": "validation", "constraint_met": constraint_met,
+                    **{f"heldout_{k}": round(float(v), 4) for p in report if p.name == "tuned"
+                       for k, v in (("flops_ratio", p.flops_ratio), (metric, p.quality),
+                                    *(((second_metric, p.extra[second_metric]),) if second_metric in p.extra
+                                      else ()))}}
+        reg = register_exit_preset(info.registered[0], info.local_dir, cfg.preset, block, measured,
+                                   out_dir / "model_with_presets", run.run_id, cfg.mlflow.tracking_uri)
+        files["preset_model"] = reg["model_uri"]
+        notes.append(f"registered preset {cfg.preset!r} with {info.registered[0]} version {reg['version']} (alias "
+                     f"{cfg.preset}): {reg['model_uri']}")
+        console.print(f"registered preset [bold]{cfg.preset}[/] as models:/{info.registered[0]}@{cfg.preset} "
+                      f"(version {reg['version']})")
     outcome = TuneOutcome(constraint_met, chosen, dict(chosen.thresholds), block, best_tuned, result.trials,
                           result.failed, front, references, confirmed, report, files,
                           run.run_id if run is not None else None, seconds, notes)
@@ -528,7 +604,7 @@ def _log_outcome(run, outcome: TuneOutcome, cfg: TuneSearchConfig, info) -> None
         from layerexit.evaluation.mlflow_report import log_overview_png
 
         log_overview_png(run, outcome.files["pareto_png"], "pareto_front")
-    for key in ("pareto_png", "trials", "front", "report", "summary", "user_config"):
+    for key in ("pareto_png", "pareto_heads_png", "trials", "front", "report", "summary", "user_config"):
         if key in outcome.files:
             run.log_artifact(outcome.files[key], "tune")
     run.log_artifact(outcome.files["thresholds"], "thresholds")
