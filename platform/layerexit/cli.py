@@ -225,6 +225,9 @@ def bench(
         help="k of the 'replay (free perfect draft)' rows (the final layer's own answer as the draft: the loop's own "
         "ceiling), comma-separated; 'auto': 1,2,3,4,5 when a configuration is self-speculative; 'none': no rows.")
     ] = "auto",
+    similarity: Annotated[bool, typer.Option(
+        "--similarity", help="Add spaCy and MiniLM similarity of each configuration's answers to `final`'s (the "
+        "same engine's `final` for compiled rows).")] = False,
 ) -> None:
     """Tokens/s and FLOPs/token of each configuration vs transformers generate (KV cache, greedy), with the
     weights loop, the memory-bandwidth floor and, for n-gram drafting, transformers' prompt-lookup decoding; for
@@ -274,6 +277,9 @@ def bench(
     configs.setdefault("final", ExitConfig(policy="final"))  # the reference for agreement / identical
     items = _prompt_texts(None, prompts, limit)
     m, tok = load_model_and_tokenizer(model, dtype=torch_dtype)
+    from layerexit.models.exit_presets import apply_exit_preset, exit_presets_of
+
+    configs = {name: apply_exit_preset(cfg, exit_presets_of(m)) for name, cfg in configs.items()}
     for cfg in configs.values():
         cfg.build_policy(m.config.num_hidden_layers)
     if assistant_early_exit is not None and assistant_early_exit >= m.config.num_hidden_layers:
@@ -283,10 +289,14 @@ def bench(
     if assistant_model is not None:
         draft, _ = load_model_and_tokenizer(str(assistant_model), dtype=torch_dtype)
     ids = [format_prompt(tok, p.prompt) for p in items]
-    rows, _ = run_bench(m, ids, configs, eos_ids(m, tok), tok.pad_token_id, max_new_tokens, batch_size,
-                        show_progress=not as_json, compile=compile, hf_compiled=compile or hf_compiled,
-                        assistant_early_exit=assistant_early_exit,
-                        assistant_model=draft, bandwidth_bytes=bandwidth_mib << 20, replay_ks=replay_ks)
+    rows, outputs = run_bench(m, ids, configs, eos_ids(m, tok), tok.pad_token_id, max_new_tokens, batch_size,
+                              show_progress=not as_json, compile=compile, hf_compiled=compile or hf_compiled,
+                              assistant_early_exit=assistant_early_exit,
+                              assistant_model=draft, bandwidth_bytes=bandwidth_mib << 20, replay_ks=replay_ks)
+    if similarity:
+        from layerexit.engine.bench import set_similarity
+
+        set_similarity(rows, outputs, lambda t: tok.decode(list(t), skip_special_tokens=True).strip())
     table = bench_markdown(rows)
     if markdown is not None:
         markdown.write_text(table + "\n")

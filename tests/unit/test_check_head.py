@@ -222,3 +222,25 @@ def test_confirmation_runs_the_searched_check_head():
                        "check_head", final)
     assert set(fronts) == {"static:512", "candidates:64"}
     assert cheapest_at(fronts["static:512"], 0.9).name == "t"
+
+
+def test_bench_similarity_and_preset_rows(tiny_dir, prompts_file, tmp_path, capsys):
+    """`layerexit bench --similarity` sets spaCy and MiniLM similarity to `final`'s answers on every engine row
+    (1.0 for `final` itself), and --config 'x={"preset": "tuned"}' runs the preset the model ships."""
+    import shutil
+
+    from layerexit.cli import main
+    from layerexit.models.exit_presets import write_exit_presets
+
+    d = tmp_path / "model"
+    shutil.copytree(tiny_dir, d)
+    write_exit_presets(d, {"tuned": {"policy": "fixed", "layer": 1, "kv": "propagate"}})
+    code = main(["bench", "--model", str(d), "--prompts", str(prompts_file), "--limit", "2", "--max-new-tokens",
+                 "6", "--policies", "final", "--threads", "1", "--dtype", "float32", "--similarity",
+                 "--config", 'x={"preset": "tuned"}', "--json", "--bandwidth-mib", "16", "--replay", "none"])
+    assert code == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out.strip().splitlines()[-1])}
+    assert rows["final"]["similarity"] == pytest.approx(1.0) and rows["final"]["similarity_minilm"] == \
+        pytest.approx(1.0, abs=1e-4)
+    assert rows["x"]["mean_exit_layer"] == 1.0  # the preset ran: a fixed exit at layer 1
+    assert rows["x"]["similarity"] is not None and rows["x"]["similarity_minilm"] < 0.999

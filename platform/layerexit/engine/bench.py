@@ -149,7 +149,8 @@ class BenchRow:
     agreement: float | None = None  # share of positions equal to `final`'s tokens
     identical: float | None = None  # share of sequences identical to `final`'s
     mean_exit_layer: float | None = None
-    similarity: float | None = None  # mean spaCy similarity of decoded text to `final`'s (set by the caller)
+    similarity: float | None = None  # mean spaCy similarity of decoded text to `final`'s (bench --similarity)
+    similarity_minilm: float | None = None  # mean MiniLM cosine of decoded text to `final`'s (bench --similarity)
     compile_seconds: float | None = None  # compiled rows: wall time of the warm-up calls that compiled a graph
     timed_compile_seconds: float | None = None  # compiled rows: compilation met inside the timed run (0: none)
     acceptance: list[float] | None = None  # self-speculative: acceptance at draft position 1, 2, ...
@@ -422,17 +423,37 @@ def _num(value: float | None, scale: float = 1.0, digits: int = 2) -> str:
     return "" if value is None else f"{value / scale:.{digits}f}"
 
 
+def set_similarity(rows: list[BenchRow], outputs: dict, decode) -> None:
+    """``similarity`` (spaCy) and ``similarity_minilm`` of each engine row's answers to `final`'s (the same
+    engine's `final` for compiled rows), ``decode`` turning token ids into text."""
+    from layerexit.evaluation.similarity import embedding_similarities, spacy_similarities
+
+    refs = {name: [decode(r.token_ids) for r in outs] for name, outs in outputs.items()
+            if name in ("final", "final" + COMPILED)}
+    for row in rows:
+        if row.name not in outputs:
+            continue
+        ref = refs.get("final" + COMPILED if row.name.endswith(COMPILED) and "final" + COMPILED in refs else "final")
+        if ref is None:
+            continue
+        texts = [decode(r.token_ids) for r in outputs[row.name]]
+        row.similarity = float(sum(spacy_similarities(ref, texts)) / len(texts))
+        row.similarity_minilm = float(sum(embedding_similarities(ref, texts)) / len(texts))
+
+
 def bench_markdown(rows: list[BenchRow]) -> str:
     """The table docs/benchmarks.md records, with the machine and the floor's inputs below it."""
     with_sim = any(r.similarity is not None for r in rows)
     with_compile = any(r.compile_seconds is not None for r in rows)
     with_draft = any(r.tau is not None for r in rows)
+    with_vs = with_draft or (with_sim and any(r.vs_final is not None for r in rows))
     lines = ["| configuration | tokens | tokens/s | x HF tok/s | FLOPs/token (M) | x HF FLOPs | agreement w/ final | "
-             "identical seqs | mean exit layer |" + (" spaCy sim w/ final |" if with_sim else "")
-             + (" x final (same engine) | acceptance by draft position | tau |" if with_draft else "")
+             "identical seqs | mean exit layer |" + (" spaCy sim w/ final | MiniLM sim w/ final |" if with_sim else "")
+             + (" x final (same engine) |" if with_vs else "")
+             + (" acceptance by draft position | tau |" if with_draft else "")
              + (" compile (s) |" if with_compile else ""),
-             "|---|---|---|---|---|---|---|---|---|" + ("---|" if with_sim else "")
-             + ("---|---|---|" if with_draft else "") + ("---|" if with_compile else "")]
+             "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if with_sim else "") + ("---|" if with_vs else "")
+             + ("---|---|" if with_draft else "") + ("---|" if with_compile else "")]
     for r in rows:
         compile_cell = _num(r.compile_seconds, digits=1)
         if r.timed_compile_seconds:
@@ -441,9 +462,9 @@ def bench_markdown(rows: list[BenchRow]) -> str:
             f"| {r.name} | {r.tokens} | {r.tokens_per_s:.1f} | {r.speedup:.2f} | {_num(r.flops_per_token, 1e6, 1)} | "
             f"{_num(r.flops_ratio)} | {_pct(r.agreement, 1)} | {_pct(r.identical, 0)} | "
             f"{_num(r.mean_exit_layer, digits=1)} |"
-            + (f" {_num(r.similarity, digits=3)} |" if with_sim else "")
-            + (f" {_num(r.vs_final)} | {' / '.join(f'{a:.2f}' for a in r.acceptance or [])} | {_num(r.tau)} |"
-               if with_draft else "")
+            + (f" {_num(r.similarity, digits=3)} | {_num(r.similarity_minilm, digits=3)} |" if with_sim else "")
+            + (f" {_num(r.vs_final)} |" if with_vs else "")
+            + (f" {' / '.join(f'{a:.2f}' for a in r.acceptance or [])} | {_num(r.tau)} |" if with_draft else "")
             + (f" {compile_cell} |" if with_compile else "")
         )
     notes = []
