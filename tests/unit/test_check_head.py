@@ -206,6 +206,11 @@ def test_preset_shipped_with_the_model(tiny_dir, tmp_path):
         engine.generate(PROMPTS, ExitConfig(preset="fast"), sp)
     merged = merge_exit_config(ExitConfig(policy="confidence", thresholds="paper-7b"), EarlyExitRequest(preset="tuned"))
     assert merged.preset == "tuned" and merged.model_fields_set == {"preset"}
+    # a deployment whose default is the preset: a request's own field joins it, the preset fills the rest
+    merged = merge_exit_config(ExitConfig(preset="tuned"), EarlyExitRequest(kv="recompute"))
+    assert merged.model_fields_set == {"preset", "kv"}
+    resolved = engine.generate(PROMPTS, merged, sp)
+    assert any(l < 4 for r in resolved for l in r.exit_layers)
 
 
 def test_confirmation_runs_the_searched_check_head():
@@ -244,3 +249,19 @@ def test_bench_similarity_and_preset_rows(tiny_dir, prompts_file, tmp_path, caps
         pytest.approx(1.0, abs=1e-4)
     assert rows["x"]["mean_exit_layer"] == 1.0  # the preset ran: a fixed exit at layer 1
     assert rows["x"]["similarity"] is not None and rows["x"]["similarity_minilm"] < 0.999
+
+
+def test_static_check_head_runs_in_the_compiled_path(tmp_path):
+    """The compiled decode path (static shapes, propagate K/V for skipped layers) gives eager's tokens, exits and
+    FLOPs in float32 with the static check head."""
+    from layerexit.models.tiny import build_tiny_llama
+
+    model = build_tiny_llama(num_layers=4)
+    cfg = _static(tmp_path, model, n=40, kv="propagate").model_copy(update={"thresholds": {1: 0.06, 2: 0.05, 3: 0.04}})
+    sp = SamplingParams(max_new_tokens=8)
+    eager = EarlyExitEngine(model, set(), 0).generate(PROMPTS, cfg, sp)
+    engine = EarlyExitEngine(model, set(), 0, compile=True)
+    compiled = engine.generate(PROMPTS, cfg, sp)
+    assert engine.compiled.active and engine.compiled.compile_seconds > 0
+    assert [(r.token_ids, r.exit_layers, r.flops) for r in compiled] == \
+        [(r.token_ids, r.exit_layers, r.flops) for r in eager]

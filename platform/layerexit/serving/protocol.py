@@ -151,7 +151,7 @@ def merge_exit_config(default: ExitConfig, override: EarlyExitRequest | None) ->
     given = override.model_dump(exclude_none=True)
     if not given:
         return default
-    base = default.model_dump(exclude_none=True)
+    base = default.model_dump(exclude_none=True, exclude_unset=True)  # unset fields stay unset: a preset fills them
     if "preset" in given:  # a preset request starts from the preset, not from the deployment default
         return ExitConfig.model_validate(given)
     if "policy" in given and given["policy"] != default.policy:
