@@ -2,7 +2,7 @@
 wall-clock budget per setting, then measure agreement with the final layer on held-out prompts and calibration
 (Figure 6: confidence vs agreement) for every setting in the same run (issue 14).
 
-Run:  .venv/bin/python benchmarks/recipes_adapters_sweep.py --config jobs/configs/smollm2_distill.yaml \
+Run:  .venv/bin/python benchmarks/recipes_adapters_sweep.py --config jobs/configs/smollm2_adapters.yaml \
           --seconds 180 --settings full_every=1 full_every=8 full_every=0 --png docs/figures/adapters_calibration.png
 
 Each ``--settings`` item is a comma-separated list of overrides of the distill/adapters/optim settings
@@ -167,13 +167,13 @@ def evaluate_model(args) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="jobs/configs/smollm2_distill.yaml")
+    parser.add_argument("--config", default="jobs/configs/smollm2_adapters.yaml")
     parser.add_argument("--seconds", type=float, default=180.0, help="training wall-clock budget per setting")
     parser.add_argument("--settings", nargs="+", default=["full_every=8"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--png", help="write Figure 5/6 for every setting here")
     parser.add_argument("--json")
-    parser.add_argument("--evaluate-model", help="only evaluate this model spec (e.g. models:/layerexit-smollm2_distill"
+    parser.add_argument("--evaluate-model", help="only evaluate this model spec (e.g. models:/layerexit-smollm2_adapters"
                                                  "@trained, loaded with its shipped adapters) against the base model's "
                                                  "held-out answers; no cache, no training")
     args = parser.parse_args()

@@ -14,11 +14,16 @@ Serve config gets the draft's path and num_speculative_tokens (an engine Serve c
 user_config), in place, comments kept.
 
 Check only (load and validate the YAML with its overrides, the layers against the model's depth from its
-config.json or model.num_layers, the Serve config and the vLLM environment; start nothing, download nothing;
+config.json or num_layers, the Serve config and the vLLM environment; start nothing, download nothing;
 confirm.python: auto finding no vLLM on this machine is a note, not an error):
     python jobs/tune_draft.py --config tune/smollm2_draft.yaml --check
 On a GPU, in the layerexit-vllm image (vLLM in the same Python: confirm.python auto):
     python jobs/tune_draft.py --config tune/llama2_7b_draft.yaml --serve-config serve_configs/7b.yaml
+
+A config with `draft: eagle3` (tune/smollm2_eagle3.yaml) searches the EAGLE-3 draft a model ships instead: one
+trial per (draft vocabulary size N, k), teacher-forced acceptance on the search prompts, the choice decoded by our
+engine and by vLLM (method eagle3), exported (a pruned head to output_dir/eagle3-N) and written into the Serve config:
+    .venv/bin/python jobs/tune_draft.py --config tune/smollm2_eagle3.yaml --serve-config serve_configs/smollm2_vllm.yaml
 
 Exit status: 0 done (or valid, with --check); 2 bad input (one line on stderr); 3 the best draft's predicted
 speedup is below export.min_speedup; 4 the vLLM confirmation failed (in both the draft and the report are still
@@ -47,7 +52,7 @@ def check(config: str, overrides: list[str], serve_config: str | None) -> int:
             cfg.space.check(depth)
         else:
             notes.append(f"the depth of {cfg.model.spec} is not known offline: space.layers are checked when the job "
-                         "loads it (set model.num_layers to check them now)")
+                         "loads it (set num_layers to check them now)")
     except LayerexitError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -68,6 +73,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="validate the config, overrides, Serve config and vLLM env, then exit (starts nothing)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. space.layers=[12,24]")
     args = parser.parse_args(argv)
+    from layerexit.tuning.eagle3_search import is_eagle3_config
+
+    if is_eagle3_config(args.config):  # draft: eagle3 -- the model's shipped EAGLE-3 draft: k and N
+        from layerexit.tuning.eagle3_search import eagle3_command
+
+        return eagle3_command(args.config, args.overrides, args.serve_config, check_only=args.check)
     if args.check:
         return check(args.config, args.overrides, args.serve_config)
     from layerexit.tuning.draft_search import draft_command

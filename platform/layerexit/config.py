@@ -108,11 +108,69 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def format_validation_error(err: ValidationError, source: str) -> str:
-    """One readable line per problem: ``field.path: message``."""
+# One vocabulary for the model across every config file: the serve args, the eval config, the train and tune
+# configs all write ``model: <spec>`` (smollm2, a directory, a hub id, models:/name@alias) at the top level, beside
+# ``model_name``, ``device``, ``dtype`` where they apply. Train and tune configs hold these in a ``model`` section
+# internally (``cfg.model.spec``); the file never spells that section. File key -> section field where they differ:
+MODEL_FILE_KEYS = {"model": "spec", "model_name": "name"}
+
+
+def _model_section(model: type[BaseModel]) -> type[BaseModel] | None:
+    """The class of ``model``'s ``model`` field when it is a section holding the spec, else None."""
+    field = model.model_fields.get("model")
+    annotation = getattr(field, "annotation", None)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel) and "spec" in annotation.model_fields:
+        return annotation
+    return None
+
+
+def _file_key(section_field: str) -> str:
+    return {v: k for k, v in MODEL_FILE_KEYS.items()}.get(section_field, section_field)
+
+
+def lift_model_keys(model: type[BaseModel], data: dict[str, Any], source: str) -> dict[str, Any]:
+    """A config file's top-level ``model``, ``model_name``, ``device``, ``dtype``, ``num_layers``... moved into the
+    class's internal ``model`` section (a copy; classes without one get ``data`` back). The section spelled out in
+    the file (``model: {spec: ...}``, the old vocabulary) is refused, naming the new keys."""
+    section = _model_section(model)
+    if section is None:
+        return data
+    given = data.get("model")
+    if isinstance(given, dict):
+        moves = ", ".join(f"model.{f} -> {_file_key(f)}" for f in given)
+        raise ConfigError(f"invalid config {source}: the `model:` section was renamed: write `model: <spec>` at the "
+                          f"top level and its options beside it ({moves})",
+                          "e.g. `model: smollm2` and `num_layers: 30` instead of `model: {spec: smollm2, "
+                          "num_layers: 30}`")
+    out = dict(data)
+    inner: dict[str, Any] = {}
+    for name in section.model_fields:
+        key = _file_key(name)
+        if key in out and (key == "model" or key not in model.model_fields):
+            inner[name] = out.pop(key)
+    if inner or "model" in data:
+        out["model"] = inner
+    return out
+
+
+def file_vocabulary(data: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of ``lift_model_keys``: an internal dict (``model: {spec: ...}``, e.g. a ``model_dump``) in the
+    vocabulary config files are written in (``model: <spec>`` and its options at the top level)."""
+    if not isinstance(data.get("model"), dict):
+        return dict(data)
+    out = {k: v for k, v in data.items() if k != "model"}
+    return {**{_file_key(k): v for k, v in data["model"].items()}, **out}
+
+
+def format_validation_error(err: ValidationError, source: str, model: type[BaseModel] | None = None) -> str:
+    """One readable line per problem: ``field.path: message`` (model-section fields by their file key)."""
     lines = []
+    lifted = model is not None and _model_section(model) is not None
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        parts = [str(p) for p in e["loc"]]
+        if lifted and len(parts) >= 2 and parts[0] == "model":
+            parts = [_file_key(parts[1]), *parts[2:]]
+        loc = ".".join(parts) or "(top level)"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see the config class for allowed keys)"
@@ -121,11 +179,13 @@ def format_validation_error(err: ValidationError, source: str) -> str:
 
 
 def validate_config(model: type[M], data: dict[str, Any], source: str = "<dict>") -> M:
-    """Validate a dict against a config class, raising ConfigError with every bad field named."""
+    """Validate a config file's dict (the file vocabulary: ``model: <spec>`` at the top level) against a config
+    class, raising ConfigError with every bad field named."""
+    data = lift_model_keys(model, data, source)
     try:
         return model.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(format_validation_error(err, source)) from None
+        raise ConfigError(format_validation_error(err, source, model)) from None
 
 
 def load_config(model: type[M], path: str | Path, overrides: list[str] | None = None) -> M:
@@ -139,5 +199,41 @@ def load_config(model: type[M], path: str | Path, overrides: list[str] | None = 
         raise ConfigError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping at the top level")
+    data = with_base(data, path)
     apply_overrides(data, overrides or [])
     return validate_config(model, data, str(path))
+
+
+def merge_config(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    """``child`` over ``base``: mappings merge key by key, anything else (lists included) is replaced."""
+    out = dict(base)
+    for key, value in child.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_config(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def with_base(data: dict[str, Any], path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Resolve ``base: <file>`` (relative to the file naming it): the base's keys, overridden by this file's.
+    Bases may have bases; a cycle is an error."""
+    if "base" not in data:
+        return data
+    data = dict(data)
+    ref = data.pop("base")
+    if not isinstance(ref, str) or not ref:
+        raise ConfigError(f"{path}: base must be a file name, got {ref!r}", "e.g. base: llama2_7b_lite.yaml")
+    base_path = (path.parent / ref).resolve()
+    if base_path in seen or base_path == path.resolve():
+        raise ConfigError(f"{path}: base {ref} includes itself", "remove the cycle of base: files")
+    if not base_path.is_file():
+        raise ConfigError(f"{path}: base file not found: {base_path}", "base is relative to the file naming it")
+    try:
+        base = yaml.safe_load(base_path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{base_path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(base, dict):
+        raise ConfigError(f"{base_path} must hold a mapping at the top level")
+    base = with_base(base, base_path, (*seen, path.resolve()))
+    return merge_config(base, data)

@@ -24,6 +24,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from layerexit.config import file_vocabulary
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
@@ -245,7 +247,7 @@ def test_ray_job_submit_succeeds_and_cluster_stops(workdir):
                           eval__alignment_prompts=2)
         cfg["mlflow"]["tracking_uri"] = f"sqlite:///{workdir / 'job_mlflow.db'}"
         config_path = workdir / "tiny_job.yaml"
-        config_path.write_text(yaml.safe_dump(cfg))
+        config_path.write_text(yaml.safe_dump(file_vocabulary(cfg)))  # model: <spec> at the top level
         submit = subprocess.run(
             [str(VENV_BIN / "ray"), "job", "submit", "--address", address, "--submission-id", "layerexit-tiny-job",
              "--working-dir", str(REPO), "--", "python", "jobs/train_lite.py", "--config", str(config_path)],

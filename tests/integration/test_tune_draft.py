@@ -29,7 +29,7 @@ def ray_session():
 
 def _config(tiny_dir, tmp_path, *overrides) -> DraftTuneConfig:
     return load_config(DraftTuneConfig, REPO / "tune" / "tiny_draft.yaml",
-                       [f"model.spec={tiny_dir}", f"output_dir={tmp_path / 'out'}", *overrides])
+                       [f"model={tiny_dir}", f"output_dir={tmp_path / 'out'}", *overrides])
 
 
 def _serve_config(tmp_path) -> Path:
@@ -104,7 +104,7 @@ def test_engine_trials_and_a_draft_that_does_not_pay(ray_session, tiny_dir, tmp_
     before = serve.read_text()
     out = tmp_path / "out"
     rc = job.main(["--config", str(REPO / "tune" / "tiny_draft.yaml"), "--serve-config", str(serve),
-                   f"model.spec={tiny_dir}", f"output_dir={out}", "trials.measure=engine", "space.layers=[1,2]",
+                   f"model={tiny_dir}", f"output_dir={out}", "trials.measure=engine", "space.layers=[1,2]",
                    "export.min_speedup=10"])
     assert rc == 3, capsys.readouterr().err
     assert serve.read_text() == before

@@ -31,7 +31,7 @@ def ray_session():
 
 def _config(tiny_dir, tmp_path, *overrides) -> TuneSearchConfig:
     return load_config(TuneSearchConfig, REPO / "tune" / "tiny.yaml",
-                       [f"model.spec={tiny_dir}", f"output_dir={tmp_path / 'out'}", *overrides])
+                       [f"model={tiny_dir}", f"output_dir={tmp_path / 'out'}", *overrides])
 
 
 def _serve_config(tmp_path) -> Path:
@@ -164,7 +164,7 @@ def test_grid_search_covers_the_grid_with_the_model_in_a_gpu_actor(ray_session, 
     # model.num_gpus > 0: traces and confirmation run in a Ray actor holding the (declared) GPU; on this CPU-only
     # machine torch falls back to the CPU inside it, which is enough to check the plumbing.
     cfg = _config(tiny_dir, tmp_path, "search.algorithm=grid", "search.grid_points=3", "search.num_trials=10",
-                  "confirm.top_k=1", "prompts.report.limit=0", "reference.classifier=false", "model.num_gpus=1",
+                  "confirm.top_k=1", "prompts.report.limit=0", "reference.classifier=false", "num_gpus=1",
                   "search.trial_cpus=0.5")
     outcome = run_tuning(cfg)
     assert any(c.extra["scored_on"] == "generation" for c in outcome.confirmed)
@@ -183,7 +183,7 @@ def test_unreachable_minimum_quality_exits_non_zero_and_leaves_serve_config(ray_
     before = serve.read_text()
     # Every threshold below every recorded confidence: each token exits at layer 1, far from the final layer.
     rc = job.main(["--config", str(REPO / "tune" / "tiny.yaml"), "--serve-config", str(serve),
-                   f"model.spec={tiny_dir}", f"output_dir={tmp_path / 'out'}", "space.threshold_range=[0.0,0.004]",
+                   f"model={tiny_dir}", f"output_dir={tmp_path / 'out'}", "space.threshold_range=[0.0,0.004]",
                    "quality.min=0.99", "quality.min_trace_agreement=0", "prompts.report.limit=0"])
     err = capsys.readouterr().err
     assert rc == 3

@@ -47,7 +47,7 @@ def test_bad_cluster_settings_fail_at_load_naming_field_and_fix(sections: dict, 
     from layerexit.config import validate_config
 
     with pytest.raises(ConfigError) as err:
-        validate_config(TrainConfig, {"name": "t", "model": {"spec": "tiny"}, **sections}, "job.yaml")
+        validate_config(TrainConfig, {"name": "t", "model": "tiny", **sections}, "job.yaml")
     text = str(err.value)
     assert field.split(".")[-1] in text and fix in text, text
 

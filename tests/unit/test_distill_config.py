@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _write(tmp_path: Path, tiny_dir: Path, body: str) -> Path:
     path = tmp_path / "cfg.yaml"
-    path.write_text(f"name: t\nmodel:\n  spec: {tiny_dir}\nlite:\n  exit_layers: [1, 2, 3]\n{body}")
+    path.write_text(f"name: t\nmodel: {tiny_dir}\nlite:\n  exit_layers: [1, 2, 3]\n{body}")
     return path
 
 
@@ -25,8 +25,8 @@ def test_paper_configs_stay_ce_lite():
 
 
 def test_distill_config_is_the_adapters_recipe(smollm2_path):
-    cfg = load_train_config(REPO / "jobs/configs/smollm2_distill.yaml")
-    assert cfg.recipe == "adapters" and cfg.registered_model_name == "layerexit-smollm2_distill"
+    cfg = load_train_config(REPO / "jobs/configs/smollm2_adapters.yaml")
+    assert cfg.recipe == "adapters" and cfg.registered_model_name == "layerexit-smollm2_adapters"
     assert cfg.mlflow.alias == "trained" and cfg.data.samples_per_instruction > 0
 
 
@@ -43,7 +43,7 @@ def test_distill_config_is_the_adapters_recipe(smollm2_path):
 def test_bad_recipe_settings_name_the_field(tmp_path, tiny_dir, body, field):
     path = _write(tmp_path, tiny_dir, body)
     if "exit_layers: [2, 9]" in body or "exit_layers: []" in body:
-        path.write_text(f"name: t\nmodel:\n  spec: {tiny_dir}\n{body}")
+        path.write_text(f"name: t\nmodel: {tiny_dir}\n{body}")
     with pytest.raises(ConfigError, match=field):
         load_train_config(path)
 

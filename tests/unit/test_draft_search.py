@@ -220,7 +220,7 @@ def test_job_script_doc_help_and_check(capsys, tmp_path):
         job.main(["--help"])
     assert exc.value.code == 0 and "--serve-config" in capsys.readouterr().out
     for path in DRAFT_YAMLS:
-        spec = [f"model.spec={tmp_path}"] if path.name == "tiny_draft.yaml" else []
+        spec = [f"model={tmp_path}"] if path.name == "tiny_draft.yaml" else []
         if spec:
             from layerexit.models.tiny import save_tiny_checkpoint
 

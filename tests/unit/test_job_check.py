@@ -107,7 +107,7 @@ def test_an_mlflow_base_model_with_num_layers_checks_offline(tmp_path: Path, mon
 def test_an_mlflow_base_model_without_num_layers_names_the_fix(tmp_path: Path, monkeypatch, capsys) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")  # an empty registry
     config = REPO / "jobs" / "configs" / "llama2_7b_draft.yaml"
-    rc = job("train_lite").main(["--config", str(config), "model.num_layers=null", "--check"])
+    rc = job("train_lite").main(["--config", str(config), "num_layers=null", "--check"])
     err = capsys.readouterr().err
     assert rc == 2 and "model.spec" in err and "layerexit-llama2_7b_lite" in err and "model.num_layers" in err
 
@@ -129,7 +129,7 @@ def test_the_job_checks_an_mlflow_base_models_real_depth(tmp_path: Path, monkeyp
 
     monkeypatch.setattr(loading, "resolve_model", fake_resolve)
     cfg = load_train_config(REPO / "jobs" / "configs" / "llama2_7b_draft.yaml", ["lite.exit_layers=[1,2]",
-                                                                                 "model.num_layers=4"])
+                                                                                 "num_layers=4"])
     assert not fetched  # validation took num_layers
     assert check_registered_depth(cfg, 4) == 4 and fetched == ["models:/layerexit-llama2_7b_lite@trained"]
     with pytest.raises(ConfigError, match="model.num_layers=32 but models:/layerexit-llama2_7b_lite@trained has 4"):

@@ -28,6 +28,7 @@ import jsonschema
 import pytest
 import yaml
 
+from layerexit.config import with_base
 from layerexit.deploy.k8s import RAYSERVICES, TRAIN_JOBS, check_rayservice_in_sync, k8s_app, render_rayservice
 from layerexit.errors import ConfigError
 
@@ -743,7 +744,7 @@ def test_every_alias_is_the_one_the_configs_register() -> None:
         text = path.read_text()
         assert "alias `latest`" not in text and "@latest" not in text, path
     for path in (REPO / "jobs" / "configs").glob("llama2_*.yaml"):
-        assert yaml.safe_load(path.read_text())["mlflow"]["alias"] == "trained"
+        assert with_base(yaml.safe_load(path.read_text()), path)["mlflow"]["alias"] == "trained"  # base: resolved
 
 
 # ------------------------------------------------------------------------------------ GPU counts (--gpus)

@@ -115,7 +115,7 @@ def test_cpu_configs_default_to_auto() -> None:
     import yaml
 
     repo = Path(__file__).resolve().parents[2]
-    for name in ("smollm2_lite.yaml", "smollm2_distill.yaml", "smollm2_draft.yaml"):
+    for name in ("smollm2_lite.yaml", "smollm2_adapters.yaml", "smollm2_draft.yaml"):
         data = yaml.safe_load((repo / "jobs" / "configs" / name).read_text())
         assert data["deepspeed"]["precision"] == "auto", name
         assert data.get("distill", {}).get("cache_precision", "auto") == "auto", name

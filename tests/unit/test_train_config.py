@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from layerexit.config import with_base
 from layerexit.errors import ConfigError
 from layerexit.training.config import TrainConfig, load_train_config
 
@@ -26,8 +27,8 @@ def test_every_training_config_loads(path, request):
     first = path.read_text().splitlines()[0]
     assert first.startswith("# ray job submit --address http://127.0.0.1:8265 --working-dir . -- python "
                             f"jobs/train_lite.py --config jobs/configs/{path.name}")
-    raw = yaml.safe_load(path.read_text())
-    if raw["model"]["spec"] == "smollm2":
+    raw = with_base(yaml.safe_load(path.read_text()), path)
+    if raw["model"] == "smollm2":
         request.getfixturevalue("smollm2_path")  # the depth check reads the embedded model's config
     cfg = load_train_config(path)
     assert cfg.name == path.stem
@@ -60,7 +61,7 @@ def alpaca_file(tmp_path) -> Path:
 
 @pytest.fixture()
 def base(tiny_dir, alpaca_file) -> dict:
-    return {"name": "t", "model": {"spec": str(tiny_dir)},
+    return {"name": "t", "model": str(tiny_dir),
             "data": {"source": "alpaca", "path": str(alpaca_file)},
             "lite": {"exit_layers": [1, 2, 3]}, "scaling": {"num_workers": 2}}
 
@@ -80,7 +81,7 @@ def test_valid_tiny_config(tmp_path, base):
     (["data.path=/no/such/file.jsonl"], "data.path"),
     (["deepspeed.zero_stage=4"], "deepspeed.zero_stage"),
     (["mlflow.alias=latest"], "mlflow.alias"),
-    (["model.num_layers=8"], "model.num_layers"),
+    (["num_layers=8"], "model.num_layers"),
     (["name=bad name"], "name"),
     (["recipe=adapters", "adapters.kind=decoder_layer", "adapters.num_layers=2"], "adapters.num_layers"),
     (["recipe=adapters", "adapters.kind=attention"], "adapters.kind"),
@@ -108,10 +109,10 @@ def test_dataset_without_needed_columns(tmp_path, base):
 
 def test_unreadable_hub_model_needs_num_layers(tmp_path, base, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    base["model"] = {"spec": "no-such-org/no-such-model"}
+    base["model"] = "no-such-org/no-such-model"
     with pytest.raises(ConfigError, match="model.num_layers"):
         load_train_config(_write(tmp_path, base))
-    base["model"]["num_layers"] = 32
+    base["num_layers"] = 32
     base["lite"]["exit_layers"] = [8, 32]
     with pytest.raises(ConfigError, match=r"lite.exit_layers: \[32\]"):
         load_train_config(_write(tmp_path, base))
@@ -162,7 +163,7 @@ def test_resuming_a_folder_of_another_config_is_a_clear_error(tmp_path):
     from layerexit.training.config import load_train_config
     from layerexit.training.ray_trainer import RUN_INFO_FILE, check_resume_compatible
 
-    path = REPO / "jobs" / "configs" / "smollm2_distill.yaml"
+    path = REPO / "jobs" / "configs" / "smollm2_adapters.yaml"
     cfg = load_train_config(path, [f"checkpoint.storage_path={tmp_path}"])
     check_resume_compatible(cfg)  # nothing there yet
     folder = tmp_path / cfg.name

@@ -276,7 +276,7 @@ def test_grid_over_budget_and_empty_space_fail_before_any_work(tmp_path):
     from layerexit.tuning.search import run_tuning
 
     cfg = load_config(TuneSearchConfig, REPO / "tune" / "tiny.yaml",
-                      ["model.spec=/does/not/matter", f"output_dir={tmp_path}", "search.algorithm=grid",
+                      ["model=/does/not/matter", f"output_dir={tmp_path}", "search.algorithm=grid",
                        "search.grid_points=3", "search.num_trials=5"])
     with pytest.raises(ConfigError, match="10 points, over the trial budget of 5"):
         run_tuning(cfg)

@@ -1,4 +1,4 @@
-"""The `make demo` training stage: a short run of the best CPU recipe (``jobs/configs/smollm2_distill.yaml``: exit
+"""The `make demo` training stage: a short run of the best CPU recipe (``jobs/configs/smollm2_adapters.yaml``: exit
 adapters on the frozen SmolLM2, distilled from its top-64 final-layer distribution on cached hidden states) through
 the real Ray Train + DeepSpeed path, printing every exit layer's agreement with the final layer before and after.
 
@@ -11,11 +11,11 @@ import shutil
 import time
 from pathlib import Path
 
-DEMO_NAME = "demo_smollm2_distill"
+DEMO_NAME = "demo_smollm2_adapters"
 
 
 def demo_config(out_dir: str | Path, **overrides):
-    """The demo's TrainConfig: smollm2_distill.yaml's adapters recipe on 96 training instructions (greedy answers
+    """The demo's TrainConfig: smollm2_adapters.yaml's adapters recipe on 96 training instructions (greedy answers
     only), exits 8..28 step 4, ~70 steps of 256 cached positions (the demo must end within 20 minutes on a
     2-core CPU)."""
     from layerexit.training.config import TrainConfig

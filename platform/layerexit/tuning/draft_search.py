@@ -552,8 +552,8 @@ def _run(cfg: DraftTuneConfig, kind, serve_config, val_texts, report_texts, out_
     worker = ModelWorker(cfg.model.spec, cfg.model.dtype, cfg.model.device, cfg.show_progress, cfg.model.name)
     info = worker.info()
     if cfg.model.num_layers is not None and cfg.model.num_layers != info.num_layers:
-        raise ConfigError(f"model.num_layers={cfg.model.num_layers} but {cfg.model.spec} has {info.num_layers} layers",
-                          "fix model.num_layers or remove it")
+        raise ConfigError(f"num_layers={cfg.model.num_layers} but {cfg.model.spec} has {info.num_layers} layers",
+                          "fix num_layers or remove it")
     space.check(info.num_layers)
     seconds["load_model"] = time.perf_counter() - t0
     max_new = cfg.prompts.max_new_tokens
