@@ -265,3 +265,38 @@ def test_static_check_head_runs_in_the_compiled_path(tmp_path):
     assert engine.compiled.active and engine.compiled.compile_seconds > 0
     assert [(r.token_ids, r.exit_layers, r.flops) for r in compiled] == \
         [(r.token_ids, r.exit_layers, r.flops) for r in eager]
+
+
+def test_register_exit_preset_makes_a_loadable_tuned_version(tmp_path, monkeypatch, tiny_dir):
+    """The search's registration: a new version of the registered model carrying exit_presets.json (and its static
+    check vocabulary), aliased `tuned`; loading models:/name@tuned runs {"preset": "tuned"}."""
+    import mlflow
+
+    from layerexit.models.exit_presets import exit_presets_of
+    from layerexit.models.loading import load_model_and_tokenizer
+    from layerexit.serving.model_source import resolve_model_source
+    from layerexit.tracking import log_hf_model, tracked_run
+    from layerexit.tuning.export import register_exit_preset
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("LAYEREXIT_HOME", str(tmp_path / "home"))
+    with tracked_run("exits", tracking_uri=uri):
+        log_hf_model(tiny_dir, registered_name="tiny-exits", alias="trained")
+    src = resolve_model_source("models:/tiny-exits@trained", uri, cache_root=tmp_path / "cache")
+    V = json.loads((tiny_dir / "config.json").read_text())["vocab_size"]
+    vocab = _vocab_file(tmp_path / "cv.json", range(0, 80, 2), V)
+    block = {"policy": "confidence", "thresholds": {1: 0.05, 2: 0.05, 3: 0.05}, "kv": "propagate",
+             "check_head": "static", "check_vocab": 40, "check_vocab_file": vocab}
+    with tracked_run("tune", tracking_uri=uri) as run:
+        run_id = run.run_id if hasattr(run, "run_id") else mlflow.active_run().info.run_id
+    reg = register_exit_preset("tiny-exits", src.local_dir, "tuned", block, {"flops_ratio": 0.7}, tmp_path / "w",
+                               run_id, uri)
+    assert str(reg["version"]) == "2"
+    model, _ = load_model_and_tokenizer("models:/tiny-exits@tuned")
+    presets = exit_presets_of(model)
+    assert presets["tuned"]["check_head"] == "static" and presets["tuned"]["measured"] == {"flops_ratio": 0.7}
+    assert presets["tuned"]["check_vocab_file"].endswith("check_vocab.json")
+    out = EarlyExitEngine(model, set(), 0).generate(PROMPTS, ExitConfig(preset="tuned"), SamplingParams(max_new_tokens=4))
+    assert any(l < 4 for r in out for l in r.exit_layers)
