@@ -346,7 +346,7 @@ def test_stated_depth_must_match_a_readable_model(tmp_path):
 
     save_tiny_checkpoint(tmp_path)  # 4 layers
     assert model_depth_of(str(tmp_path)) == 4 == model_depth_of(str(tmp_path), 4)
-    with pytest.raises(ConfigError, match=r"model.num_layers=32 but .* has 4 layers"):
+    with pytest.raises(ConfigError, match=r"num_layers=32 but .* has 4 layers"):
         model_depth_of(str(tmp_path), 32)
     assert model_depth_of("models:/anything@trained", 32) == 32  # never downloaded
     assert model_depth_of("models:/anything@trained") is None

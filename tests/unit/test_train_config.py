@@ -81,7 +81,7 @@ def test_valid_tiny_config(tmp_path, base):
     (["data.path=/no/such/file.jsonl"], "data.path"),
     (["deepspeed.zero_stage=4"], "deepspeed.zero_stage"),
     (["mlflow.alias=latest"], "mlflow.alias"),
-    (["num_layers=8"], "model.num_layers"),
+    (["num_layers=8"], "num_layers=8 but"),
     (["name=bad name"], "name"),
     (["recipe=adapters", "adapters.kind=decoder_layer", "adapters.num_layers=2"], "adapters.num_layers"),
     (["recipe=adapters", "adapters.kind=attention"], "adapters.kind"),
@@ -110,7 +110,7 @@ def test_dataset_without_needed_columns(tmp_path, base):
 def test_unreadable_hub_model_needs_num_layers(tmp_path, base, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     base["model"] = "no-such-org/no-such-model"
-    with pytest.raises(ConfigError, match="model.num_layers"):
+    with pytest.raises(ConfigError, match="set num_layers"):
         load_train_config(_write(tmp_path, base))
     base["num_layers"] = 32
     base["lite"]["exit_layers"] = [8, 32]

@@ -399,9 +399,9 @@ class TrainConfig(StrictModel):
 
 
 def model_depth(cfg: TrainConfig) -> int:
-    """The model's number of decoder layers, read from its config (cache only for hub ids), else model.num_layers.
+    """The model's number of decoder layers, read from its config (cache only for hub ids), else num_layers.
 
-    An MLflow model URI with ``model.num_layers`` set is not downloaded here (validating a config must not fetch a
+    An MLflow model URI with ``num_layers`` set is not downloaded here (validating a config must not fetch a
     7B model, and ``--check`` runs offline): its depth is ``num_layers``, checked again when the job loads it."""
     from layerexit.models.loading import resolve_model
     from layerexit.models.mlflow_source import is_mlflow_uri
@@ -414,9 +414,9 @@ def model_depth(cfg: TrainConfig) -> int:
         resolved = resolve_model(spec)
     except LayerexitError as err:
         if is_mlflow_uri(spec):
-            fix = "set model.num_layers to validate without MLflow"
-            raise ConfigError(f"model.spec: {err.problem}", f"{err.fix}, or {fix}" if err.fix else fix) from None
-        raise ConfigError(f"model.spec: {err}") from None
+            fix = "set num_layers to validate without MLflow"
+            raise ConfigError(f"model: {err.problem}", f"{err.fix}, or {fix}" if err.fix else fix) from None
+        raise ConfigError(f"model: {err}") from None
     config_file: str | None = None
     if resolved.source == "hub":
         try:
@@ -435,17 +435,17 @@ def model_depth(cfg: TrainConfig) -> int:
         data = data.get("text_config", data)
         depth = data.get("num_hidden_layers") or data.get("n_layer") or data.get("num_layers")
     if depth is not None and cfg.model.num_layers is not None and depth != cfg.model.num_layers:
-        raise ConfigError(f"model.num_layers={cfg.model.num_layers} but {spec} has {depth} layers",
-                          "fix model.num_layers or remove it")
+        raise ConfigError(f"num_layers={cfg.model.num_layers} but {spec} has {depth} layers",
+                          "fix num_layers or remove it")
     depth = depth or cfg.model.num_layers
     if depth is None:
-        raise ConfigError(f"model.spec: cannot read the depth of {spec!r} offline",
-                          "download the model first or set model.num_layers")
+        raise ConfigError(f"model: cannot read the depth of {spec!r} offline",
+                          "download the model first or set num_layers")
     return int(depth)
 
 
 def check_registered_depth(cfg: TrainConfig, depth: int) -> int:
-    """When the job starts: an MLflow model URI that validation took ``model.num_layers`` for is downloaded (the job
+    """When the job starts: an MLflow model URI that validation took ``num_layers`` for is downloaded (the job
     needs it next) and its real depth must equal that; other specs were read already. Returns the depth."""
     from layerexit.models.mlflow_source import is_mlflow_uri
 
@@ -453,8 +453,8 @@ def check_registered_depth(cfg: TrainConfig, depth: int) -> int:
         return depth
     actual = model_depth(cfg.model_copy(update={"model": cfg.model.model_copy(update={"num_layers": None})}))
     if actual != depth:
-        raise ConfigError(f"model.num_layers={depth} but {cfg.model.spec} has {actual} layers",
-                          "fix model.num_layers or remove it")
+        raise ConfigError(f"num_layers={depth} but {cfg.model.spec} has {actual} layers",
+                          "fix num_layers or remove it")
     return actual
 
 
