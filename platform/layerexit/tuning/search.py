@@ -555,7 +555,7 @@ def _run(cfg, space, worker, val_texts, report_texts, out_dir, serve_config, con
             console.print(f"rewrote user_config in {serve_config} (apply with `serve deploy {serve_config}`)")
         else:
             notes.append(f"{serve_config} left unchanged: the constraint was not met")
-    if cfg.preset and run is not None and info.registered and chosen.thresholds:
+    if cfg.preset and run is not None and info.registered:  # policy final too: what the search confirmed
         from layerexit.tuning.export import register_exit_preset
 
         measured = {"flops_ratio": round(chosen.flops_ratio, 4), metric: round(chosen.quality, 4),
