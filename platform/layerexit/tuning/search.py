@@ -631,22 +631,30 @@ def render_report(cfg: TuneSearchConfig, o: TuneOutcome, model: str, n_val: int,
              f"- constraint {m} >= {cfg.quality.min:g}: {'met' if o.constraint_met else 'NOT met'}",
              f"- exported: {_fmt_thr(o.thresholds)}", ""]
     lines += [f"- note: {n}" for n in o.notes]
+    a = cfg.quality.also
+
+    def also(p) -> str:
+        v = p.extra.get(a, 1.0 if p.kind == "final" else None) if a else None
+        return "" if not a else (" - |" if v is None else f" {v:.3f} |")
+
     lines += ["", "## Confirmation (validation prompts, real generation)", "",
-              f"| candidate | thresholds | FLOPs ratio (traces) | agreement (traces) | FLOPs ratio | {m} "
-              "| token agreement |",
-              "|---|---|---|---|---|---|---|"]
+              f"| candidate | check head | thresholds | FLOPs ratio (traces) | agreement (traces) | FLOPs ratio | {m} "
+              "|" + (f" {a} |" if a else "") + " token agreement |",
+              "|---|---|---|---|---|---|---|" + ("---|" if a else "") + "---|"]
     for c in o.confirmed:
-        lines.append(f"| {c.name} | {_fmt_thr(c.thresholds)} | {c.extra.get('trace_flops_ratio') or 0:.3f} | "
-                     f"{c.extra.get('trace_agreement') or 0:.3f} | {c.flops_ratio:.3f} | {c.quality:.3f} | "
+        lines.append(f"| {c.name} | {c.extra.get('check_head') or cfg.check_vocab} | {_fmt_thr(c.thresholds)} | "
+                     f"{c.extra.get('trace_flops_ratio') or 0:.3f} | "
+                     f"{c.extra.get('trace_agreement') or 0:.3f} | {c.flops_ratio:.3f} | {c.quality:.3f} |{also(c)} "
                      f"{c.extra['agreement']:.3f} |")
     lines += ["", "## References on the validation traces", "", "| reference | FLOPs ratio | agreement |",
               "|---|---|---|"]
     lines += [f"| {p.name} | {p.flops_ratio:.3f} | {p.quality:.3f} |" for p in o.references]
     if o.report:
         lines += ["", "## Held-out prompts (not seen by the search)", "",
-                  f"| method | FLOPs ratio | {m} | token agreement | mean exit layer |", "|---|---|---|---|---|"]
+                  f"| method | FLOPs ratio | {m} |" + (f" {a} |" if a else "") + " token agreement | mean exit layer |",
+                  "|---|---|---|" + ("---|" if a else "") + "---|---|"]
         for p in o.report:
             mel = p.extra.get("mean_exit_layer")
-            lines.append(f"| {p.name} | {p.flops_ratio:.3f} | {p.quality:.3f} | {p.extra.get('agreement', 1.0):.3f} | "
-                         f"{'-' if mel is None else f'{mel:.1f}'} |")
+            lines.append(f"| {p.name} | {p.flops_ratio:.3f} | {p.quality:.3f} |{also(p)} "
+                         f"{p.extra.get('agreement', 1.0):.3f} | {'-' if mel is None else f'{mel:.1f}'} |")
     return "\n".join(lines) + "\n"
