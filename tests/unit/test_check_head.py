@@ -261,8 +261,11 @@ def test_static_check_head_runs_in_the_compiled_path(tmp_path):
     sp = SamplingParams(max_new_tokens=8)
     eager = EarlyExitEngine(model, set(), 0).generate(PROMPTS, cfg, sp)
     engine = EarlyExitEngine(model, set(), 0, compile=True)
+    calls = []
+    run = engine.compiled.run
+    engine.compiled.run = lambda *a, **k: calls.append(a[:2]) or run(*a, **k)  # segments between exit points
     compiled = engine.generate(PROMPTS, cfg, sp)
-    assert engine.compiled.active and engine.compiled.compile_seconds > 0
+    assert engine.compiled.active and calls
     assert [(r.token_ids, r.exit_layers, r.flops) for r in compiled] == \
         [(r.token_ids, r.exit_layers, r.flops) for r in eager]
 
