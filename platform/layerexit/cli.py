@@ -477,7 +477,9 @@ def export_draft_cmd(
     agreement = None
     if measure:
         prompts = [p.prompt for p in heldout()[:measure]]
-        agreement = draft_export.measure_agreement(m, tok, layer, prompts)
+        from layerexit.evaluation.draft_agreement import measure_agreement
+
+        agreement = measure_agreement(m, tok, layer, prompts)
     info = draft_export.export_draft(m, tok, layer, out, agreement=agreement, base_spec=model,
                                      measured_on=f"{placement.device}/{placement.dtype}" if measure else None)
     if register:

@@ -10,7 +10,8 @@ import torch
 from layerexit.errors import ConfigError
 from layerexit.models.adapters import (build_adapters, build_decoder_adapters, load_adapters, save_adapters,
                                        base_fingerprint)
-from layerexit.models.draft_export import DRAFT_META, export_draft, measure_agreement, read_draft_meta
+from layerexit.evaluation.draft_agreement import measure_agreement
+from layerexit.models.draft_export import DRAFT_META, export_draft, read_draft_meta
 from layerexit.models.exits import attach_exit_adapters, decoder_parts, early_exit_logits
 
 

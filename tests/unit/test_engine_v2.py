@@ -205,7 +205,7 @@ def test_bad_draft_options_name_the_field(kwargs, message):
 
 
 def test_draft_vocab_builder_counts_the_models_own_answers(tiny_model_and_tokenizer, tmp_path):
-    from layerexit.engine.draft_vocab import build_for_model
+    from layerexit.data.draft_vocab import build_for_model
 
     model, tok = tiny_model_and_tokenizer
     ids = build_for_model(model, tok, 50, limit=4, max_new_tokens=6, show_progress=False)

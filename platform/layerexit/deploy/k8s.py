@@ -23,18 +23,16 @@ Command line (registered as ``layerexit k8s``), from the repository root::
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 import yaml
-from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
-from ruamel.yaml.error import YAMLError as RuamelYAMLError
 from ruamel.yaml.scalarstring import LiteralScalarString
 
+from layerexit.deploy.manifests import _dump, _load_manifest, _round_trip_yaml
 from layerexit.errors import ConfigError, InputFileError, LayerexitError
 
 RAYSERVICE_KIND = "RayService"
@@ -85,15 +83,6 @@ def read_serve_config(serve_config_path: str | Path) -> str:
     return text
 
 
-def _round_trip_yaml() -> YAML:
-    """A ruamel.yaml round-trip loader/dumper laid out like the manifests in k8s/ (2-space maps, indented lists)."""
-    rt = YAML(typ="rt")
-    rt.preserve_quotes = True
-    rt.indent(mapping=2, sequence=4, offset=2)
-    rt.width = 4096  # never re-wrap long lines (entrypoints, args)
-    return rt
-
-
 def _find_rayservice(docs: list[Any], manifest_path: Path) -> Any:
     """The single RayService document among ``docs``; an error naming the file if there is none or several."""
     found = [doc for doc in docs if isinstance(doc, dict) and doc.get("kind") == RAYSERVICE_KIND]
@@ -103,24 +92,6 @@ def _find_rayservice(docs: list[Any], manifest_path: Path) -> Any:
             "point --manifest at the RayService manifest, e.g. k8s/rayservice-7b.yaml",
         )
     return found[0]
-
-
-def _load_manifest(manifest_path: Path, rt: YAML) -> list[Any]:
-    if not manifest_path.is_file():
-        raise InputFileError(f"manifest {manifest_path} does not exist", "pass --manifest k8s/rayservice-7b.yaml")
-    try:
-        return [doc for doc in rt.load_all(manifest_path.read_text(encoding="utf-8")) if doc is not None]
-    except RuamelYAMLError as err:
-        raise ConfigError(f"manifest {manifest_path} is not valid YAML: {err}") from err
-
-
-def _dump(docs: list[Any], rt: YAML) -> str:
-    out = io.StringIO()
-    if len(docs) == 1:
-        rt.dump(docs[0], out)
-    else:
-        rt.dump_all(docs, out)
-    return out.getvalue()
 
 
 def _containers(service: Any) -> list[Any]:

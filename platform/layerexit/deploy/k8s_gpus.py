@@ -210,7 +210,7 @@ def _train_config(entry: Entrypoint, manifest: Path, repo: Path, drop: tuple[str
 
 def read_train_job(manifest: str | Path, repo: str | Path = ".") -> TrainJobGpus:
     """The GPUs a training RayJob's worker pods hold and the workers its entrypoint runs."""
-    from layerexit.deploy.k8s import _load_manifest, _round_trip_yaml
+    from layerexit.deploy.manifests import _load_manifest, _round_trip_yaml
 
     manifest, repo = Path(manifest), Path(repo)
     doc = _job_doc(_load_manifest(manifest, _round_trip_yaml()), manifest)
@@ -245,7 +245,7 @@ def render_train_job(manifest: str | Path, gpus: int, gpus_per_pod: int | None =
                      write: bool = True) -> str:
     """Set a training RayJob to ``gpus`` GPUs (``gpus_per_pod`` per worker pod, default all in one) and return the
     manifest text; see the module docstring for what changes. ``write=False`` only returns it."""
-    from layerexit.deploy.k8s import _dump, _load_manifest, _round_trip_yaml
+    from layerexit.deploy.manifests import _dump, _load_manifest, _round_trip_yaml
 
     manifest, repo = Path(manifest), Path(repo)
     per_pod = gpus_per_pod or gpus
@@ -297,7 +297,7 @@ def train_job_problems(manifest: str | Path, *, repo: str | Path = ".", gpus: in
                        gpus_per_pod: int | None = None) -> list[str]:
     """Where a training RayJob disagrees with itself (worker GPUs vs ``scaling.num_workers``, requests vs limits,
     CPUs per worker), or, with ``gpus``, with what ``render --gpus`` would write. Empty: consistent."""
-    from layerexit.deploy.k8s import _load_manifest, _round_trip_yaml
+    from layerexit.deploy.manifests import _load_manifest, _round_trip_yaml
 
     manifest = Path(manifest)
     try:

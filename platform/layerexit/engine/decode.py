@@ -3,7 +3,7 @@
 ``EarlyExitEngine.generate`` / ``stream`` run ``engine/loop.py``, the only decode loop: early exit (every
 policy and KV strategy), self-speculative verification of drafts and continuous batching are modes of it.
 This module holds what one step is made of: running a decoder layer, masks and rotary embeddings, the heads
-(``engine/heads.py``), K/V propagation, and the result types.
+(``engine/heads.py``), K/V propagation; the result types live in ``engine/results.py`` (re-exported here).
 
 Per step, every active sequence asks its exit policy where to stop. A batch shares one pass through the
 layers, so the batch runs to the deepest layer any of its sequences needs (the *batch rule*); each sequence
@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Protocol
 
 import torch
 
@@ -31,78 +29,14 @@ from layerexit.engine.compiled import CompiledDecode
 from layerexit.engine.flops import FlopsModel
 from layerexit.engine.heads import CandidateHead, FullHead, adapter_flops, normed_exit
 from layerexit.engine.layers import fuse_layers
+from layerexit.engine.loop import DecodeLoop
 from layerexit.engine.options import ExitConfig, SamplingParams
+from layerexit.engine.results import BatchJoiner, SequenceResult, TokenEvent
 from layerexit.errors import ConfigError
 from layerexit.models.draft_settings import apply_draft_settings, draft_settings_of
 from layerexit.models.exits import decoder_parts
 
-
-@dataclass
-class TokenEvent:
-    """One generated token of one sequence, as the stream yields it."""
-
-    index: int  # position of the sequence in the caller's prompt list
-    token_id: int
-    exit_layer: int
-    confidence: float
-    flops: int  # FLOPs spent producing this token
-    flops_full: int  # what the same token costs at full depth (same KV strategy)
-    finished: bool = False
-    finish_reason: str | None = None  # "stop" (EOS / stop id) or "length"
-    # Only when the row's SamplingParams.logprobs is set: log-softmax of the chosen token under the full-vocabulary
-    # distribution of the layer the token was taken from (self-speculative: the verifying final layer), and the
-    # top-k (token id, logprob) pairs of that distribution.
-    logprob: float | None = None
-    top_logprobs: list[tuple[int, float]] | None = None
-    # Self-speculative, on the first token of each verification step: drafts verified, and how many were accepted.
-    drafted: int = 0
-    accepted: int = 0
-
-
-@dataclass
-class SequenceResult:
-    """Everything about one generated sequence."""
-
-    token_ids: list[int] = field(default_factory=list)
-    exit_layers: list[int] = field(default_factory=list)
-    confidences: list[float] = field(default_factory=list)
-    flops: int = 0
-    flops_full: int = 0
-    prefill_flops: int = 0
-    seconds: float = 0.0
-    finish_reason: str | None = None
-    logprobs: list[float] = field(default_factory=list)  # filled when SamplingParams.logprobs is set
-    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
-    # Self-speculative: drafted_at[i] = verification steps that drafted a token at draft position i+1,
-    # accepted_at[i] = steps that accepted it (acceptance at position i+1 = accepted_at[i] / drafted_at[0], vLLM's).
-    drafted_at: list[int] = field(default_factory=list)
-    accepted_at: list[int] = field(default_factory=list)
-
-    def count_draft(self, drafted: int, accepted: int) -> None:
-        """One verification step that drafted ``drafted`` tokens and accepted the first ``accepted``."""
-        grow = drafted - len(self.drafted_at)
-        if grow > 0:
-            self.drafted_at.extend([0] * grow)
-            self.accepted_at.extend([0] * grow)
-        for i in range(drafted):
-            self.drafted_at[i] += 1
-            self.accepted_at[i] += int(i < accepted)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-class BatchJoiner(Protocol):
-    """What a caller gives ``EarlyExitEngine.stream`` for continuous batching; called between steps."""
-
-    def admit(self, max_prompt_len: int, rows: int) -> list[tuple[Sequence[int], SamplingParams]]:
-        """New (prompt ids, sampling) rows to add now, each prompt at most ``max_prompt_len`` tokens;
-        ``rows`` is how many rows the batch holds."""
-        ...
-
-    def cancelled(self, index: int) -> bool:
-        """Whether the caller no longer wants the row with this index (it leaves the batch)."""
-        ...
+__all__ = ["BatchJoiner", "EarlyExitEngine", "SequenceResult", "TokenEvent"]  # the result types are re-exported
 
 
 class EarlyExitEngine:
@@ -203,8 +137,6 @@ class EarlyExitEngine:
 
         ``replay`` (benchmarks: the loop's own ceiling): one reference answer per prompt, drafted back to a
         self-speculative config at no draft cost (k = its ``num_draft``), instead of its draft source."""
-        from layerexit.engine.loop import DecodeLoop
-
         from layerexit.models.exit_presets import apply_exit_preset, exit_presets_of
 
         exit_config = apply_exit_preset(exit_config or ExitConfig(), exit_presets_of(self.model))

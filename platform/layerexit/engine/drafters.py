@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from layerexit.engine.static import StepInputs, _Spec, draft_layer
+
 if TYPE_CHECKING:
     from pathlib import Path
 
@@ -80,12 +82,11 @@ class FeatureDrafter:
        steps on the draft's own hidden state, writing their K/V at the next step's columns, where the next
        ``update`` overwrites them with entries from the target's features.
 
-    Every pass writes into preallocated buffers at a position tensor (``engine/compiled.py``'s static layout): on a
+    Every pass writes into preallocated buffers at a position tensor (``engine/static.py``'s layout): on a
     compiled engine the update (k+1 columns) and each chained step are compiled graphs; nothing is concatenated.
     """
 
     def __init__(self, engine, draft) -> None:
-        from layerexit.engine.compiled import _Spec
         from layerexit.errors import ConfigError
         from layerexit.models.eagle3 import check_target
 
@@ -134,8 +135,6 @@ class FeatureDrafter:
                 self.spec, fuse)
         out = engine.compiled.run_draft(args) if engine.compiled is not None else None
         if out is None:
-            from layerexit.engine.compiled import draft_layer
-
             out = draft_layer(*args)
         return out
 
@@ -174,8 +173,6 @@ class FeatureDrafter:
               ) -> tuple[torch.Tensor, int]:
         """Drafts 2..k on the draft's own hidden state, at columns t_next..t_next+k-2 (scratch: the next update
         overwrites them). Shape: tok (B, 1), hid (B, 1, H) -> drafts (B, k)."""
-        from layerexit.engine.compiled import StepInputs
-
         out = [tok]
         if k > 1:
             valid = rows.valid

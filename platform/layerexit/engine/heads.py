@@ -112,21 +112,21 @@ def load_check_vocab(path: str | Path, size: int, vocab: int, tokenizer=None) ->
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"check_vocab_file {path} does not exist",
-                          "build one with `python -m layerexit.engine.draft_vocab`")
+                          "build one with `python -m layerexit.data.draft_vocab`")
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ConfigError(f"check_vocab_file {path} is not JSON ({err})", "rebuild it") from err
     if not isinstance(data, dict) or data.get("format") != "layerexit-draft-vocab/1":
         raise ConfigError(f"check_vocab_file {path} is not a vocabulary file",
-                          "build one with `python -m layerexit.engine.draft_vocab`")
+                          "build one with `python -m layerexit.data.draft_vocab`")
     if tokenizer is not None and data.get("tokenizer") != tokenizer_fingerprint(tokenizer):
         raise ConfigError(f"check_vocab_file {path} was built for another tokenizer",
-                          "rebuild it for this model with `python -m layerexit.engine.draft_vocab`")
+                          "rebuild it for this model with `python -m layerexit.data.draft_vocab`")
     if data.get("vocab_size", vocab) != vocab:
         raise ConfigError(f"check_vocab_file {path} was built for another tokenizer ({data['vocab_size']} tokens; "
                           f"this model has {vocab})", "rebuild it for this model with "
-                          "`python -m layerexit.engine.draft_vocab`")
+                          "`python -m layerexit.data.draft_vocab`")
     ids = [int(t) for t in data.get("token_ids", [])]
     if int(size) > len(ids):
         raise ConfigError(f"check_vocab {size} is more than check_vocab_file {path} holds ({len(ids)} ids)",
@@ -178,15 +178,15 @@ def load_draft_vocab(path: str | Path, tokenizer=None, vocab_size: int | None = 
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"draft_vocab file {path} does not exist",
-                          "build one with `python -m layerexit.engine.draft_vocab`")
+                          "build one with `python -m layerexit.data.draft_vocab`")
     data = json.loads(path.read_text())
     if data.get("format") != "layerexit-draft-vocab/1":
         raise ConfigError(f"draft_vocab {path} is not a draft vocabulary file",
-                          "build one with `python -m layerexit.engine.draft_vocab`")
+                          "build one with `python -m layerexit.data.draft_vocab`")
     if tokenizer is not None and data.get("tokenizer") != tokenizer_fingerprint(tokenizer):
         raise ConfigError(f"draft_vocab {path} was built for another tokenizer",
-                          "rebuild it with `python -m layerexit.engine.draft_vocab`")
+                          "rebuild it with `python -m layerexit.data.draft_vocab`")
     if vocab_size is not None and data.get("vocab_size", vocab_size) > vocab_size:
         raise ConfigError(f"draft_vocab {path} was built for a {data['vocab_size']}-token vocabulary, "
-                          f"this model has {vocab_size}", "rebuild it with `python -m layerexit.engine.draft_vocab`")
+                          f"this model has {vocab_size}", "rebuild it with `python -m layerexit.data.draft_vocab`")
     return [int(t) for t in data["token_ids"]]

@@ -19,14 +19,17 @@ from dataclasses import dataclass
 import torch
 
 from layerexit.engine.cache import ExitKVCache
-from layerexit.engine.compiled import static_inputs
-from layerexit.engine.decode import EarlyExitEngine, SequenceResult, TokenEvent
 from layerexit.engine.drafters import ReplayDrafter, ngram_proposal
 from layerexit.engine.heads import StaticVocabHead, check_vocab_size, load_draft_vocab
 from layerexit.engine.options import ExitConfig, SamplingParams
 from layerexit.engine.policies import ExitPolicy, FinalPolicy
 from layerexit.engine.reference import pad_left
+from layerexit.engine.results import SequenceResult, TokenEvent
+from layerexit.engine.static import static_inputs
 from layerexit.errors import ConfigError
+
+# ``engine`` below is the EarlyExitEngine running the loop; engine/decode.py imports this module, so this one names
+# that class in annotations only and never imports it (no import circle).
 
 # Compact when at least this many columns are dead and they are at least a quarter of the width.
 COMPACT_MIN_COLUMNS = 32
@@ -151,7 +154,7 @@ def _finish(token: int, count: int, p: SamplingParams, eos: set[int]) -> str | N
 class DecodeLoop:
     """One generation (one batch, growing and shrinking with joins and departures) under one ExitConfig."""
 
-    def __init__(self, engine: EarlyExitEngine, cfg: ExitConfig, params: list[SamplingParams],
+    def __init__(self, engine: "EarlyExitEngine", cfg: ExitConfig, params: list[SamplingParams],
                  replay: Sequence[Sequence[int]] | None = None) -> None:
         self.e = engine
         self.cfg = cfg

@@ -6,7 +6,8 @@ vLLM runs it as a draft model (``speculative_config={"model": DIR, ...}``) with 
 self-speculation on any server that takes a draft model. Its logits equal the engine's exit logits at layer l.
 
 The directory also holds ``layerexit_draft.json``: the exit layer, the adapter kind, the base model's fingerprint
-(config, embeddings, final norm, tokenizer) and, when measured, the draft's agreement with the final layer.
+(config, embeddings, final norm, tokenizer) and, when measured, the draft's agreement with the final layer
+(measured by ``layerexit.evaluation.draft_agreement``: this module sits below the engine and never runs it).
 It is written into a temporary sibling and renamed into place, so a crash leaves no half-written draft.
 """
 
@@ -93,29 +94,6 @@ def build_draft_model(model: nn.Module, layer: int) -> nn.Module:
     draft.tie_weights()
     draft.generation_config = model.generation_config
     return draft.eval()
-
-
-def measure_agreement(model: nn.Module, tokenizer, layer: int, prompts: list[str], max_new_tokens: int = 48) -> float:
-    """Share of greedy answer tokens where the draft's top token equals the final layer's (teacher-forced along the
-    final layer's own greedy answers): the first draft position's acceptance rate."""
-    from layerexit.data.prompts import format_prompt
-    from layerexit.engine.decode import EarlyExitEngine
-    from layerexit.engine.options import SamplingParams
-    from layerexit.engine.traces import layer_predictions
-    from layerexit.models.exits import decoder_parts
-
-    L = decoder_parts(model).num_layers
-    engine = EarlyExitEngine(model, {tokenizer.eos_token_id}, tokenizer.pad_token_id)
-    ids = [format_prompt(tokenizer, p) for p in prompts]
-    results = engine.generate(ids, sampling=SamplingParams(max_new_tokens=max_new_tokens))
-    same = total = 0
-    for prompt, res in zip(ids, results):
-        if not res.token_ids:
-            continue
-        top1, _, _ = layer_predictions(model, prompt + res.token_ids, len(prompt), [layer, L])
-        same += int((top1[0] == top1[1]).sum())
-        total += top1.shape[1]
-    return same / total if total else 0.0
 
 
 def export_draft(model: nn.Module, tokenizer, layer: int, out: str | Path, agreement: float | None = None,

@@ -78,6 +78,16 @@ def resolve_model(spec: str, fetch: bool = True) -> ResolvedModel:
     )
 
 
+def load_tokenizer(spec: str):
+    """The tokenizer of any accepted spec (no weights loaded), with a pad token (EOS when it has none)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_model(spec).location)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
 def load_model_and_tokenizer(
     spec: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ):

@@ -320,7 +320,7 @@ def add_extra_sources(cfg, data: PreparedData, show_progress: bool = True) -> di
         info["magpie"] = meta
     if d.text_tokens:
         from layerexit.data.text_corpus import package_text_examples
-        from layerexit.training.ray_trainer import _load_tokenizer
+        from layerexit.models.loading import load_tokenizer as _load_tokenizer
 
         examples, meta = package_text_examples(_load_tokenizer(cfg.model.spec), d.text_tokens, d.max_length)
         data.train.extend(examples)

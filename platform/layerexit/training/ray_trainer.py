@@ -58,14 +58,9 @@ def _log(console, text: str) -> None:
 
 
 def _load_tokenizer(spec: str):
-    from transformers import AutoTokenizer
+    from layerexit.models.loading import load_tokenizer
 
-    from layerexit.models.loading import resolve_model
-
-    tok = AutoTokenizer.from_pretrained(resolve_model(spec).location)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return tok
+    return load_tokenizer(spec)
 
 
 def prepare_training_data(cfg: TrainConfig, show_progress: bool = True) -> PreparedData:

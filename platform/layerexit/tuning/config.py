@@ -249,7 +249,7 @@ class TuneSearchConfig(StrictModel):
         "confidence): \"full\", \"candidates:K\" (top-K of a token's first check) or \"static:N\" (the first N ids "
         "of check_vocab_file; a row that exits takes the full head's token). Unset: check_vocab alone.")
     check_vocab_file: str | None = Field(
-        None, description="Static check vocabulary for static:N heads (`python -m layerexit.engine.draft_vocab`, made "
+        None, description="Static check vocabulary for static:N heads (`python -m layerexit.data.draft_vocab`, made "
         "for this model's tokenizer, at least max N ids). Unset: built from the model's own greedy answers on "
         "check_vocab_prompts training-split instructions, into output_dir.")
     check_vocab_prompts: int = Field(64, ge=1, description="Training-split instructions the model answers to build "

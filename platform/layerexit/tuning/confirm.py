@@ -98,7 +98,7 @@ class ModelWorker:
             raise ConfigError(f"check_heads: check_vocab {size} (static:{size}) is outside 1..{vocab} (this model's "
                               "vocabulary)", f"use static:N with N <= {vocab}")
         if path is None:
-            from layerexit.engine.draft_vocab import build_for_model
+            from layerexit.data.draft_vocab import build_for_model
 
             ids = build_for_model(self.model, self.tokenizer, size, limit=prompts, max_new_tokens=64,
                                   show_progress=self.show_progress)

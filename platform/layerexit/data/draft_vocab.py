@@ -1,12 +1,15 @@
 """Build a static draft vocabulary: the N tokens a model emits most, measured on the training split.
 
-Run:  .venv/bin/python -m layerexit.engine.draft_vocab --model smollm2 --size 8192 --limit 128 \
+Run:  .venv/bin/python -m layerexit.data.draft_vocab --model smollm2 --size 8192 --limit 128 \
           --out outputs/draft_vocab/smollm2-8192.json
 
 The model answers the training split's instructions greedily (its own outputs, as FR-Spec / VocabTrim count
 them); the most frequent tokens of those answers and of the prompts are kept. The file records the tokenizer's
 fingerprint, so it is rejected for another tokenizer. Use it with ``{"policy": "self-speculative",
 "draft_vocab": FILE}``: only the draft scores this subset; verification keeps the full head (lossless).
+
+The dataset side (instructions, prompt formatting, the model's answers) lives here, beside the other model-answered
+datasets (``data/selfdistill.py``); the engine's part takes token ids only (``engine.heads.build_draft_vocab``).
 """
 
 from __future__ import annotations
