@@ -250,3 +250,55 @@ def test_smollm2_config_is_the_cpu_default() -> None:
     app = config["applications"][0]
     assert app["args"]["model"] == "smollm2" and app["args"]["device"] == "cpu"
     assert "num_gpus" not in app["deployments"][0]["ray_actor_options"]
+
+
+# Byte-level BPE splits these into tokens that are not whole characters (an emoji is 4 bytes over several tokens;
+# skin-tone modifiers, combining accents, CJK, RTL ligatures), and special tokens inside an answer decode to nothing.
+TRICKY = ["Héllo wörld 👍🏽 日本語 ﷽ e\u0301 \n\n  tabs\tand  spaces", "🤖🤖🤖 naïve café", "<|im_end|> after a special",
+          "   leading spaces", "a\u200db 🇫🇷 flags", "x" * 3 + "👍" * 40]
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer(smollm2_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_path)
+
+
+@pytest.mark.parametrize("text", TRICKY)
+def test_streamed_text_equals_a_full_decode_on_tricky_tokens(smollm2_tokenizer, text) -> None:
+    tok = smollm2_tokenizer
+    ids = tok(text)["input_ids"]
+    assert feed(TextAssembler(tok), ids) == tok.decode(ids, skip_special_tokens=True)
+    # every prefix too: what has been streamed is always a prefix of the full decode, never a broken character
+    assembler, streamed = TextAssembler(tok), ""
+    for i, t in enumerate(ids, 1):
+        streamed += assembler.add(t, 1)[0]
+        assert tok.decode(ids[:i], skip_special_tokens=True).startswith(streamed) and "\ufffd" not in streamed
+
+
+def test_streamed_text_equals_a_full_decode_on_random_ids(smollm2_tokenizer) -> None:
+    """Random ids split characters anywhere (and never complete some): the stream still says what decode says."""
+    import random
+
+    tok, rng = smollm2_tokenizer, random.Random(0)
+    for _ in range(100):
+        ids = [rng.randrange(len(tok)) for _ in range(24)]
+        assert feed(TextAssembler(tok), ids) == tok.decode(ids, skip_special_tokens=True).rstrip("\ufffd")
+
+
+def test_a_stop_string_inside_a_split_character_is_found(smollm2_tokenizer) -> None:
+    tok = smollm2_tokenizer
+    ids = tok("thumbs 👍🏽 up and more")["input_ids"]
+    assembler = TextAssembler(tok, ["🏽"])
+    assert feed(assembler, ids) == "thumbs 👍" and assembler.stopped
+
+
+def test_streaming_decodes_incrementally(smollm2_tokenizer, monkeypatch) -> None:
+    """No full re-decode per token (O(n^2) over an answer): the tokenizer's decode is never called."""
+    tok = smollm2_tokenizer
+    ids = tok("The quick brown fox 🦊 jumps over the lazy dog. " * 60)["input_ids"]
+    calls = []
+    monkeypatch.setattr(type(tok), "decode", lambda self, *a, **k: calls.append(1) or "")
+    text = feed(TextAssembler(tok), ids)
+    assert not calls and text.count("🦊") == 60

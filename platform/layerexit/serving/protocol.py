@@ -569,9 +569,14 @@ SSE_DONE = "data: [DONE]\n\n"
 class TextAssembler:
     """Turns generated token ids into text deltas, honouring stop strings.
 
-    Text that might be the start of a stop string, or an incomplete UTF-8 character (decoded as U+FFFD), is
-    held back until it is resolved, so no client ever sees text past a stop string. ``exit_layers`` of the
-    tokens whose text went out in a delta are reported with it.
+    Text that might be the start of a stop string, or an incomplete UTF-8 character, is held back until it is
+    resolved, so no client ever sees text past a stop string. ``exit_layers`` of the tokens whose text went out in a
+    delta are reported with it.
+
+    Decoding is incremental (``tokenizers``' ``DecodeStream``: each token decodes against a few tokens of context,
+    O(1) per token) instead of re-decoding the whole answer per token (O(n^2) over an answer). The text equals
+    ``tokenizer.decode(ids, skip_special_tokens=True)``; tokenizers without a ``tokenizers`` backend, or whose
+    ``decode`` rewrites text afterwards (``clean_up_tokenization_spaces``), fall back to that full decode.
     """
 
     def __init__(self, tokenizer, stops: Iterable[str] = ()) -> None:
@@ -584,9 +589,29 @@ class TextAssembler:
         self.sent_tokens = 0  # tokens whose text is fully emitted
         self.stopped = False
         self.text = ""
+        self._decoded = ""  # everything the stream has decoded so far (complete characters only)
+        self._backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._stream = None
+        if self._backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+            from tokenizers.decoders import DecodeStream
+
+            self._stream = DecodeStream(skip_special_tokens=True)
 
     def _decode(self) -> str:
         return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+
+    def _step(self, token_id: int) -> str:
+        """The text of every token so far: incrementally, or (fallback) by decoding all of them again."""
+        if self._stream is not None:
+            try:
+                piece = self._stream.step(self._backend, token_id)
+            except Exception:  # noqa: BLE001 - e.g. an id the tokenizer has no token for: decode in full from now on
+                self._stream = None
+            else:
+                if piece is not None:
+                    self._decoded += piece
+                return self._decoded
+        return self._decode()
 
     def add(self, token_id: int, exit_layer: int = 0) -> tuple[str, list[int]]:
         """Add one token; return (new text safe to send, exit layers of the tokens it completes)."""
@@ -594,7 +619,7 @@ class TextAssembler:
             return "", []
         self.ids.append(int(token_id))
         self.layers.append(int(exit_layer))
-        text = self._decode()
+        text = self._step(int(token_id))
         self.text = text
         for stop in self.stops:
             at = text.find(stop, max(0, self.sent - len(stop) + 1))
