@@ -102,3 +102,29 @@ def test_a_cache_with_more_layers_serves_a_request_for_fewer(tiny_model_and_toke
     assert narrow.path == wide.path and torch.equal(narrow.ids, wide.ids)
     other_k = build_teacher_cache("tiny", examples, k=3, layers=[], precision="fp32", model_and_tokenizer=(model, tok))
     assert other_k.path != wide.path
+
+
+def test_gpu_cache_tasks_without_gpus_are_refused_naming_the_field(tiny_model_and_tokenizer, tiny_dir, tmp_path):
+    """distill.cache_gpus > 0 on a Ray cluster without GPUs: a ConfigError before any task is queued (a GPU task
+    would wait forever for a GPU that never comes), and nothing is written."""
+    import ray
+
+    model, tok = tiny_model_and_tokenizer
+    ray.init(num_cpus=1, num_gpus=0, include_dashboard=False, log_to_driver=False)
+    try:
+        with pytest.raises(ConfigError, match="distill.cache_gpus"):
+            build_teacher_cache(str(tiny_dir), _examples(model.config.vocab_size), k=4, precision="fp32",
+                                directory=tmp_path / "c", gpus_per_task=1, model_and_tokenizer=(model, tok))
+    finally:
+        ray.shutdown()
+    assert not (tmp_path / "c").exists()
+
+
+def test_the_teacher_pass_follows_the_models_device(tiny_model_and_tokenizer):
+    """teacher_for_examples sends batches to the model's device and brings results back to the CPU (the GPU task's
+    path, run here on the CPU device it generalises)."""
+    from layerexit.data.teacher_cache import teacher_for_examples
+
+    model, tok = tiny_model_and_tokenizer
+    out = teacher_for_examples(model, _examples(model.config.vocab_size, 2), 0, 4, 1.0, [1], False)
+    assert all(t.device.type == "cpu" for t in out.values()) and out["hidden_l1"].dtype == torch.bfloat16

@@ -113,12 +113,14 @@ def teacher_for_examples(model, examples: Sequence[TokenizedExample], offset: in
 
     parts = decoder_parts(model)
     L = parts.num_layers
+    device = parts.head.weight.device  # a GPU task's model sits on its GPU: batches go there, results come back
     out: dict[str, list] = {"ids": [], "logp": [], "seq": [], "pos": [], **{f"hidden_l{l}": [] for l in layers}}
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
         batch = collate(chunk, pad_id)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            hidden = collect_hidden_states(model, batch["input_ids"], [*layers, L], batch["attention_mask"])
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            hidden = collect_hidden_states(model, batch["input_ids"].to(device), [*layers, L],
+                                           batch["attention_mask"].to(device))
         rows, cols = [], []
         for i, ex in enumerate(chunk):
             p = cached_positions(ex, positions)
@@ -126,23 +128,30 @@ def teacher_for_examples(model, examples: Sequence[TokenizedExample], offset: in
             cols += p
             out["seq"].append(torch.full((len(p),), offset + start + i, dtype=torch.int32))
             out["pos"].append(torch.tensor(p, dtype=torch.int32))
-        r, c = torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)
+        r = torch.tensor(rows, dtype=torch.long, device=device)
+        c = torch.tensor(cols, dtype=torch.long, device=device)
         final = hidden[L][r, c]  # Shape: (n, H), the cached positions only
         for s0 in range(0, final.shape[0], head_chunk):  # the full head in chunks: (chunk, V) logits at a time
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 logits = parts.head(parts.norm(final[s0 : s0 + head_chunk]))
             ids, logp = teacher_topk(logits, k, temperature)
-            out["ids"].append(ids.to(torch.int32))
-            out["logp"].append(logp.float())
+            out["ids"].append(ids.to(torch.int32).cpu())
+            out["logp"].append(logp.float().cpu())
         for l in layers:
-            out[f"hidden_l{l}"].append(hidden[l][r, c].to(torch.bfloat16))
+            out[f"hidden_l{l}"].append(hidden[l][r, c].to(torch.bfloat16).cpu())
     return {name: torch.cat(v) if v else torch.empty(0) for name, v in out.items()}
 
 
 def _shard_task(model_spec: str, examples: list[TokenizedExample], offset: int, k: int, temperature: float,
-                layers: list[int], precision: str, threads: int, positions: str = "response") -> dict:
+                layers: list[int], precision: str, threads: int, positions: str = "response",
+                gpu: bool = False) -> dict:
     torch.set_num_threads(threads)
     from layerexit.models.loading import load_model_and_tokenizer
+
+    if gpu:  # Ray gave this task a GPU (CUDA_VISIBLE_DEVICES): bf16 weights there, the teacher's prefill on it
+        model, tok = load_model_and_tokenizer(model_spec, dtype=torch.bfloat16, device="cuda")
+        return teacher_for_examples(model, examples, offset, k, temperature, layers, False, batch_size=4,
+                                    pad_id=tok.pad_token_id, positions=positions)
 
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     model, tok = load_model_and_tokenizer(model_spec, dtype=dtype)
@@ -213,18 +222,21 @@ def resolve_cache_precision(precision: str) -> str:
 def build_teacher_cache(model_spec: str, examples: Sequence[TokenizedExample], *, k: int, temperature: float = 1.0,
                         layers: Sequence[int] = (), precision: str = "auto", directory: str | Path | None = None,
                         num_tasks: int = 2, model_and_tokenizer=None, console=None,
-                        positions: str = "response") -> TeacherCache:
+                        positions: str = "response", gpus_per_task: float = 0.0) -> TeacherCache:
     """The cache for (model, tokenizer, examples, k, temperature, layers, precision, positions): read when a complete
     matching one exists, else computed by ``num_tasks`` Ray tasks over shards of the examples and written atomically.
 
     ``directory`` given and holding a cache for something else: a ``ConfigError`` (never silently rebuilt over a
     cache the user named). ``model_and_tokenizer`` (tests) computes in this process instead of Ray tasks.
+    ``gpus_per_task`` > 0: each Ray task asks for that many GPUs and runs the teacher there in bf16 (the fingerprint
+    records ``gpu_bf16``): a 7B teacher's pass over a training set takes minutes on a GPU, hours on CPU cores.
     """
     from layerexit.losses.distill import check_distill_settings
     from layerexit.models.adapters import base_fingerprint
     from layerexit.models.loading import load_model_and_tokenizer
 
-    precision = resolve_cache_precision(precision)  # the fingerprint records what was used, never "auto"
+    # The fingerprint records what was used, never "auto".
+    precision = "gpu_bf16" if gpus_per_task > 0 else resolve_cache_precision(precision)
     model, tok = model_and_tokenizer or load_model_and_tokenizer(model_spec)
     check_distill_settings(k, model.config.vocab_size, temperature)
     if positions not in ("response", "all"):
@@ -243,7 +255,7 @@ def build_teacher_cache(model_spec: str, examples: Sequence[TokenizedExample], *
                           "delete it or choose an empty directory")
     t0 = time.time()
     examples = list(examples)
-    if model_and_tokenizer is not None or num_tasks <= 1:
+    if gpus_per_task <= 0 and (model_and_tokenizer is not None or num_tasks <= 1):
         arrays = teacher_for_examples(model, examples, 0, k, temperature, list(layers),
                                       precision == "autocast_bf16", pad_id=tok.pad_token_id, positions=positions)
     else:
@@ -251,11 +263,15 @@ def build_teacher_cache(model_spec: str, examples: Sequence[TokenizedExample], *
 
         if not ray.is_initialized():
             ray.init(address=os.environ.get("RAY_ADDRESS", "local"))
+        if gpus_per_task > 0 and ray.cluster_resources().get("GPU", 0) < gpus_per_task:
+            raise ConfigError(f"distill.cache_gpus: {gpus_per_task} GPU(s) per cache task, but the Ray cluster has "
+                              f"{ray.cluster_resources().get('GPU', 0):g}",
+                              "run on GPU workers, or set distill.cache_gpus: 0 (CPU tasks)")
         del model
-        task = ray.remote(num_cpus=1)(_shard_task)
+        task = ray.remote(num_cpus=1, num_gpus=gpus_per_task)(_shard_task)
         size = -(-len(examples) // num_tasks)
         refs = [task.remote(model_spec, examples[i : i + size], i, k, temperature, list(layers), precision, 1,
-                            positions) for i in range(0, len(examples), size)]
+                            positions, gpus_per_task > 0) for i in range(0, len(examples), size)]
         parts = ray.get(refs)
         arrays = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
     build_s = time.time() - t0

@@ -337,7 +337,7 @@ def prepare_eagle3_teacher(cfg, data: PreparedData, aux_layers: Sequence[int], c
     d = cfg.distill
     return build_teacher_cache(cfg.model.spec, data.train, k=d.top_k, temperature=d.temperature,
                                layers=sorted(set(aux_layers)), precision=d.cache_precision, directory=d.cache_dir,
-                               num_tasks=d.cache_tasks, console=console, positions="all")
+                               num_tasks=d.cache_tasks, gpus_per_task=d.cache_gpus, console=console, positions="all")
 
 
 def answer_top1(examples: Sequence[TokenizedExample], rows: Sequence[tuple[int, int]], cache) -> torch.Tensor:

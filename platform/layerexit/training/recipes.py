@@ -72,7 +72,7 @@ def prepare_teacher(cfg: TrainConfig, data: PreparedData, console=None) -> Teach
     d = cfg.distill
     cache = build_teacher_cache(cfg.model.spec, data.train, k=d.top_k, temperature=d.temperature,
                                 layers=cache_layers(cfg), precision=d.cache_precision, directory=d.cache_dir,
-                                num_tasks=d.cache_tasks, console=console)
+                                num_tasks=d.cache_tasks, gpus_per_task=d.cache_gpus, console=console)
     if trains_on_sequences(cfg):
         attach_teacher(data.train, cache)
     return cache
