@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
                         "is the base model's)")
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {', '.join(ROWS)}")
     parser.add_argument("--base-draft-layer", type=int, default=24, help="layer of the base model's draft")
-    parser.add_argument("--num-speculative-tokens", type=int, default=3, help="k for the base and n-gram drafts "
+    parser.add_argument("--num-draft", type=int, default=3, help="k for the base and n-gram drafts "
                         "(the trained draft uses the k it ships with)")
     parser.add_argument("--eagle3", default=None, help="the vllm-eagle3 row: a model carrying an EAGLE-3 draft "
                         "(models:/layerexit-smollm2_eagle3@trained or its directory; served with draft: shipped) or an "
@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "duration_s": args.duration, "prompts": len(prompts), "concurrency": args.concurrency, "rows": {}}
     print(report["machine"], flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="vllm-bench-"))
-    k = args.num_speculative_tokens
+    k = args.num_draft
     for row in [r for r in rows if r.startswith("vllm-")]:
         draft, draft_info, row_k, row_model, extra = None, {}, 0, None, {}
         if row == "vllm-ngram":
