@@ -88,7 +88,8 @@ def history(result, key: str) -> list[float]:
     return [m.value for m in sorted(hist, key=lambda m: (m.step, m.timestamp))]
 
 
-def test_zero3_two_ranks_different_lengths_train_gather_and_resume_world_size(ray_local, workdir) -> None:
+def test_zero3_two_ranks_different_lengths_train_gather_and_resume_world_size(ray_local, workdir,
+                                                                               recount_alignment) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -97,7 +98,12 @@ def test_zero3_two_ranks_different_lengths_train_gather_and_resume_world_size(ra
     losses = history(first, "train/loss")
     assert len(losses) == 4 and all(v == v for v in losses)  # 4 steps, no NaN
     assert len(history(first, "eval/loss")) == 3  # at start, step 2, step 4
-    assert set(first.alignment_after) == {1, 2, 3, 4} and first.alignment_after[4] == 1.0
+    assert set(first.alignment_after) == {1, 2, 3, 4}
+    # Each exit's reported alignment is the gathered model's (rank 0 generated alone on a gathered copy):
+    # recounted from the saved weights on the run's own held-out prompts, exit against final.
+    recount = recount_alignment(first, zero3_config(workdir, "tiny_zero3", max_steps=4), world=1)
+    for layer in (1, 2, 3):
+        assert first.alignment_after[layer] == pytest.approx(recount.row(layer).alignment), layer
 
     # The HF directory holds the gathered weights: plain transformers loads it, shapes as configured, trained.
     trained = AutoModelForCausalLM.from_pretrained(first.hf_model_dir)
@@ -125,9 +131,17 @@ def test_zero3_two_ranks_different_lengths_train_gather_and_resume_world_size(ra
     state6 = json.loads((resumed.checkpoint_dir / "trainer_state.json").read_text())
     assert state6["world_size"] == 1 and state6["epoch"] == 0
     assert state6["examples_in_epoch"] == 32 + 2 * 4  # 2 more steps of 1 rank x micro 2 x accumulation 2
-    # The resumed weights are the 2-rank run's: its last loss and the first one on 1 rank are of the same model.
+    # The resumed weights are the 2-rank run's, not a fresh model's: measured against the losses this same run had
+    # before the resume. The first step on 1 rank lands next to the last one on 2 ranks (far closer than to the
+    # untrained model's first loss), and after 2 more steps the held-out loss is below what the run had after its
+    # first 2 steps (a model restarted from scratch would be back near those, whatever the world size).
     losses = history(resumed, "train/loss")
-    assert all(v == v for v in losses) and abs(losses[4] - losses[3]) < 2.0
+    evals = history(resumed, "eval/loss")  # steps 0, 2, 4 (2 ranks), then 6 (1 rank)
+    print(f"train/loss {losses}, eval/loss {evals}")
+    assert all(v == v for v in losses) and len(evals) == 4
+    assert losses[0] - losses[3] > 0.3, "the first 4 steps must train for this comparison to mean anything"
+    assert abs(losses[4] - losses[3]) < 0.5 * abs(losses[4] - losses[0])
+    assert evals[3] < evals[1] and evals[3] <= evals[2] + 0.25 * (evals[0] - evals[2])
     AutoModelForCausalLM.from_pretrained(resumed.hf_model_dir)
 
 
