@@ -102,6 +102,18 @@ def test_the_7b_default_serves_the_trained_draft_the_draft_job_registers() -> No
     assert train.recipe == "adapters" and train.adapters.kind == "decoder_layer"  # frozen base: lossless draft
 
 
+def test_the_13b_default_serves_the_eagle3_draft_its_job_registers() -> None:
+    """serve_configs/13b.yaml serves the model jobs/configs/llama2_13b_eagle3.yaml registers, with the EAGLE-3 draft
+    it ships (eagle3/ + draft_settings.json), and that job trains a feature draft on the 13B LITE model."""
+    from layerexit.training import load_train_config
+
+    train = load_train_config(REPO / "jobs" / "configs" / "llama2_13b_eagle3.yaml", check=False)
+    args = parse_vllm_args(yaml.safe_load((REPO / "serve_configs" / "13b.yaml").read_text())["applications"][0]["args"])
+    assert args.model == f"models:/{train.registered_model_name}@{train.mlflow.alias}"
+    assert args.draft == "shipped" and train.recipe == "eagle3" and train.model.num_layers == 40
+    assert train.model.spec == "models:/layerexit-llama2_13b_lite@trained"
+
+
 # --------------------------------------------------------------------------------------------- bad input
 
 
