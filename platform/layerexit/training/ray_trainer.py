@@ -18,10 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from layerexit.data.datasets import PreparedData, TokenizedExample, finish_example
+from layerexit.data.datasets import PreparedData
 from layerexit.deploy.cluster import package_runtime_env
 from layerexit.errors import ConfigError
 from layerexit.training.config import TrainConfig, check_registered_depth, validate_train_config
+# What the driver prepares before any worker starts, and the DeepSpeed setup of each worker (re-exported here).
+from layerexit.training.data_prep import prepare_training_data
+from layerexit.training.deepspeed_setup import build_optimizer, deepspeed_config
 from layerexit.training.loop import steps_per_epoch
 
 RUN_INFO_FILE = "layerexit_mlflow.json"
@@ -57,58 +60,6 @@ def _log(console, text: str) -> None:
         console.print(text)
 
 
-def _load_tokenizer(spec: str):
-    from layerexit.models.loading import load_tokenizer
-
-    return load_tokenizer(spec)
-
-
-def prepare_training_data(cfg: TrainConfig, show_progress: bool = True) -> PreparedData:
-    """Tokenized train/eval data and alignment prompts for ``cfg`` (runs in the driver, before any worker)."""
-    d = cfg.data
-    if d.source != "instructions":
-        from layerexit.data.datasets import prepare_sft_data
-
-        tokenizer = _load_tokenizer(cfg.model.spec)
-        return prepare_sft_data(tokenizer, d.path, template=d.template, max_length=d.max_length,
-                                eval_fraction=d.eval_fraction, seed=d.seed, max_train_examples=d.max_train_examples,
-                                max_eval_examples=d.max_eval_examples)
-    from layerexit.data.datasets import TokenizeStats
-    from layerexit.data.instructions import interleave_categories, load_instructions, split_instructions
-    from layerexit.data.prompts import format_prompt
-    from layerexit.data.selfdistill import self_distill
-
-    train_items, held_items = split_instructions(load_instructions(d.path))
-    # Balanced prefixes: a capped run still sees every category, and so does its evaluation.
-    train_items, held_items = interleave_categories(train_items), interleave_categories(held_items)
-    if d.max_train_examples is not None:
-        train_items = train_items[: d.max_train_examples]
-    eval_items = held_items[: d.max_eval_examples] if d.max_eval_examples is not None else held_items
-    distilled, cache = self_distill(cfg.model.spec, [*train_items, *eval_items], d.distill_max_new_tokens,
-                                    d.distill_batch_size, show_progress=show_progress)
-    tokenizer = _load_tokenizer(cfg.model.spec)
-
-    def build(rows) -> tuple[list[TokenizedExample], TokenizeStats]:
-        stats = TokenizeStats()
-        out = []
-        for r in rows:
-            ids = [*r.prompt_ids, *r.response_ids]
-            labels = [-100] * len(r.prompt_ids) + list(r.response_ids)
-            ex = finish_example(ids, labels, len(r.prompt_ids), d.max_length, stats)
-            if ex is not None:
-                out.append(ex)
-        return out, stats
-
-    train, train_stats = build(distilled[: len(train_items)])
-    evals, eval_stats = build(distilled[len(train_items):])
-    n_prompts = cfg.eval.alignment_prompts
-    eval_prompts = [format_prompt(tokenizer, i.text) for i in held_items[:n_prompts]]
-    return PreparedData(train, evals, eval_prompts, info={
-        "source": "instructions (self-distilled)", "cache": str(cache), "train_instructions": len(train_items),
-        "heldout_instructions": len(held_items), "train": train_stats.as_dict(), "eval": eval_stats.as_dict(),
-    })
-
-
 def total_steps(cfg: TrainConfig, num_train: int) -> int:
     per_epoch = steps_per_epoch(num_train, cfg.optim.micro_batch_size, cfg.scaling.num_workers, cfg.optim.grad_accum)
     if per_epoch < 1:
@@ -119,51 +70,6 @@ def total_steps(cfg: TrainConfig, num_train: int) -> int:
         )
     steps = per_epoch * cfg.optim.epochs
     return min(steps, cfg.optim.max_steps) if cfg.optim.max_steps else steps
-
-
-def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
-    """The DeepSpeed config dict for ``cfg`` (batch sizes consistent by construction)."""
-    zero: dict[str, Any] = {"stage": cfg.deepspeed.zero_stage}
-    if cfg.deepspeed.zero_stage == 3:
-        zero["stage3_gather_16bit_weights_on_model_save"] = True
-    if cfg.deepspeed.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-    ds: dict[str, Any] = {
-        "train_batch_size": cfg.train_batch_size,
-        "train_micro_batch_size_per_gpu": cfg.optim.micro_batch_size,
-        "gradient_accumulation_steps": cfg.optim.grad_accum,
-        "gradient_clipping": cfg.optim.grad_clip,
-        "zero_optimization": zero,
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-    if cfg.precision == "bf16":
-        ds["bf16"] = {"enabled": True}
-
-    def merge(dst: dict, src: dict) -> dict:
-        for k, v in src.items():
-            dst[k] = merge(dict(dst.get(k) or {}), v) if isinstance(v, dict) else v
-        return dst
-
-    return merge(ds, cfg.deepspeed.extra)
-
-
-def build_optimizer(cfg: TrainConfig, groups: list[dict[str, Any]]):
-    """AdamW for ``cfg``: torch's, or DeepSpeed's CPU Adam when the optimizer state is offloaded to the CPU.
-
-    With ``deepspeed.offload_optimizer`` the optimizer steps on the CPU copy of the fp32 weights; DeepSpeed refuses a
-    torch optimizer there (it would be several times slower), so DeepSpeedCPUAdam (AdamW mode, the same
-    hyper-parameters and groups) is used. Its C++ op is compiled on first use (ninja and a C++ compiler in the
-    image, see the Dockerfile) and cached.
-    """
-    import torch
-
-    if cfg.deepspeed.offload_optimizer:
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-        return DeepSpeedCPUAdam(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), adamw_mode=True)
-    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
 
 
 def _worker_env(cfg: TrainConfig) -> dict[str, str]:
