@@ -52,7 +52,9 @@ def load_any(path: Path, tmp_path: Path):
     if "jobs/evaluate.py" in first or path.name.startswith("eval_"):
         return load_config(EvalConfig, path, overrides)
     if "jobs/tune_draft.py" in first or path.name.endswith("_draft.yaml"):
-        return load_config(DraftTuneConfig, path, overrides)
+        from layerexit.tuning.eagle3_search import Eagle3TuneConfig, is_eagle3_config
+
+        return load_config(Eagle3TuneConfig if is_eagle3_config(path) else DraftTuneConfig, path, overrides)
     if path.parent.name == "tune":
         return load_config(TuneSearchConfig, path, overrides)
     raise AssertionError(f"{path}: no loader known (its first line names the job that runs it: {first!r})")
