@@ -518,7 +518,7 @@ def test_rayservice_applications_build_through_build_app() -> None:
 
 def test_vllm_rayservice_applications_pass_the_vllm_argument_model() -> None:
     """The vLLM RayService's args pass ``VllmServeArgs`` (build_app itself needs vLLM, which the main .venv lacks: the
-    layerexit-vllm image has it) and serve the registered model with its registered draft."""
+    layerexit-vllm image has it) and serve the registered model with the draft it ships."""
     from layerexit.serving.vllm_config import parse_vllm_args
 
     apps = serve_applications(RAYSERVICE)
@@ -526,8 +526,8 @@ def test_vllm_rayservice_applications_pass_the_vllm_argument_model() -> None:
     for app in apps:
         assert app["import_path"] == "layerexit.serving.vllm_backend:build_app", app["name"]
         args = parse_vllm_args(app["args"], f"{app['name']} args")
-        assert args.device == "cuda" and args.draft_kind == "model"
-        assert args.model.startswith("models:/") and args.draft.startswith("models:/")
+        assert args.device == "cuda" and args.draft_kind == "model" and args.draft_shipped
+        assert args.model.startswith("models:/") and args.draft == "shipped"
     with pytest.raises(ConfigError, match="num_speculative_token"):
         parse_vllm_args({**apps[0]["args"], "num_speculative_token": 3})
 
@@ -687,55 +687,23 @@ def test_kubectl_kustomize_builds_with_image_namespace_and_storage_class(tmp_pat
 # ------------------------------------------------------------------------------------ the draft RayJob
 
 
-def draft_export_command(doc: dict[str, Any]) -> list[str]:
-    """argv of the ``layerexit export-draft`` the draft RayJob runs after training (inside ``ray job submit``)."""
-    parts = [shlex.split(p) for p in doc["spec"]["entrypoint"].split("&&")]
-    [submit] = [p for p in parts if p[:3] == ["ray", "job", "submit"]]
-    return submit[submit.index("--") + 1:]
-
-
-def test_draft_job_trains_then_exports_what_the_vllm_rayservice_serves() -> None:
-    """The RayJob trains jobs/configs/llama2_7b_draft.yaml, exports its draft on a GPU worker with --device cuda
-    --dtype bfloat16, and the names it registers are the model and draft serve_configs/7b.yaml (rayservice-7b) loads."""
-    from layerexit.models.draft_export import registered_name
+def test_draft_job_trains_the_eagle3_draft_the_vllm_rayservice_serves() -> None:
+    """The RayJob trains jobs/configs/llama2_7b_eagle3.yaml on the model rayjob-train-lite registers, builds its teacher
+    cache on the GPUs, and registers the model serve_configs/7b.yaml (rayservice-7b) serves with its shipped draft."""
     from layerexit.training import load_train_config
 
     doc = the_doc(DRAFT_JOB, "RayJob")
     assert doc["spec"]["suspend"] is True, "applied suspended: it trains on the model rayjob-train-lite registers"
     _, train = entrypoint_command(doc)
-    assert train[1:4] == ["jobs/train_lite.py", "--config", "jobs/configs/llama2_7b_draft.yaml"]
+    assert train[1:4] == ["jobs/train_lite.py", "--config", "jobs/configs/llama2_7b_eagle3.yaml"]
     cfg = load_train_config(REPO / train[3], [a for a in train[4:] if "=" in a], check=False)
     lite = load_train_config(REPO / "jobs/configs/llama2_7b_lite.yaml", check=False)
     assert cfg.model.spec == f"models:/{lite.registered_model_name}@{lite.mlflow.alias}"  # trains on train-lite's model
-    parts = [shlex.split(p) for p in doc["spec"]["entrypoint"].split("&&")]
-    [submit] = [p for p in parts if p[:3] == ["ray", "job", "submit"]]
-    assert submit[submit.index("--entrypoint-num-gpus") + 1] == "1"  # the head has no GPU
-    export = draft_export_command(doc)
-    assert export[:2] == ["layerexit", "export-draft"]
-    model_uri = export[2]
-    assert model_uri == f"models:/{cfg.registered_model_name}@{cfg.mlflow.alias}"
-    assert export[export.index("--device") + 1] == "cuda" and export[export.index("--dtype") + 1] == "bfloat16"
-    assert export[export.index("--out") + 1].startswith("/mnt/shared/")
-    layer = int(export[export.index("--layer") + 1])
-    assert layer in cfg.lite.exit_layers, "export an exit the job trained an adapter for"
+    assert cfg.recipe == "eagle3" and cfg.distill.cache_gpus > 0 and cfg.scaling.use_gpu
+    assert "export-draft" not in doc["spec"]["entrypoint"], "vLLM reads the model's eagle3/ directly"
     served = yaml.safe_load(the_doc(RAYSERVICE, "RayService")["spec"]["serveConfigV2"])["applications"][0]["args"]
-    assert served["model"] == model_uri
-    assert served["draft"] == f"models:/{registered_name(model_uri)}-draft@trained"  # what export-draft registers
-
-
-def test_draft_job_export_command_parses_with_the_cli() -> None:
-    """The export's arguments are ones `layerexit export-draft` takes (an unknown option would fail on the cluster
-    only after hours of training)."""
-    import typer.main
-
-    from layerexit.cli import app
-
-    command = typer.main.get_command(app).commands["export-draft"]
-    args = draft_export_command(the_doc(DRAFT_JOB, "RayJob"))[2:]
-    ctx = command.make_context("export-draft", list(args), resilient_parsing=False)
-    assert ctx.params["device"] == "cuda" and ctx.params["dtype"] == "bfloat16" and ctx.params["layer"] == 8
-    with pytest.raises(Exception, match="No such option: --devise"):  # typer's own click's UsageError
-        command.make_context("export-draft", [*args, "--devise", "cuda"])
+    assert served["model"] == f"models:/{cfg.registered_model_name}@{cfg.mlflow.alias}"
+    assert served["draft"] == "shipped"
 
 
 def test_every_alias_is_the_one_the_configs_register() -> None:

@@ -88,18 +88,16 @@ def test_the_three_vllm_configs_exist_and_say_where_they_run() -> None:
         assert "0.55x" in head and f"serve_configs/{name.replace('.yaml', '_exits.yaml')}" in head
 
 
-def test_the_7b_default_serves_the_trained_draft_the_draft_job_registers() -> None:
-    """serve_configs/7b.yaml names the model jobs/configs/llama2_7b_draft.yaml registers and the draft
-    `layerexit export-draft` registers beside it (``<name>-draft``, same alias)."""
-    from layerexit.models.draft_export import registered_name
+def test_the_7b_default_serves_the_eagle3_draft_its_job_registers() -> None:
+    """serve_configs/7b.yaml serves the model jobs/configs/llama2_7b_eagle3.yaml registers, with the EAGLE-3 draft it
+    ships, trained on the frozen LITE model (its final layer stays the LITE model's, which a lossless draft needs)."""
     from layerexit.training import load_train_config
 
-    train = load_train_config(REPO / "jobs" / "configs" / "llama2_7b_draft.yaml", check=False)
+    train = load_train_config(REPO / "jobs" / "configs" / "llama2_7b_eagle3.yaml", check=False)
     args = parse_vllm_args(yaml.safe_load((REPO / "serve_configs" / "7b.yaml").read_text())["applications"][0]["args"])
-    model_uri = f"models:/{train.registered_model_name}@{train.mlflow.alias}"
-    assert args.model == model_uri
-    assert args.draft == f"models:/{registered_name(model_uri)}-draft@{train.mlflow.alias}"
-    assert train.recipe == "adapters" and train.adapters.kind == "decoder_layer"  # frozen base: lossless draft
+    assert args.model == f"models:/{train.registered_model_name}@{train.mlflow.alias}"
+    assert args.draft_shipped and train.recipe == "eagle3"
+    assert train.model.spec == "models:/layerexit-llama2_7b_lite@trained"
 
 
 def test_the_13b_default_serves_the_eagle3_draft_its_job_registers() -> None:
