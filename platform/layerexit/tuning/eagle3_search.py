@@ -2,7 +2,8 @@
 Ray Tune picks the draft length k and the draft vocabulary size N, the choice is measured again by real decoding.
 
 ``jobs/tune_draft.py`` runs it when the config says ``draft: eagle3``. Steps:
-1. the final layer's greedy answers to the search (training-split) prompts, and the target's hidden states at the
+1. the final layer's greedy answers to the search prompts (held out from the draft's training: on its own training
+   answers a draft predicts several times its real acceptance), and the target's hidden states at the
    draft's aux layers along them (one forward each);
 2. one Ray Tune trial per (N, k): the draft's head pruned to the N target ids the model emits most on those answers
    (``prune_vocab``; N = ``full`` keeps the trained head), its teacher-forced greedy acceptance chained k steps from
@@ -98,9 +99,10 @@ class Eagle3TuneConfig(StrictModel):
     space: Eagle3SpaceSettings = Field(default_factory=Eagle3SpaceSettings)
     trials: Eagle3TrialSettings = Field(default_factory=Eagle3TrialSettings)
     prompts: PromptSettings = Field(
-        default_factory=lambda: PromptSettings(validation=PromptSlice(split="train", limit=16),
-                                               report=PromptSlice(split="heldout", offset=24, limit=8)),
-        description="validation: the search's prompts (training split); report: held-out prompts the choice is "
+        default_factory=lambda: PromptSettings(validation=PromptSlice(split="heldout", limit=24),
+                                               report=PromptSlice(split="heldout", offset=40, limit=8)),
+        description="validation: the search's prompts, held out from the draft's training (scored on answers it "
+        "trained on, a draft looks several times better than it is); report: other held-out prompts the choice is "
         "decoded on by our engine and vLLM.")
     confirm: VllmConfirmSettings = Field(default_factory=VllmConfirmSettings)
     mlflow: TuneMlflowSettings = Field(default_factory=TuneMlflowSettings)
