@@ -63,9 +63,6 @@ def server(smollm2_path, tmp_path_factory):
     port = free_port()
     config = yaml.safe_load(CONFIG.read_text())
     config["http_options"]["port"] = port
-    # The config serves the registry's exits model (models:/layerexit-smollm2_exits@tuned, from the training and
-    # tune jobs); the soak measures the serving path on the embedded base model, which needs no registry.
-    config["applications"][0]["args"]["model"] = "smollm2"
     path = tmp / "smollm2.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
