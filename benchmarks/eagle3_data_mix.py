@@ -1,4 +1,4 @@
-"""Which training data makes an EAGLE-3 feature draft accept more per CPU-minute (issue 32).
+"""Which training data makes an EAGLE-3 feature draft accept more per CPU-minute.
 
 Every arm trains a fresh draft (``recipe: eagle3``'s modules: ``Eagle3Draft.unrolled`` training-time test over
 ``--steps`` steps, soft CE against the frozen SmolLM2's top-k restricted to the draft vocabulary) in this one process

@@ -1,6 +1,6 @@
 """What moves the adapters recipe: train exit adapters in one process on the job's teacher cache for a fixed
 wall-clock budget per setting, then measure agreement with the final layer on held-out prompts and calibration
-(Figure 6: confidence vs agreement) for every setting in the same run (issue 14).
+(Figure 6: confidence vs agreement) for every setting in the same run.
 
 Run:  .venv/bin/python benchmarks/recipes_adapters_sweep.py --config jobs/configs/smollm2_adapters.yaml \
           --seconds 180 --settings full_every=1 full_every=8 full_every=0 --png docs/figures/adapters_calibration.png

@@ -1,4 +1,4 @@
-"""Step time and peak memory of the three exit recipes vs standard fine-tuning, at the same batch (issue 14).
+"""Step time and peak memory of the three exit recipes vs standard fine-tuning, at the same batch.
 
 Run:  .venv/bin/python benchmarks/recipes_step.py --model smollm2 --batch 4 --seq 128 --steps 3 --threads 2
 
