@@ -33,8 +33,10 @@ def check(config: str, overrides: list[str], serve_config: str | None) -> int:
 
     try:
         cfg = load_config(TuneSearchConfig, config, list(overrides))
-        space = ThresholdSpace.from_settings(cfg.space).check()
-        if cfg.search.algorithm == "grid" and space.grid_size(cfg.search.grid_points) > cfg.search.num_trials:
+        # Unset space.exit_layers: the model's own exits, read when the job starts (--check downloads nothing).
+        space = ThresholdSpace.from_settings(cfg.space).check() if cfg.space.exit_layers is not None else None
+        if space is not None and cfg.search.algorithm == "grid" and \
+                space.grid_size(cfg.search.grid_points) > cfg.search.num_trials:
             raise ConfigError(f"search.grid_points: the grid has {space.grid_size(cfg.search.grid_points)} points, "
                               f"over search.num_trials={cfg.search.num_trials}",
                               "lower search.grid_points, tune fewer layers, or raise search.num_trials")
@@ -43,7 +45,8 @@ def check(config: str, overrides: list[str], serve_config: str | None) -> int:
     except LayerexitError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"config {config} is valid: model {cfg.model.spec}, layers {list(space.layers)}, "
+    layers = list(space.layers) if space is not None else "the model's own exits (read when the job starts)"
+    print(f"config {config} is valid: model {cfg.model.spec}, layers {layers}, "
           f"{cfg.search.algorithm} search of {cfg.search.num_trials} trials")
     return 0
 

@@ -1,5 +1,7 @@
-"""Where a model was trained: the device and dtype ``layerexit export-draft`` loads it with (and measures the draft's
-agreement in) unless ``--device`` / ``--dtype`` say otherwise.
+"""What a model's training run recorded about it: where it was trained (the device and dtype ``layerexit
+export-draft`` loads it with, and measures the draft's agreement in, unless ``--device`` / ``--dtype`` say otherwise)
+and which exit layers it was trained with (``trained_exit_layers``: the threshold search's exits unless its config
+lists them).
 
 Read from the training run that produced the model, as ``jobs/train_lite.py`` records it:
 
@@ -138,3 +140,65 @@ def choose_placement(spec: str, device: str | None, dtype: str | None) -> tuple[
                  f"; where {spec} was trained is not recorded (no layerexit training run behind it), so the default "
                  "is cpu + float32: pass --device/--dtype to choose")
     return chosen, note
+
+
+# ------------------------------------------------------------------------------------------ exit layers
+def _layers(value) -> list[int] | None:
+    """``lite.exit_layers`` as MLflow stores it (the string "[8, 12]") or as a config holds it (a list)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            return None
+    if isinstance(value, list) and value and all(isinstance(v, int) for v in value):
+        return sorted(value)
+    return None
+
+
+def _adapter_layers(directory: Path) -> list[int] | None:
+    from layerexit.models.adapters import ADAPTERS_DIR, META_FILE
+
+    meta = directory / ADAPTERS_DIR / META_FILE
+    if not meta.is_file():
+        return None
+    try:
+        return _layers(json.loads(meta.read_text()).get("layers"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def trained_exit_layers(spec: str) -> tuple[list[int], str] | None:
+    """The exit layers ``spec`` was trained with, and where that was read: the exit adapters it ships
+    (``exit_adapters/adapters.json``), else the ``lite.exit_layers`` its training run recorded (the MLflow source run
+    of a registered version, or the ``layerexit_mlflow.json`` beside a checkpoint). None when nothing records them
+    (the embedded model, a hub id, a directory from elsewhere)."""
+    from layerexit.models.mlflow_source import download_mlflow_model, is_mlflow_uri
+
+    if is_mlflow_uri(spec):
+        from mlflow import MlflowClient
+
+        from layerexit.tracking import setup_tracking
+
+        local, _ = download_mlflow_model(spec)
+        found = _adapter_layers(Path(local))
+        if found:
+            return found, f"{spec}: its exit adapters"
+        setup_tracking()
+        run_id = _run_id_of(spec)
+        layers = _layers(MlflowClient().get_run(run_id).data.params.get("lite.exit_layers")) if run_id else None
+        return (layers, f"{spec}: its training run {run_id} (lite.exit_layers)") if layers else None
+    directory = Path(spec).expanduser()
+    if not directory.is_dir():
+        return None
+    found = _adapter_layers(directory)
+    if found:
+        return found, f"{directory}: its exit adapters"
+    for parent in (directory.resolve().parent, directory.resolve().parent.parent):
+        info = parent / RUN_INFO_FILE
+        if info.is_file():
+            try:
+                layers = _layers((json.loads(info.read_text()).get("config") or {}).get("lite.exit_layers"))
+            except (OSError, json.JSONDecodeError):
+                return None
+            return (layers, f"{info} (lite.exit_layers)") if layers else None
+    return None

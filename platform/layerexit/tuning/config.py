@@ -39,7 +39,10 @@ class ModelSettings(StrictModel):
 class SearchSpaceSettings(StrictModel):
     """Which exit layers take part and the range of each one's threshold."""
 
-    exit_layers: list[int] = Field(description="Intermediate layers (1-based) whose threshold is searched.")
+    exit_layers: list[int] | None = Field(
+        None, description="Intermediate layers (1-based) whose threshold is searched. Unset: the layers the model was "
+        "trained with exits at (its exit adapters, or the lite.exit_layers its training run recorded); a model that "
+        "records none needs them listed.")
     threshold_range: tuple[float, float] = Field(
         (0.5, 1.0), description="[low, high] of every layer's top-1 probability threshold (unless layer_ranges says).")
     layer_ranges: dict[int, tuple[float, float]] = Field(
@@ -54,7 +57,9 @@ class SearchSpaceSettings(StrictModel):
 
     @field_validator("exit_layers")
     @classmethod
-    def _positive_unique(cls, value: list[int]) -> list[int]:
+    def _positive_unique(cls, value: list[int] | None) -> list[int] | None:
+        if value is None:
+            return None
         if any(l < 1 for l in value):
             raise ValueError("exit layers are 1-based: every layer must be >= 1")
         if len(set(value)) != len(value):
@@ -79,10 +84,29 @@ class SearchSpaceSettings(StrictModel):
 
     @model_validator(mode="after")
     def _ranges_name_exit_layers(self):
+        if self.exit_layers is None:  # checked once the model's own exits are read (resolve_exit_layers)
+            return self
         extra = sorted(set(self.layer_ranges) - set(self.exit_layers))
         if extra:
             raise ValueError(f"layer_ranges names layers {extra} that are not in exit_layers")
         return self
+
+    def resolve_exit_layers(self, spec: str) -> tuple["SearchSpaceSettings", str | None]:
+        """These settings with ``exit_layers`` filled from the model's training (``models.trained_for``) when unset,
+        and a note saying where they came from; ConfigError naming the field when nothing records them."""
+        if self.exit_layers is not None:
+            return self, None
+        from layerexit.errors import ConfigError
+        from layerexit.models.trained_for import trained_exit_layers
+
+        found = trained_exit_layers(spec)
+        if found is None:
+            raise ConfigError(f"space.exit_layers is unset and {spec} records no exit layers (no exit adapters, no "
+                              "layerexit training run with lite.exit_layers)",
+                              "list them, e.g. space.exit_layers=[8,12,16,20,24,28]")
+        layers, source = found
+        resolved = self.model_validate({**self.model_dump(), "exit_layers": layers})
+        return resolved, f"exit layers {layers} from {source}"
 
     def range_of(self, layer: int) -> tuple[float, float]:
         return tuple(self.layer_ranges.get(layer, self.threshold_range))  # type: ignore[return-value]

@@ -287,6 +287,10 @@ def run_tuning(cfg: TuneSearchConfig, serve_config: str | Path | None = None, co
     from rich.console import Console
 
     console = console or Console(soft_wrap=True)
+    settings, exits_note = cfg.space.resolve_exit_layers(cfg.model.spec)
+    if exits_note:  # from here on the config carries the model's own exits (report, MLflow params)
+        console.print(exits_note)
+        cfg = cfg.model_copy(update={"space": settings})
     space = ThresholdSpace.from_settings(cfg.space).check()
     if cfg.search.algorithm == "grid" and space.grid_size(cfg.search.grid_points) > cfg.search.num_trials:
         raise ConfigError(f"the grid has {space.grid_size(cfg.search.grid_points)} points, over the trial budget of "

@@ -45,6 +45,9 @@ class ThresholdSpace:
 
     @classmethod
     def from_settings(cls, s: SearchSpaceSettings) -> "ThresholdSpace":
+        if s.exit_layers is None:
+            raise ConfigError("space.exit_layers is unset: the model's own exits are read when the search starts",
+                              "call SearchSpaceSettings.resolve_exit_layers(model) first, or list the layers")
         return cls(tuple(s.exit_layers), {l: s.range_of(l) for l in s.exit_layers}, s.non_increasing,
                    s.optional_layers, s.decimals)
 
