@@ -280,8 +280,13 @@ def test_llama_draft_config_is_for_a_gpu_and_the_served_draft_model():
     cfg = load_config(DraftTuneConfig, LLAMA_7B)
     assert (cfg.model.device, cfg.model.dtype, cfg.confirm.dtype) == ("cuda", "bfloat16", "bfloat16")
     assert cfg.confirm.vllm and cfg.confirm.python == "auto"
-    served = yaml.safe_load((REPO / "serve_configs" / "7b.yaml").read_text())["applications"][0]["args"]
-    assert cfg.model.spec == served["model"]  # the search measures the model serve_configs/7b.yaml serves
+    # The exit-adapter alternative: the model jobs/configs/llama2_7b_draft.yaml registers, which serve_configs/7b.yaml's
+    # comment names as the alternative to its EAGLE-3 draft.
+    from layerexit.training import load_train_config
+
+    train = load_train_config(REPO / "jobs" / "configs" / "llama2_7b_draft.yaml", check=False)
+    assert cfg.model.spec == f"models:/{train.registered_model_name}@{train.mlflow.alias}"
+    assert cfg.model.spec in (REPO / "serve_configs" / "7b.yaml").read_text()
     assert cfg.space.check(cfg.model.num_layers).layers[-1] < 32
 
 
