@@ -28,26 +28,14 @@ class DraftModelSettings(ModelSettings):
         "when it can be read, the two must agree.")
 
 
-class DraftSpaceSettings(StrictModel):
-    """The (draft layer, num_draft) grid the search covers."""
+class DraftLengthRange(StrictModel):
+    """The draft lengths k a draft search covers (every search: exit drafts and EAGLE-3 drafts)."""
 
     RENAMED: ClassVar[dict[str, str]] = {"num_speculative_tokens": "num_draft"}
 
-    layers: list[int] = Field(description="Candidate exit layers (1-based) a draft ends at; each in 1..L-1.")
     num_draft: tuple[int, int] = Field(
         (1, 6), description="[low, high] of the draft length k (inclusive): the engine's num_draft, the vLLM Serve "
         "config's num_draft (vLLM's num_speculative_tokens).")
-
-    @field_validator("layers")
-    @classmethod
-    def _positive_unique(cls, value: list[int]) -> list[int]:
-        if not value:
-            raise ValueError("list at least one candidate layer")
-        if any(l < 1 for l in value):
-            raise ValueError("draft layers are 1-based: every layer must be >= 1")
-        if len(set(value)) != len(value):
-            raise ValueError("draft layers must be unique")
-        return sorted(value)
 
     @field_validator("num_draft")
     @classmethod
@@ -61,6 +49,23 @@ class DraftSpaceSettings(StrictModel):
     def ks(self) -> list[int]:
         lo, hi = self.num_draft
         return list(range(lo, hi + 1))
+
+
+class DraftSpaceSettings(DraftLengthRange):
+    """The (draft layer, num_draft) grid the search covers."""
+
+    layers: list[int] = Field(description="Candidate exit layers (1-based) a draft ends at; each in 1..L-1.")
+
+    @field_validator("layers")
+    @classmethod
+    def _positive_unique(cls, value: list[int]) -> list[int]:
+        if not value:
+            raise ValueError("list at least one candidate layer")
+        if any(l < 1 for l in value):
+            raise ValueError("draft layers are 1-based: every layer must be >= 1")
+        if len(set(value)) != len(value):
+            raise ValueError("draft layers must be unique")
+        return sorted(value)
 
     @property
     def size(self) -> int:

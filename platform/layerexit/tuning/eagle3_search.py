@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, ClassVar, Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 from pydantic import Field, field_validator
@@ -32,30 +32,20 @@ from pydantic import Field, field_validator
 from layerexit.config import StrictModel
 from layerexit.errors import ConfigError
 from layerexit.tuning.config import PromptSettings, PromptSlice, TuneMlflowSettings
-from layerexit.tuning.draft_config import (MAX_SPECULATIVE_TOKENS, DraftModelSettings, VllmConfirmSettings)
+from layerexit.tuning.draft_config import DraftLengthRange, DraftModelSettings, VllmConfirmSettings
 
 FULL = "full"
 
 
 # ------------------------------------------------------------------------------------------------ config
-class Eagle3SpaceSettings(StrictModel):
+class Eagle3SpaceSettings(DraftLengthRange):
     """The (draft vocabulary size, draft length) grid."""
-
-    RENAMED: ClassVar[dict[str, str]] = {"num_speculative_tokens": "num_draft"}
 
     num_draft: tuple[int, int] = Field((1, 5), description="[low, high] of the draft length k (inclusive).")
     draft_vocab: list[int | Literal["full"]] = Field(
         default_factory=lambda: [FULL], description="Draft vocabulary sizes N to try: the trained head pruned to the "
         "N target ids the model emits most on the search prompts' answers; `full` keeps the trained head. Each N "
         "must be at most the trained head's size (checked when the draft is loaded).")
-
-    @field_validator("num_draft")
-    @classmethod
-    def _k_range(cls, value: tuple[int, int]) -> tuple[int, int]:
-        lo, hi = value
-        if not 1 <= lo <= hi <= MAX_SPECULATIVE_TOKENS:
-            raise ValueError(f"need 1 <= low <= high <= {MAX_SPECULATIVE_TOKENS}, got [{lo}, {hi}]")
-        return value
 
     @field_validator("draft_vocab")
     @classmethod
@@ -67,10 +57,6 @@ class Eagle3SpaceSettings(StrictModel):
         if len(set(map(str, value))) != len(value):
             raise ValueError("draft vocabulary sizes must be unique")
         return value
-
-    @property
-    def ks(self) -> list[int]:
-        return list(range(self.num_draft[0], self.num_draft[1] + 1))
 
 
 class Eagle3TrialSettings(StrictModel):
