@@ -50,7 +50,8 @@ from layerexit.tuning.draft_serve import VLLM_BACKEND_IMPORT, rewrite_serve_draf
 from layerexit.tuning.draft_trials import (TRIAL_METRICS, DraftSearchResult, TrialInputs, _engine_stats, _trial,
                                            best_point, evaluate_point, layer_rows, run_draft_search)
 from layerexit.tuning.draft_vllm import (VLLM_CHECK_MODULE, VLLM_ENV_FIX, VLLM_FAILED, VLLM_PYTHON_ENV,
-                                         find_vllm_python, require_vllm_env, run_vllm_check, vllm_python)
+                                         confirm_with_vllm, find_vllm_python, require_vllm_env, run_vllm_check,
+                                         vllm_python)
 
 __all__ = [  # the job, and its parts' public names (re-exported)
     "BELOW_MIN_SPEEDUP", "DraftOutcome", "DraftSearchResult", "TRIAL_METRICS", "TraceReplay", "TrialInputs",
@@ -262,30 +263,16 @@ def _run(cfg: DraftTuneConfig, kind, serve_config, val_texts, report_texts, out_
     vllm = None
     exit_code = 0
     if cfg.confirm.vllm:
-        from layerexit.data.selfdistill import write_jsonl_atomic
         from layerexit.models.loading import resolve_model
 
         texts = report_texts if cfg.confirm.prompts == "report" else val_texts
-        prompts_file = write_jsonl_atomic(out_dir.resolve() / "vllm_prompts.jsonl", [{"prompt": p} for p in texts])
-        model_for_vllm = info.local_dir or resolve_model(cfg.model.spec).location
-        console.print(f"vLLM: {model_for_vllm} with the draft, k {k}, {len(texts)} {cfg.confirm.prompts} prompts, "
-                      f"{cfg.confirm.dtype} ...")
         t = time.perf_counter()
-        vllm = run_vllm_check(cfg, model_for_vllm, draft_dir.resolve(), k, prompts_file, len(texts),
-                              out_dir.resolve() / "vllm_check.json")
+        vllm = confirm_with_vllm(cfg, texts, info.local_dir or resolve_model(cfg.model.spec).location, draft_dir, k,
+                                 out_dir, console)
         seconds["vllm"] = time.perf_counter() - t
         if "error" in vllm:
             notes.append(f"vLLM confirmation failed: {vllm['error']} (log: {out_dir / 'vllm_check.log'})")
-            console.print(f"[bold red]vLLM confirmation failed[/]: {vllm['error']}")
             exit_code = VLLM_FAILED
-        else:
-            sd = vllm["with_draft"].get("spec_decode", {})
-            console.print(f"vLLM: acceptance {sd.get('acceptance', 0):.3f}, by position (conditional) "
-                          + " ".join(f"{a:.2f}" for a in sd.get("acceptance_per_position_conditional", []))
-                          + f"; {vllm['with_draft']['tokens_per_s']} tokens/s, started in "
-                          f"{vllm['with_draft']['start_s']} s"
-                          + (f"; identical to no draft: {vllm['identical']}/{vllm['prompts']}" if "identical" in vllm
-                             else ""))
     else:
         notes.append("vLLM confirmation skipped (confirm.vllm: false)")
 

@@ -116,3 +116,27 @@ def run_vllm_check(cfg: DraftTuneConfig, model: str, draft: str | Path, k: int, 
     spec["acceptance_per_position_conditional"] = [
         round(u / prev, 4) if prev else 0.0 for u, prev in zip(unconditional, [1.0, *unconditional[:-1]])]
     return report
+
+
+def confirm_with_vllm(cfg: DraftTuneConfig, texts: list[str], model_dir: str | Path, draft: str | Path, k: int,
+                      out_dir: Path, console) -> dict[str, Any]:
+    """A draft search's vLLM confirmation: the prompts written to ``out_dir``, ``run_vllm_check`` on them, the outcome
+    printed; returns its report (with ``error`` when vLLM failed)."""
+    from layerexit.data.selfdistill import write_jsonl_atomic
+
+    out_dir = Path(out_dir).resolve()
+    prompts_file = write_jsonl_atomic(out_dir / "vllm_prompts.jsonl", [{"prompt": p} for p in texts])
+    console.print(f"vLLM: {model_dir} with the draft {draft}, k {k}, {len(texts)} {cfg.confirm.prompts} prompts, "
+                  f"{cfg.confirm.dtype} ...")
+    report = run_vllm_check(cfg, str(model_dir), Path(draft).resolve(), k, prompts_file, len(texts),
+                            out_dir / "vllm_check.json")
+    if "error" in report:
+        console.print(f"[bold red]vLLM confirmation failed[/]: {report['error']}")
+        return report
+    sd = report["with_draft"].get("spec_decode", {})
+    console.print(f"vLLM: acceptance {sd.get('acceptance', 0):.3f}, by position (conditional) "
+                  + " ".join(f"{a:.2f}" for a in sd.get("acceptance_per_position_conditional", []))
+                  + f"; {report['with_draft']['tokens_per_s']} tokens/s, started in {report['with_draft']['start_s']} s"
+                  + (f"; identical to no draft: {report['identical']}/{report['prompts']}" if "identical" in report
+                     else ""))
+    return report

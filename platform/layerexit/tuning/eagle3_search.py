@@ -307,7 +307,8 @@ def _run(cfg: Eagle3TuneConfig, serve_config, val_texts, report_texts, out_dir: 
     from layerexit.models.exits import decoder_parts
     from layerexit.training.eagle3_recipe import heldout_features
     from layerexit.tuning.confirm import ModelWorker
-    from layerexit.tuning.draft_search import BELOW_MIN_SPEEDUP, VLLM_FAILED, run_vllm_check
+    from layerexit.tuning.draft_search import BELOW_MIN_SPEEDUP, VLLM_FAILED
+    from layerexit.tuning.draft_vllm import confirm_with_vllm
     from layerexit.tuning.search import fit_trials
 
     t0 = time.perf_counter()
@@ -388,25 +389,16 @@ def _run(cfg: Eagle3TuneConfig, serve_config, val_texts, report_texts, out_dir: 
 
     vllm, exit_code = None, 0
     if cfg.confirm.vllm:
-        from layerexit.data.selfdistill import write_jsonl_atomic
         from layerexit.models.loading import resolve_model
 
         texts = report_texts if cfg.confirm.prompts == "report" else val_texts
-        prompts_file = write_jsonl_atomic(out_dir.resolve() / "vllm_prompts.jsonl", [{"prompt": p} for p in texts])
-        model_dir = info.local_dir or resolve_model(cfg.model.spec).location
-        console.print(f"vLLM: {model_dir} with the EAGLE-3 draft {draft_dir}, k {k}, {len(texts)} prompts ...")
         t = time.perf_counter()
-        vllm = run_vllm_check(cfg, model_dir, Path(draft_dir).resolve(), k, prompts_file, len(texts),
-                              out_dir.resolve() / "vllm_check.json")
+        vllm = confirm_with_vllm(cfg, texts, info.local_dir or resolve_model(cfg.model.spec).location, draft_dir, k,
+                                 out_dir, console)
         seconds["vllm"] = time.perf_counter() - t
         if "error" in vllm:
             notes.append(f"vLLM confirmation failed: {vllm['error']} (log: {out_dir / 'vllm_check.log'})")
             exit_code = VLLM_FAILED
-        else:
-            sd = vllm["with_draft"].get("spec_decode", {})
-            console.print(f"vLLM: acceptance {sd.get('acceptance', 0):.3f}, by position (conditional) "
-                          + " ".join(f"{a:.2f}" for a in sd.get("acceptance_per_position_conditional", []))
-                          + f"; {vllm['with_draft']['tokens_per_s']} tokens/s")
     else:
         notes.append("vLLM confirmation skipped (confirm.vllm: false)")
 
