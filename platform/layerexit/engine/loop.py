@@ -526,14 +526,9 @@ class DecodeLoop:
             tokens.append([*drafts_c[j, :a].tolist(), int(preds_c[j, a])])
             layers.append([L] * (a + 1))  # every token is the final layer's (verified)
             confs.append(conf_c[j, : a + 1].tolist())
-            p = rows.params[j]
-            if p.logprobs is not None:
-                lp, top = _logprobs(logits[j, : a + 1], torch.tensor(tokens[j], device=logits.device), p.logprobs)
-                lps.append(lp)
-                tops.append(top)
-            else:
-                lps.append(None)
-                tops.append(None)
+            lp, top = _verified_logprobs(rows.params[j], logits[j, : a + 1], tokens[j])
+            lps.append(lp)
+            tops.append(top)
         acc = torch.tensor(accepted, dtype=torch.long, device=dev)
         # Rejected columns become holes in every layer's cache (target and draft): masked out from now on.
         rows.valid[:, t + 1 : t + k + 1] &= torch.arange(k, device=dev)[None] < acc[:, None]
@@ -648,14 +643,9 @@ class DecodeLoop:
             confs.append(conf_v[j, : a + 1].tolist())
             if a < k:  # rejected columns become holes
                 rows.valid[j, t + a + 1 : t + k + 1] = False
-            p = rows.params[j]
-            if p.logprobs is not None:
-                lp, top = _logprobs(logits[j, : a + 1], torch.tensor(tokens[j], device=logits.device), p.logprobs)
-                lps.append(lp)
-                tops.append(top)
-            else:
-                lps.append(None)
-                tops.append(None)
+            lp, top = _verified_logprobs(rows.params[j], logits[j, : a + 1], tokens[j])
+            lps.append(lp)
+            tops.append(top)
         full = L * F.layer(1, t + 1) + F.head(1)
         return (StepOut(tokens, layers, confs, lps, tops, [flops] * B, [full] * B, [min(k, n) for n in row_len],
                         accepted), t + k + 1)
@@ -855,6 +845,14 @@ class _Decision:
             [[c] for c in self.confidence.tolist()],
             [[lp[r][0]] if r in lp else None for r in range(n)], [[lp[r][1]] if r in lp else None for r in range(n)],
             [int(f) + int(x) for f, x in zip(layer_flops, self.extra.tolist())], list(full))
+
+
+def _verified_logprobs(p: SamplingParams, logits: torch.Tensor, tokens: list[int]
+                       ) -> tuple[list[float] | None, list[list[tuple[int, float]]] | None]:
+    """A verification step's log-probs for one row (its accepted drafts and the bonus token), when it asked."""
+    if p.logprobs is None:
+        return None, None
+    return _logprobs(logits, torch.tensor(tokens, device=logits.device), p.logprobs)
 
 
 def _logprobs(logits: torch.Tensor, chosen: torch.Tensor, top_k: int

@@ -88,16 +88,21 @@ def training_agreement(model, data: PreparedData, layers: list[int], n: int) -> 
 
 def plot_acceptance(rows, path: Path) -> Path:
     """Conditional acceptance by draft position, one line per candidate exit layer."""
+    lines = {f"layer {r.layer} (cost {r.cost_ratio:.2f}, {r.predicted_speedup:.2f}x at k={r.num_draft})":
+             r.stats.per_position for r in rows}
+    return plot_acceptance_lines(lines, path)
+
+
+def plot_acceptance_lines(lines: dict[str, list[float]], path: Path) -> Path:
+    """Conditional acceptance by draft position, one labelled line per entry (any draft kind)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for r in rows:
-        xs = list(range(1, len(r.stats.per_position) + 1))
-        ax.plot(xs, r.stats.per_position, marker="o",
-                label=f"layer {r.layer} (cost {r.cost_ratio:.2f}, {r.predicted_speedup:.2f}x at k={r.num_draft})")
+    for label, per_position in lines.items():
+        ax.plot(list(range(1, len(per_position) + 1)), per_position, marker="o", label=label)
     ax.set_xlabel("draft position")
     ax.set_ylabel("acceptance (given the earlier drafts were accepted)")
     ax.set_ylim(0, 1)

@@ -282,24 +282,10 @@ def draft_acceptance(draft: Eagle3Draft, sequences: Sequence[HeldoutSequence], m
 
 def plot_acceptance(curves: dict[str, DraftAcceptance], path: Path) -> Path:
     """Conditional acceptance by draft position, one line per curve (e.g. per evaluation step)."""
-    import matplotlib
+    from layerexit.training.draft_stage import plot_acceptance_lines
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, acc in curves.items():
-        xs = list(range(1, len(acc.per_position) + 1))
-        ax.plot(xs, acc.per_position, marker="o", label=f"{name} (tau@4 {acc.tau.get(4, float('nan')):.2f})")
-    ax.set_xlabel("draft position")
-    ax.set_ylabel("acceptance (given the earlier drafts were accepted)")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return plot_acceptance_lines({f"{name} (tau@4 {acc.tau.get(4, float('nan')):.2f})": acc.per_position
+                                  for name, acc in curves.items()}, path)
 
 
 # ============================================================================================ driver side
